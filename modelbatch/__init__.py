@@ -1,0 +1,21 @@
+"""ModelBatch: train hundreds of independent PyTorch models as one vmapped pack.
+
+Example:
+    >>> import torch, modelbatch as mb
+    >>> models = [torch.nn.Linear(4, 2) for _ in range(8)]
+    >>> batch = mb.ModelBatch(models)
+    >>> opt = mb.optim.AdamW(batch, lr=[1e-3 * (i + 1) for i in range(8)])
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    >>> losses = batch.compute_loss(batch(x), y, torch.nn.functional.cross_entropy)
+    >>> losses.shape
+    torch.Size([8])
+    >>> losses.sum().backward(); opt.step()
+"""
+
+from . import amp, optim, testing
+from ._batch import MemberLosses, ModelBatch
+from ._checkpoint import load, save
+from ._clip import clip_grad_norm_
+
+__all__ = ["MemberLosses", "ModelBatch", "amp", "clip_grad_norm_", "load", "optim", "save", "testing"]
+__version__ = "0.1.0"

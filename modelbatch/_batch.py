@@ -1,0 +1,349 @@
+"""ModelBatch: N models of one architecture stacked and run as one vmapped module."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from ._hparams import check_member_index
+
+
+class MemberLosses(torch.Tensor):
+    """The ``[N]`` per-member losses returned by :meth:`ModelBatch.compute_loss`.
+
+    It behaves as a plain tensor except that ``backward()`` without a gradient raises: the right
+    call is ``losses.sum().backward()``, which gives every member exactly its own gradient.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def backward(self, gradient: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> None:
+        if gradient is None and self.numel() > 1:
+            raise RuntimeError(
+                "ModelBatch.compute_loss: the losses hold one value per member "
+                f"(shape {list(self.shape)}); call losses.sum().backward() so that each member "
+                "gets exactly its own gradient. Do not use .mean(): it divides every gradient by N."
+            )
+        super().backward(gradient, *args, **kwargs)
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
+    """Replace the parameter or buffer ``name`` (dotted path) of ``module`` with ``value``."""
+    *path, leaf = name.split(".")
+    owner = module.get_submodule(".".join(path)) if path else module
+    if is_param:
+        owner._parameters[leaf] = value
+    else:
+        owner._buffers[leaf] = value
+
+
+def _check_same_architecture(models: Sequence[nn.Module]) -> None:
+    first = models[0]
+    ref = {n: (t.shape, t.dtype) for n, t in _named_tensors(first)}
+    for i, model in enumerate(models[1:], start=1):
+        if type(model) is not type(first):
+            raise TypeError(
+                f"ModelBatch: all models must be of the same class; model 0 is "
+                f"{type(first).__name__} but model {i} is {type(model).__name__}. "
+                "Build one ModelBatch per architecture."
+            )
+        got = {n: (t.shape, t.dtype) for n, t in _named_tensors(model)}
+        if got.keys() != ref.keys():
+            diff = sorted(got.keys() ^ ref.keys())
+            raise ValueError(
+                f"ModelBatch: model {i} has different parameters/buffers than model 0 "
+                f"(differing names: {diff[:5]}). Build one ModelBatch per architecture."
+            )
+        for name, (shape, dtype) in got.items():
+            if (shape, dtype) != ref[name]:
+                raise ValueError(
+                    f"ModelBatch: model {i} has {name} of shape {list(shape)} ({dtype}) but model 0 "
+                    f"has {list(ref[name][0])} ({ref[name][1]}). Models of one pack must have "
+                    "identical parameter shapes: group configs by architecture, one ModelBatch each."
+                )
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+class ModelBatch(nn.Module):
+    """Train N independent models of one architecture as one vmapped module.
+
+    The models' parameters and buffers are copied into stacked tensors of shape ``[N, ...]``
+    (``self.stack`` holds them under the original names). ``batch(x)`` runs every member on
+    a shared input ``[B, ...]``; ``batch(xs, in_dims=0)`` runs member ``i`` on ``xs[i]``.
+    Each member keeps its own parameters, buffers (BatchNorm statistics), dropout masks and,
+    with :mod:`modelbatch.optim`, its own optimizer hyperparameters and state.
+
+    Example:
+        >>> import torch, modelbatch as mb
+        >>> batch = mb.ModelBatch([torch.nn.Linear(3, 2) for _ in range(4)])
+        >>> batch(torch.randn(5, 3)).shape
+        torch.Size([4, 5, 2])
+        >>> batch.stack.weight.shape
+        torch.Size([4, 2, 3])
+    """
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if isinstance(models, nn.Module) or not isinstance(models, Sequence):
+            raise TypeError(
+                "ModelBatch: expected a list of nn.Module (one per member), got "
+                f"{type(models).__name__}. Pass e.g. [MyNet() for _ in range(8)]."
+            )
+        if len(models) == 0:
+            raise ValueError("ModelBatch: got an empty list of models; pass at least one model.")
+        for i, model in enumerate(models):
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"ModelBatch: model {i} is a {type(model).__name__}, not an nn.Module.")
+        _check_same_architecture(models)
+        params, buffers = stack_module_state(list(models))
+        template = copy.deepcopy(models[0]).to("meta")
+        stack = copy.deepcopy(template)
+        for name, value in params.items():
+            _set_tensor(stack, name, nn.Parameter(value, requires_grad=value.requires_grad), True)
+        for name, value in buffers.items():
+            _set_tensor(stack, name, value, False)
+        self.stack = stack
+        self.stack.train(models[0].training)
+        self.training = models[0].training
+        object.__setattr__(self, "_template", template)
+        self.register_buffer("active", torch.ones(len(models), dtype=torch.bool))
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def n(self) -> int:
+        """Number of members in the pack."""
+        return int(self.active.shape[0])
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def template(self) -> nn.Module:
+        """A skeleton of the members' architecture, on the ``meta`` device (holds no weights)."""
+        return self._template
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, active={int(self.active.sum())}, architecture={type(self._template).__name__}"
+
+    def stacked_parameters(self) -> dict[str, nn.Parameter]:
+        """The stacked ``[N, ...]`` parameters by their name in the original model."""
+        return dict(self.stack.named_parameters())
+
+    def stacked_buffers(self) -> dict[str, torch.Tensor]:
+        """The stacked ``[N, ...]`` buffers by their name in the original model."""
+        return dict(self.stack.named_buffers())
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, in_dims: int | Sequence[int | None] | None = None, **kwargs: Any) -> Any:
+        """Run every member: ``in_dims=None`` for shared inputs ``[B, ...]``, ``0`` for ``[N, B, ...]``.
+
+        ``in_dims`` may also be a sequence with one entry per positional input. Keyword
+        arguments are passed unchanged (shared) to every member.
+        """
+        dims = self._input_dims(args, in_dims)
+        params = self.stacked_parameters()
+        buffers = self.stacked_buffers()
+        # With frozen members, train-mode layers (BatchNorm) update copies of the buffers; only the
+        # active members' rows are written back (in place on the copies autograd saved would break backward).
+        frozen = self.training and bool(buffers) and not bool(self.active.all())
+        run_buffers = {name: b.clone() for name, b in buffers.items()} if frozen else buffers
+        # Member ids give vmap a batched tensor even for a pack of parameter-free modules.
+        ids = torch.arange(self.n)
+
+        def run_member(p: dict, b: dict, _id: torch.Tensor, *inputs: Any) -> Any:
+            return functional_call(self.stack, (p, b), inputs, kwargs)
+
+        out = vmap(run_member, in_dims=(0, 0, 0, *dims), randomness="different")(
+            params, run_buffers, ids, *args
+        )
+        if frozen:
+            self._write_back_active(buffers, run_buffers)
+        return out
+
+    def _input_dims(self, args: tuple, in_dims: int | Sequence[int | None] | None) -> tuple:
+        if in_dims is None or isinstance(in_dims, int):
+            dims = (in_dims,) * len(args)
+        else:
+            dims = tuple(in_dims)
+            if len(dims) != len(args):
+                raise ValueError(
+                    f"ModelBatch.forward: in_dims has {len(dims)} entries for {len(args)} inputs; "
+                    "give one entry (None or 0) per positional input."
+                )
+        for k, (arg, dim) in enumerate(zip(args, dims)):
+            if dim is None:
+                continue
+            if dim != 0:
+                raise ValueError(f"ModelBatch.forward: in_dims must be None or 0, got {dim}.")
+            if not isinstance(arg, torch.Tensor) or arg.dim() == 0 or arg.shape[0] != self.n:
+                shape = list(arg.shape) if isinstance(arg, torch.Tensor) else type(arg).__name__
+                raise ValueError(
+                    f"ModelBatch.forward: per-member input {k} (in_dims=0) must have the pack size "
+                    f"N={self.n} on dim 0, got {shape}. Stack one batch per member, or pass a shared "
+                    "batch [B, ...] with in_dims=None."
+                )
+        return dims
+
+    def _write_back_active(self, buffers: dict[str, torch.Tensor], updated: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, buf in buffers.items():
+                rows = self.active.to(buf.device).view(-1, *([1] * (buf.dim() - 1)))
+                buf.copy_(torch.where(rows, updated[name], buf))
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(
+        self,
+        outputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
+        target_in_dims: int | str | None = "auto",
+    ) -> MemberLosses:
+        """Each member's own loss, shape ``[N]``; train with ``losses.sum().backward()``.
+
+        ``outputs`` is ``[N, B, ...]``; ``targets`` is shared ``[B, ...]`` or per member
+        ``[N, B, ...]`` (``target_in_dims="auto"`` tells them apart by shape; pass ``None``
+        or ``0`` when ``N == B`` makes that ambiguous). ``loss_fn(out, y)`` must return a scalar
+        for one member's batch (e.g. ``F.cross_entropy`` with its default mean reduction).
+        """
+        if not isinstance(outputs, torch.Tensor) or outputs.dim() < 1 or outputs.shape[0] != self.n:
+            shape = list(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+            raise ValueError(
+                f"ModelBatch.compute_loss: outputs must be [N={self.n}, B, ...] as returned by the "
+                f"pack, got {shape}."
+            )
+        dim = self._target_dim(outputs, targets, target_in_dims)
+        losses = vmap(loss_fn, in_dims=(0, dim))(outputs, targets)
+        if not isinstance(losses, torch.Tensor) or losses.shape != (self.n,):
+            raise ValueError(
+                "ModelBatch.compute_loss: loss_fn must return one scalar per member (a mean or sum "
+                f"over the batch); it returned shape {list(getattr(losses, 'shape', []))} for the "
+                "pack. Use reduction='mean' (the default) or 'sum'."
+            )
+        return losses.as_subclass(MemberLosses)
+
+    def _target_dim(
+        self, outputs: torch.Tensor, targets: torch.Tensor, target_in_dims: int | str | None
+    ) -> int | None:
+        if target_in_dims in (None, 0):
+            return target_in_dims
+        if target_in_dims != "auto":
+            raise ValueError(
+                f"ModelBatch.compute_loss: target_in_dims must be 'auto', None or 0, got {target_in_dims!r}."
+            )
+        batch = outputs.shape[1] if outputs.dim() > 1 else None
+        shape = targets.shape
+        # Targets shaped like the outputs (regression, soft labels) or like them less the class dim.
+        per_member = shape in (outputs.shape, outputs.shape[:-1])
+        shared = shape in (outputs.shape[1:], outputs.shape[1:-1])
+        if per_member == shared:  # neither or both: fall back to the leading dims alone
+            per_member = targets.dim() >= 2 and shape[0] == self.n and shape[1] == batch
+            shared = targets.dim() >= 1 and shape[0] == batch
+        if per_member and shared:
+            raise ValueError(
+                f"ModelBatch.compute_loss: targets of shape {list(targets.shape)} could be shared or "
+                f"per member (N == B == {self.n}); pass target_in_dims=None (shared) or 0 (per member)."
+            )
+        if not per_member and not shared:
+            raise ValueError(
+                f"ModelBatch.compute_loss: targets of shape {list(targets.shape)} match neither a "
+                f"shared batch [B={batch}, ...] nor a per-member batch [N={self.n}, B={batch}, ...]."
+            )
+        return 0 if per_member else None
+
+    # ------------------------------------------------------------------ members
+    def member(self, index: int) -> nn.Module:
+        """A standalone module of the original class holding member ``index``'s current weights.
+
+        Example:
+            >>> import torch, modelbatch as mb
+            >>> batch = mb.ModelBatch([torch.nn.Linear(3, 2) for _ in range(4)])
+            >>> m = batch.member(2)
+            >>> torch.equal(m.weight, batch.stack.weight[2])
+            True
+        """
+        index = check_member_index("ModelBatch.member", index, self.n)
+        stacked = dict(_named_tensors(self.stack))
+        device = next(iter(stacked.values())).device if stacked else torch.device("cpu")
+        model = copy.deepcopy(self._template).to_empty(device=device)
+        with torch.no_grad():
+            for name, tensor in _named_tensors(model):
+                tensor.copy_(stacked[name][index])
+        model.train(self.training)
+        return model
+
+    def load_member(self, index: int, source: nn.Module | Mapping[str, torch.Tensor]) -> None:
+        """Put a module or state_dict into slot ``index`` (its gradient slot is cleared).
+
+        Pair with ``optimizer.reset_member(index)`` so that the new member starts with a fresh
+        optimizer state, as it would if trained alone.
+        """
+        api = "ModelBatch.load_member"
+        index = check_member_index(api, index, self.n)
+        if isinstance(source, nn.Module):
+            if type(source) is not type(self._template):
+                raise TypeError(
+                    f"{api}: expected a {type(self._template).__name__}, got {type(source).__name__}."
+                )
+            values = dict(_named_tensors(source))
+            expected = dict(_named_tensors(self.stack))
+        elif isinstance(source, Mapping):
+            values = dict(source)
+            expected = self.stack.state_dict(keep_vars=True)
+        else:
+            raise TypeError(f"{api}: expected an nn.Module or a state_dict, got {type(source).__name__}.")
+        missing = sorted(expected.keys() - values.keys())
+        unexpected = sorted(values.keys() - expected.keys())
+        if missing or unexpected:
+            raise KeyError(
+                f"{api}: the state does not match the pack's architecture; missing keys {missing[:5]}, "
+                f"unexpected keys {unexpected[:5]}. Pass a state_dict of the same model class."
+            )
+        for name, value in values.items():
+            if tuple(value.shape) != tuple(expected[name].shape[1:]):
+                raise ValueError(
+                    f"{api}: {name} has shape {list(value.shape)} but the pack expects "
+                    f"{list(expected[name].shape[1:])}."
+                )
+        with torch.no_grad():
+            for name, value in values.items():
+                target = expected[name]
+                target[index].copy_(value.to(target.device, target.dtype))
+                if isinstance(target, nn.Parameter) and target.grad is not None:
+                    target.grad[index].zero_()
+
+    def freeze(self, index: int) -> None:
+        """Freeze member ``index``: its parameters, buffers and optimizer state stop changing."""
+        self.active[check_member_index("ModelBatch.freeze", index, self.n)] = False
+
+    def unfreeze(self, index: int) -> None:
+        """Let member ``index`` train again after :meth:`freeze`."""
+        self.active[check_member_index("ModelBatch.unfreeze", index, self.n)] = True
+
+    # ------------------------------------------------------------------ state
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load a state_dict saved from a pack of the same architecture and size."""
+        active = state_dict.get("active")
+        if isinstance(active, torch.Tensor) and active.shape != self.active.shape:
+            raise ValueError(
+                f"ModelBatch.load_state_dict: the checkpoint has {active.shape[0]} members but this "
+                f"pack has {self.n}. Build the pack with the same number of members."
+            )
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                "ModelBatch.load_state_dict: the checkpoint does not fit this pack (another "
+                f"architecture?). Build the pack from the model class it was saved from.\n{exc}"
+            ) from exc

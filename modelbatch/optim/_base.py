@@ -1,0 +1,237 @@
+"""The vectorized optimizer base: [N] hyperparameters, per-member state, steps and masks."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from .._batch import ModelBatch
+from .._hparams import MemberValue, check_member_index, member_values
+
+
+class StepValues:
+    """Per-member scalars of one step (for the updating members), shaped for each tensor.
+
+    ``set(name, values)`` registers one float per updating member (or bools, for ``mask``);
+    ``get(name, like)`` returns a float when all of them agree (torch's own scalar kernel then
+    runs) or a ``[R, 1, ..., 1]`` tensor with ``like``'s dtype and device.
+    """
+
+    def __init__(self, hparams: Mapping[str, list[float]], steps: list[float]) -> None:
+        self.lists: dict[str, list] = dict(hparams)
+        self.lists["step"] = steps
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def set(self, name: str, values: list) -> None:
+        self.lists[name] = values
+
+    def any(self, name: str) -> bool:
+        """Whether any updating member has a non-zero (or true) ``name``."""
+        return any(v != 0 for v in self.lists[name])
+
+    def get(self, name: str, like: torch.Tensor) -> float | torch.Tensor:
+        values = self.lists[name]
+        if all(v == values[0] for v in values):
+            return float(values[0])
+        return self._tensor(name, like, like.dtype)
+
+    def mask(self, name: str, like: torch.Tensor) -> torch.Tensor | bool:
+        """A bool when all updating members agree on ``name``, else a ``[R, 1, ...]`` bool tensor."""
+        values = self.lists[name]
+        if all(values) or not any(values):
+            return bool(values[0])
+        return self._tensor(name, like, torch.bool)
+
+    def _tensor(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, dtype, like.device)
+        flat = self._cache.get(key)
+        if flat is None:
+            source = torch.tensor(
+                self.lists[name], dtype=torch.float64 if dtype != torch.bool else torch.bool
+            )
+            flat = self._cache[key] = source.to(like.device, dtype)
+        return flat.view(-1, *([1] * (like.dim() - 1)))
+
+
+class Optimizer(abc.ABC):
+    """Base class of the vectorized optimizers: every numeric hyperparameter is a ``[N]`` tensor.
+
+    Subclasses declare ``hparam_bounds`` (name -> (low, high, high_inclusive)), the state they
+    keep per parameter (``state_keys``) and implement :meth:`_update` with the same elementwise
+    formulas as torch.optim, written with :mod:`modelbatch.optim._kernels` so that every member
+    is updated exactly as its own torch.optim optimizer would update it.
+    """
+
+    hparam_bounds: ClassVar[dict[str, tuple[float | None, float | None, bool]]] = {}
+
+    def __init__(
+        self, batch: ModelBatch, hparams: Mapping[str, MemberValue], flags: Mapping[str, bool]
+    ) -> None:
+        api = type(self).__name__
+        if not isinstance(batch, ModelBatch):
+            raise TypeError(
+                f"mb.optim.{api}: expected a ModelBatch as first argument, got {type(batch).__name__}. "
+                f"Build the pack first: mb.optim.{api}(mb.ModelBatch(models), lr=...)."
+            )
+        self.batch = batch
+        self.n = batch.n
+        self.flags = dict(flags)
+        self.hparams: dict[str, torch.Tensor] = {}
+        for name, value in hparams.items():
+            low, high, inclusive = self.hparam_bounds[name]
+            self.hparams[name] = member_values(
+                f"mb.optim.{api}", name, value, self.n, low=low, high=high, high_inclusive=inclusive
+            )
+        self.steps = torch.zeros(self.n, dtype=torch.float64)
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ---------------------------------------------------------------- public API
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the stacked gradients of every member."""
+        for p in self.batch.stacked_parameters().values():
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_().zero_()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, mask: torch.Tensor | None = None) -> Any:
+        """Update every active member (``batch.active``, and ``mask`` when given) by its own rule."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        updating = self.batch.active.detach().to("cpu")
+        if mask is not None:
+            updating = updating & mask.detach().to("cpu", torch.bool).reshape(-1)
+        rows = updating.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return loss
+        self.steps[rows] += 1
+        values = StepValues({k: v[rows].tolist() for k, v in self.hparams.items()}, self.steps[rows].tolist())
+        self._prepare(values)
+        full = rows.numel() == self.n
+        for name, param in self.batch.stacked_parameters().items():
+            if param.grad is None:
+                continue
+            state = self._param_state(name, param)
+            if full:
+                self._update(param, param.grad, state, values)
+                continue
+            idx = rows.to(param.device)
+            sub_param = param.index_select(0, idx)
+            sub_state = {k: t.index_select(0, idx) for k, t in state.items()}
+            self._update(sub_param, param.grad.index_select(0, idx), sub_state, values)
+            param.index_copy_(0, idx, sub_param)
+            for k, t in state.items():
+                t.index_copy_(0, idx, sub_state[k])
+        return loss
+
+    def reset_member(self, index: int) -> None:
+        """Clear member ``index``'s optimizer state (moments, momentum, step count), as for a new model."""
+        index = check_member_index(f"mb.optim.{type(self).__name__}.reset_member", index, self.n)
+        self.steps[index] = 0
+        with torch.no_grad():
+            for state in self.state.values():
+                for t in state.values():
+                    t[index].zero_()
+
+    def set_hparam(self, name: str, value: MemberValue, member: int | None = None) -> None:
+        """Set hyperparameter ``name`` for all members (scalar or ``[N]`` value) or for one ``member``."""
+        api = f"mb.optim.{type(self).__name__}.set_hparam"
+        if name not in self.hparams:
+            raise KeyError(f"{api}: unknown hyperparameter {name!r}; known: {sorted(self.hparams)}.")
+        low, high, inclusive = self.hparam_bounds[name]
+        if member is None:
+            self.hparams[name] = member_values(
+                api, name, value, self.n, low=low, high=high, high_inclusive=inclusive
+            )
+            return
+        index = check_member_index(api, member, self.n)
+        self.hparams[name][index] = member_values(
+            api, name, value, 1, low=low, high=high, high_inclusive=inclusive
+        )[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters, flags, per-member step counts and state, all as tensors."""
+        return {
+            "hparams": {k: v.clone() for k, v in self.hparams.items()},
+            "flags": dict(self.flags),
+            "steps": self.steps.clone(),
+            "state": {name: {k: t.clone() for k, t in st.items()} for name, st in self.state.items()},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` of the same optimizer over a pack of the same shape."""
+        api = f"mb.optim.{type(self).__name__}.load_state_dict"
+        if set(state_dict.get("hparams", {})) != set(self.hparams):
+            raise ValueError(
+                f"{api}: the state has hyperparameters {sorted(state_dict.get('hparams', {}))} but this "
+                f"optimizer has {sorted(self.hparams)}; load it into the optimizer class it was saved from."
+            )
+        steps = state_dict["steps"]
+        if steps.shape != self.steps.shape:
+            raise ValueError(f"{api}: the state is for {steps.shape[0]} members but the pack has {self.n}.")
+        params = self.batch.stacked_parameters()
+        for name, st in state_dict["state"].items():
+            if name not in params:
+                raise KeyError(f"{api}: state for unknown parameter {name!r}: another architecture?")
+            for key, t in st.items():
+                if t.shape != params[name].shape:
+                    raise ValueError(
+                        f"{api}: {name}.{key} has shape {list(t.shape)}, the pack's parameter has "
+                        f"{list(params[name].shape)}."
+                    )
+        self.hparams = {
+            k: v.detach().to("cpu", torch.float64).clone() for k, v in state_dict["hparams"].items()
+        }
+        self.flags.update(state_dict.get("flags", {}))
+        self.steps = steps.detach().to("cpu", torch.float64).clone()
+        self.state = {
+            name: {k: t.detach().to(params[name].device, params[name].dtype).clone() for k, t in st.items()}
+            for name, st in state_dict["state"].items()
+        }
+
+    @classmethod
+    def from_state_dict(cls, batch: ModelBatch, state_dict: Mapping[str, Any]) -> Optimizer:
+        """Rebuild an optimizer of this class over ``batch`` from :meth:`state_dict` output."""
+        optimizer = cls.__new__(cls)
+        Optimizer.__init__(optimizer, batch, state_dict["hparams"], state_dict["flags"])
+        optimizer.load_state_dict(state_dict)
+        return optimizer
+
+    def __repr__(self) -> str:
+        def show(t: torch.Tensor) -> str:
+            lo, hi = float(t.min()), float(t.max())
+            return f"{lo:g}" if lo == hi else f"[{lo:g}..{hi:g}]"
+
+        hp = ", ".join(f"{k}={show(v)}" for k, v in self.hparams.items())
+        return f"mb.optim.{type(self).__name__}(n={self.n}, {hp})"
+
+    # ---------------------------------------------------------------- for subclasses
+    state_keys: ClassVar[tuple[str, ...]] = ()
+
+    def _param_state(self, name: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.state.get(name)
+        if state is None:
+            keys = self._state_keys()
+            state = {k: torch.zeros_like(param, memory_format=torch.preserve_format) for k in keys}
+            self.state[name] = state
+        return state
+
+    def _state_keys(self) -> tuple[str, ...]:
+        return self.state_keys
+
+    def _prepare(self, values: StepValues) -> None:  # noqa: B027 (an optional hook)
+        """Register derived per-member scalars (e.g. bias corrections) once per step."""
+
+    @abc.abstractmethod
+    def _update(
+        self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], values: StepValues
+    ) -> None:
+        """Update ``param`` (its rows are the updating members) in place from ``grad``."""

@@ -1,0 +1,126 @@
+"""Vectorized Adam and AdamW, one hyperparameter per member."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from .._batch import ModelBatch
+from .._hparams import MemberValue
+from . import _kernels as k
+from ._base import Optimizer, StepValues
+
+
+class Adam(Optimizer):
+    """``torch.optim.Adam`` for every member of a pack, each with its own hyperparameters.
+
+    ``lr``, each of ``betas``, ``eps`` and ``weight_decay`` take one number for all members or
+    one per member; ``amsgrad`` and ``maximize`` are shared by the pack.
+
+    Example:
+        >>> import torch, modelbatch as mb
+        >>> batch = mb.ModelBatch([torch.nn.Linear(3, 1) for _ in range(3)])
+        >>> opt = mb.optim.Adam(batch, lr=[1e-2, 1e-3, 1e-4], betas=([0.9, 0.8, 0.5], 0.999))
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> losses = batch.compute_loss(batch(x), y, torch.nn.functional.mse_loss)
+        >>> losses.sum().backward()
+        >>> opt.step()
+    """
+
+    hparam_bounds: ClassVar[dict[str, tuple[float | None, float | None, bool]]] = {
+        "lr": (0.0, None, True),
+        "beta1": (0.0, 1.0, False),
+        "beta2": (0.0, 1.0, False),
+        "eps": (0.0, None, True),
+        "weight_decay": (0.0, None, True),
+    }
+    decoupled_weight_decay = False
+
+    def __init__(
+        self,
+        batch: ModelBatch,
+        lr: MemberValue = 1e-3,
+        betas: Sequence[MemberValue] = (0.9, 0.999),
+        eps: MemberValue = 1e-8,
+        weight_decay: MemberValue = 0.0,
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        if isinstance(betas, torch.Tensor) or len(betas) != 2:
+            raise ValueError(
+                f"mb.optim.{type(self).__name__}: betas must be a pair (beta1, beta2), each a number or "
+                "one number per member."
+            )
+        super().__init__(
+            batch,
+            {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps, "weight_decay": weight_decay},
+            {"amsgrad": amsgrad, "maximize": maximize},
+        )
+
+    def _state_keys(self) -> tuple[str, ...]:
+        return (
+            ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+            if self.flags["amsgrad"]
+            else ("exp_avg", "exp_avg_sq")
+        )
+
+    def _prepare(self, values: StepValues) -> None:
+        hp = values.lists
+        bias1 = [1 - b1**s for b1, s in zip(hp["beta1"], hp["step"])]
+        bias2 = [1 - b2**s for b2, s in zip(hp["beta2"], hp["step"])]
+        values.set("neg_step_size", [-(lr / b) for lr, b in zip(hp["lr"], bias1)])
+        values.set("bias2_sqrt", [b**0.5 for b in bias2])
+        values.set("one_minus_beta1", [1 - b for b in hp["beta1"]])
+        values.set("one_minus_beta2", [1 - b for b in hp["beta2"]])
+        values.set("decay_factor", [1 - lr * wd for lr, wd in zip(hp["lr"], hp["weight_decay"])])
+
+    def _update(
+        self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], values: StepValues
+    ) -> None:
+        if self.flags["maximize"]:
+            grad = -grad
+        if values.any("weight_decay"):
+            if self.decoupled_weight_decay:
+                param.mul_(values.get("decay_factor", param))
+            else:
+                grad = k.add(grad, param, values.get("weight_decay", param))
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        k.lerp_(exp_avg, grad, values.get("one_minus_beta1", param))
+        k.addcmul_(
+            exp_avg_sq.mul_(values.get("beta2", param)), grad, grad, values.get("one_minus_beta2", param)
+        )
+        second = exp_avg_sq
+        if self.flags["amsgrad"]:
+            second = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
+        denom = (second.sqrt() / values.get("bias2_sqrt", param)).add_(values.get("eps", param))
+        k.addcdiv_(param, exp_avg, denom, values.get("neg_step_size", param))
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW`` (Adam with decoupled weight decay) for every member of a pack.
+
+    Example:
+        >>> import torch, modelbatch as mb
+        >>> batch = mb.ModelBatch([torch.nn.Linear(3, 1) for _ in range(2)])
+        >>> opt = mb.optim.AdamW(batch, lr=[1e-3, 3e-3], weight_decay=[0.0, 0.1])
+        >>> opt.hparams["weight_decay"].tolist()
+        [0.0, 0.1]
+    """
+
+    decoupled_weight_decay = True
+
+    def __init__(
+        self,
+        batch: ModelBatch,
+        lr: MemberValue = 1e-3,
+        betas: Sequence[MemberValue] = (0.9, 0.999),
+        eps: MemberValue = 1e-8,
+        weight_decay: MemberValue = 1e-2,
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(batch, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize)
