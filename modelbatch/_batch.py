@@ -143,18 +143,29 @@ class ModelBatch(nn.Module):
         return dict(self.stack.named_buffers())
 
     # ------------------------------------------------------------------ forward
-    def forward(self, *args: Any, in_dims: int | Sequence[int | None] | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        *args: Any,
+        in_dims: int | Sequence[int | None] | None = None,
+        participating: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Run every member: ``in_dims=None`` for shared inputs ``[B, ...]``, ``0`` for ``[N, B, ...]``.
 
         ``in_dims`` may also be a sequence with one entry per positional input. Keyword
-        arguments are passed unchanged (shared) to every member.
+        arguments are passed unchanged (shared) to every member. ``participating`` ([N] bool)
+        marks members whose batch this step is real: the others, like frozen members, keep
+        their buffers (BatchNorm statistics) unchanged.
         """
         dims = self._input_dims(args, in_dims)
         params = self.stacked_parameters()
         buffers = self.stacked_buffers()
-        # With frozen members, train-mode layers (BatchNorm) update copies of the buffers; only the
-        # active members' rows are written back (in place on the copies autograd saved would break backward).
-        frozen = self.training and bool(buffers) and not bool(self.active.all())
+        updating = self.active
+        if participating is not None:
+            updating = updating & participating.to(updating.device, torch.bool).reshape(-1)
+        # With frozen members, train-mode layers (BatchNorm) update copies of the buffers and only the
+        # updating members' rows are written back: restoring in place would break autograd's saved tensors.
+        frozen = self.training and bool(buffers) and not bool(updating.all())
         run_buffers = {name: b.clone() for name, b in buffers.items()} if frozen else buffers
         # Member ids give vmap a batched tensor even for a pack of parameter-free modules.
         ids = torch.arange(self.n)
@@ -166,7 +177,7 @@ class ModelBatch(nn.Module):
             params, run_buffers, ids, *args
         )
         if frozen:
-            self._write_back_active(buffers, run_buffers)
+            self._write_back(buffers, run_buffers, updating)
         return out
 
     def _input_dims(self, args: tuple, in_dims: int | Sequence[int | None] | None) -> tuple:
@@ -193,10 +204,13 @@ class ModelBatch(nn.Module):
                 )
         return dims
 
-    def _write_back_active(self, buffers: dict[str, torch.Tensor], updated: dict[str, torch.Tensor]) -> None:
+    @staticmethod
+    def _write_back(
+        buffers: dict[str, torch.Tensor], updated: dict[str, torch.Tensor], rows: torch.Tensor
+    ) -> None:
         with torch.no_grad():
             for name, buf in buffers.items():
-                rows = self.active.to(buf.device).view(-1, *([1] * (buf.dim() - 1)))
+                rows = rows.to(buf.device).view(-1, *([1] * (buf.dim() - 1)))
                 buf.copy_(torch.where(rows, updated[name], buf))
 
     # ------------------------------------------------------------------ loss
@@ -207,6 +221,7 @@ class ModelBatch(nn.Module):
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         *,
         target_in_dims: int | str | None = "auto",
+        mask: torch.Tensor | None = None,
     ) -> MemberLosses:
         """Each member's own loss, shape ``[N]``; train with ``losses.sum().backward()``.
 
@@ -214,6 +229,10 @@ class ModelBatch(nn.Module):
         ``[N, B, ...]`` (``target_in_dims="auto"`` tells them apart by shape; pass ``None``
         or ``0`` when ``N == B`` makes that ambiguous). ``loss_fn(out, y)`` must return a scalar
         for one member's batch (e.g. ``F.cross_entropy`` with its default mean reduction).
+
+        ``mask`` (``[N, B]`` bool) marks the real samples of padded per-member batches (members
+        whose subsets differ in size): each member's loss is then the mean over its real samples,
+        and ``loss_fn`` must accept ``reduction="none"``. A member with no real sample gets 0.
         """
         if not isinstance(outputs, torch.Tensor) or outputs.dim() < 1 or outputs.shape[0] != self.n:
             shape = list(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
@@ -222,6 +241,8 @@ class ModelBatch(nn.Module):
                 f"pack, got {shape}."
             )
         dim = self._target_dim(outputs, targets, target_in_dims)
+        if mask is not None:
+            return self._masked_loss(outputs, targets, loss_fn, dim, mask)
         losses = vmap(loss_fn, in_dims=(0, dim))(outputs, targets)
         if not isinstance(losses, torch.Tensor) or losses.shape != (self.n,):
             raise ValueError(
@@ -229,6 +250,30 @@ class ModelBatch(nn.Module):
                 f"over the batch); it returned shape {list(getattr(losses, 'shape', []))} for the "
                 "pack. Use reduction='mean' (the default) or 'sum'."
             )
+        return losses.as_subclass(MemberLosses)
+
+    def _masked_loss(
+        self,
+        outputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: Callable,
+        dim: int | None,
+        mask: torch.Tensor,
+    ) -> MemberLosses:
+        api = "ModelBatch.compute_loss"
+        if mask.shape != outputs.shape[:2]:
+            raise ValueError(
+                f"{api}: mask must be [N, B] = {list(outputs.shape[:2])}, got {list(mask.shape)}."
+            )
+        try:
+            per_sample = vmap(lambda o, t: loss_fn(o, t, reduction="none"), in_dims=(0, dim))(
+                outputs, targets
+            )
+        except TypeError as exc:
+            raise TypeError(f"{api}: with a mask, loss_fn must accept reduction='none' ({exc}).") from exc
+        per_sample = per_sample.reshape(self.n, outputs.shape[1], -1).mean(dim=2)
+        weights = mask.to(per_sample.dtype)
+        losses = (per_sample * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
         return losses.as_subclass(MemberLosses)
 
     def _target_dim(

@@ -268,3 +268,34 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
     torch.save({"x": 1}, tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="not a ModelBatch checkpoint"):
         mb.load(tmp_path / "junk.pt")
+
+
+def test_masked_loss_equals_each_member_on_its_real_samples() -> None:
+    models = [seeded(MLP, i).double() for i in range(3)]
+    alone = copy.deepcopy(models)
+    batch = mb.ModelBatch(models)
+    xs = torch.randn(3, 6, 8, dtype=torch.float64)
+    ys = torch.randint(0, 3, (3, 6))
+    counts = [6, 4, 0]
+    mask = torch.arange(6).expand(3, 6) < torch.tensor(counts).unsqueeze(1)
+    losses = batch.compute_loss(batch(xs, in_dims=0), ys, F.cross_entropy, mask=mask)
+    losses.sum().backward()
+    assert float(losses[2].detach()) == 0.0
+    for i, (m, c) in enumerate(zip(alone, counts)):
+        if c == 0:
+            assert float(batch.stack.fc1.weight.grad[i].abs().max()) == 0.0
+            continue
+        loss = F.cross_entropy(m(xs[i, :c]), ys[i, :c])
+        torch.testing.assert_close(losses[i], loss, rtol=1e-14, atol=0)
+        loss.backward()
+        for name, p in batch.stacked_parameters().items():
+            ref = m.get_parameter(name).grad
+            torch.testing.assert_close(p.grad[i], ref, rtol=0, atol=1e-13 * float(ref.abs().max()))
+
+
+def test_members_not_participating_keep_their_buffers() -> None:
+    batch = mb.ModelBatch([nn.BatchNorm1d(3) for _ in range(3)])
+    before = batch.stack.running_mean.clone()
+    batch(torch.randn(3, 10, 3), in_dims=0, participating=torch.tensor([True, False, True]))
+    assert torch.equal(batch.stack.running_mean[1], before[1])
+    assert not torch.equal(batch.stack.running_mean[0], before[0])
