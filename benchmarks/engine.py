@@ -1,30 +1,38 @@
-"""Training-step time of a ModelBatch pack against a plain Python loop over the same N models.
+"""Training-step time of a ModelBatch pack, by backend, against a plain Python loop over the same N models.
 
 One training step = forward + backward + optimizer step on a per-member batch of 64 inputs
-(``[N, 64, ...]``, cross-entropy on 10 classes). Both sides use AdamW with one learning rate
-per member (log-spaced 1e-4..1e-2) and start from the same weights:
+(``[N, 64, ...]``, cross-entropy on 10 classes). Every side uses AdamW with one learning rate
+per member (log-spaced 1e-4..1e-2) and starts from the same weights:
 
 * loop: N separate models, each with its own ``torch.optim.AdamW`` (torch's default
-  implementation for the device), stepped one after another;
-* pack: ``mb.ModelBatch`` of the N models with ``mb.optim.AdamW``, one vmapped step.
+  implementation for the device), stepped one after another (the baseline);
+* pack with each ``--backends`` entry: ``mb.ModelBatch(models, backend=...)`` with
+  ``mb.optim.AdamW``, one step for all members. ``vmap``: one vmap over all members;
+  ``chunked``: vmap over chunks of ``--chunk-size`` members; ``loop``: one functional_call per
+  member (the pack's own loop, still one vectorized optimizer step); ``auto``: the pack times
+  the others on its first steps (untimed here: it runs until it has chosen) and keeps the fastest.
 
-Models: ``mlp`` (64-32-10) and ``cnn`` (conv 1->8 3x3, relu, maxpool 2, conv 8->16 3x3, relu,
-adaptive avg pool, linear 16->10, on 1x16x16 inputs).
+Models: ``mlp`` (64-32-10), ``cnn`` (conv 1->8 3x3, relu, maxpool 2, conv 8->16 3x3, relu,
+adaptive avg pool, linear 16->10, on 1x16x16 inputs), ``lstm`` (LSTM 16->32 over 16 steps, last
+hidden state, linear 32->10) and ``attention`` (one TransformerEncoderLayer, d_model 32, 4 heads,
+feed-forward 64, no dropout, over 16 tokens; mean pool, linear 32->10).
 
 Every (model, N, side) is measured in a fresh process: ``--warmup`` untimed steps, then up to
 ``--steps`` timed steps (``time.perf_counter``, with ``torch.cuda.synchronize`` on GPU), stopping
 early once ``--max-seconds`` of timed steps have run (at least 3 are timed); the median is
 reported. Memory: the peak growth of the process during the steps, over its size right after
 building models and data and one tiny step of each side (which loads what torch imports on first
-use). On CPU it is the peak resident set (Linux's VmHWM, reset through /proc/self/clear_refs;
-left out on other systems), on CUDA ``torch.cuda.max_memory_allocated``. It covers gradients,
-optimizer state, activations and (on CPU) allocator slack.
+use); for ``auto``, over its size after its trial. On CPU it is the peak resident set (Linux's
+VmHWM, reset through /proc/self/clear_refs; left out on other systems), on CUDA
+``torch.cuda.max_memory_allocated``. It covers gradients, optimizer state, activations and (on
+CPU) allocator slack.
 
 Prints a markdown table and writes ``benchmarks/results/engine-<machine>.json``.
 
-Run from the repository root after ``pip install -e .`` (a full CPU run takes ~3 min on 2 cores):
-    python benchmarks/engine.py
+Run from the repository root after ``pip install -e .`` (a full CPU run takes ~25 min on 2 cores):
+    python benchmarks/engine.py --threads 2
     python benchmarks/engine.py --quick                     # smoke run, N = 1 and 4
+    python benchmarks/engine.py --models mlp cnn --backends vmap auto
     python benchmarks/engine.py --device cuda --sizes 16 256 1024 --models cnn
 """
 
@@ -73,10 +81,35 @@ def make_cnn() -> nn.Module:
     )
 
 
+class LSTMClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(16, 32, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+class AttentionClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(dim=1))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "mlp": (make_mlp, (64,)),
     "cnn": (make_cnn, (1, 16, 16)),
+    "lstm": (LSTMClassifier, (16, 16)),
+    "attention": (AttentionClassifier, (16, 32)),
 }
+BACKENDS = ("vmap", "chunked", "loop", "auto")
+MAX_AUTO_TRIAL_STEPS = 100
 
 
 def sync(device: torch.device) -> None:
@@ -87,6 +120,28 @@ def sync(device: torch.device) -> None:
 def _proc_status_kib(key: str) -> int:
     status = Path("/proc/self/status").read_text()
     return int(re.search(rf"^{key}:\s+(\d+) kB", status, re.MULTILINE).group(1))
+
+
+def cpu_stall_us() -> int | None:
+    """Linux's CPU pressure: total µs some task waited for a CPU (None where unavailable)."""
+    try:
+        text = Path("/proc/pressure/cpu").read_text()
+    except OSError:
+        return None
+    return int(re.search(r"^some .*total=(\d+)", text, re.MULTILINE).group(1))
+
+
+def wait_until_idle(max_seconds: float = 900.0) -> None:
+    """Wait (at most ``max_seconds``) until the CPU pressure of the last 10 s is below 5 %."""
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        try:
+            text = Path("/proc/pressure/cpu").read_text()
+        except OSError:
+            return
+        if float(re.search(r"^some avg10=([\d.]+)", text, re.MULTILINE).group(1)) < 5.0:
+            return
+        time.sleep(5)
 
 
 def reset_peak_memory(device: torch.device) -> int | None:
@@ -107,8 +162,13 @@ def peak_memory(device: torch.device) -> int:
     return _proc_status_kib("VmHWM") * 1024
 
 
-def build_step(model: str, n: int, side: str, device: torch.device, seed: int) -> Callable[[], None]:
-    """Models, data and optimizers for one measurement; returns a function running one training step."""
+def build_step(
+    model: str, n: int, side: str, device: torch.device, seed: int, chunk_size: int | None = None
+) -> tuple[Callable[[], None], mb.ModelBatch | None]:
+    """Models, data and optimizers for one measurement: a function running one training step, and the pack.
+
+    ``side`` is ``"loop"`` (N plain models) or ``"pack-<backend>"``.
+    """
     factory, input_shape = MODELS[model]
     torch.manual_seed(seed)
     models = [factory().to(device) for _ in range(n)]
@@ -125,9 +185,10 @@ def build_step(model: str, n: int, side: str, device: torch.device, seed: int) -
                 F.cross_entropy(m(x), y).backward()
                 opt.step()
 
-        return loop_step
+        return loop_step, None
 
-    batch = mb.ModelBatch(models)
+    backend = side.removeprefix("pack-")
+    batch = mb.ModelBatch(models, backend=backend, chunk_size=chunk_size if backend == "chunked" else None)
     opt = mb.optim.AdamW(batch, lr=lrs)
 
     def pack_step() -> None:
@@ -136,13 +197,13 @@ def build_step(model: str, n: int, side: str, device: torch.device, seed: int) -
         losses.sum().backward()
         opt.step()
 
-    return pack_step
+    return pack_step, batch
 
 
 def warm_up_lazy_init(device: torch.device) -> None:
     """One tiny step of each side, so that modules torch imports on first use are not counted as memory."""
-    for side in ("loop", "pack"):
-        build_step("mlp", 1, side, device, seed=0)()
+    for side in ("loop", "pack-vmap", "pack-loop"):
+        build_step("mlp", 1, side, device, seed=0)[0]()
 
 
 def measure(
@@ -155,12 +216,26 @@ def measure(
     steps: int,
     max_seconds: float,
     seed: int,
+    chunk_size: int,
 ) -> dict:
-    """Median step time (ms), number of timed steps and peak memory growth (MB) of one configuration."""
+    """Median step time (ms), number of timed steps and peak memory growth (MB) of one configuration.
+
+    For ``pack-auto`` also the backend it chose and how many steps (and seconds) its trial took.
+    """
     torch.set_num_threads(threads)
     dev = torch.device(device)
     warm_up_lazy_init(dev)
-    step = build_step(model, n, side, dev, seed)
+    step, batch = build_step(model, n, side, dev, seed, chunk_size)
+    result: dict = {}
+    stall_start, wall_start = cpu_stall_us(), time.perf_counter()
+    if side == "pack-auto":
+        start, trial_steps = time.perf_counter(), 0
+        while batch.backend == "auto" and trial_steps < MAX_AUTO_TRIAL_STEPS:
+            step()
+            trial_steps += 1
+        sync(dev)
+        result["trial_steps"] = trial_steps
+        result["trial_s"] = round(time.perf_counter() - start, 3)
     base = reset_peak_memory(dev)
     for _ in range(warmup):
         step()
@@ -172,7 +247,47 @@ def measure(
         sync(dev)
         times.append(time.perf_counter() - start)
     peak_mb = None if base is None else round((peak_memory(dev) - base) / 2**20, 1)
-    return {"ms": round(statistics.median(times) * 1e3, 3), "timed_steps": len(times), "peak_mb": peak_mb}
+    if stall_start is not None:  # share of the run during which some task waited for a CPU
+        stalled_s = (cpu_stall_us() - stall_start) / 1e6
+        result["cpu_stall"] = round(stalled_s / (time.perf_counter() - wall_start), 3)
+    result |= {"ms": round(statistics.median(times) * 1e3, 3), "timed_steps": len(times), "peak_mb": peak_mb}
+    if batch is not None:
+        label = batch.backend + (f":{batch.chunk_size}" if batch.chunk_size else "")
+        result["backend"] = label
+        if side == "pack-auto":
+            result["timings_ms"] = {k: round(v, 3) for k, v in batch.backend_timings.items()}
+    return result
+
+
+def measure_when_idle(max_stall: float, retries: int, **kwargs: object) -> dict:
+    """:func:`measure_safely` on an idle CPU: measured again while other processes stalled it.
+
+    A run counts as disturbed when tasks waited for a CPU during more than ``max_stall`` of it
+    (Linux CPU pressure); after ``retries`` disturbed runs the least disturbed one is kept.
+    """
+    runs = []
+    for _ in range(retries + 1):
+        wait_until_idle()
+        result = measure_safely(**kwargs)
+        runs.append(result)
+        if result.get("cpu_stall") is not None and result["cpu_stall"] > max_stall:
+            print(
+                f"  {kwargs['model']} N={kwargs['n']} {kwargs['side']}: other tasks stalled the CPU "
+                f"{result['cpu_stall']:.0%} of the run; measuring again",
+                flush=True,
+            )
+        if result.get("cpu_stall") is None or result["cpu_stall"] <= max_stall:
+            break
+    best = min(runs, key=lambda r: r.get("cpu_stall") or 0.0)
+    return best | {"runs": len(runs)}
+
+
+def measure_safely(**kwargs: object) -> dict:
+    """:func:`measure_in_fresh_process`, or the error of a configuration that cannot run (no vmap rule)."""
+    try:
+        return measure_in_fresh_process(**kwargs)
+    except Exception as exc:  # a model the engine does not support yet gives a row saying so
+        return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"}
 
 
 def measure_in_fresh_process(**kwargs: object) -> dict:
@@ -211,16 +326,28 @@ def machine_slug(info: dict) -> str:
     return f"cpu-{info['cpu_count']}core-{info['machine']}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| model | N | loop ms/step | pack ms/step | speedup | loop peak MB | pack peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+def _cell(row: dict, side: str) -> str:
+    if f"{side}_error" in row:
+        return "unsupported yet"
+    return f"{row[f'{side}_ms']:.2f} ({row[f'{side}_speedup']:.2f}x)"
+
+
+def markdown_table(rows: list[dict], backends: list[str], chunk_size: int) -> str:
+    """One row per (model, N): the loop's ms/step, then each backend's ms/step (speedup over the loop)."""
+    names = {"chunked": f"chunked:{chunk_size}", "loop": "pack loop"}
+    heads = [names.get(b, b) for b in backends]
+    auto = "auto" in backends
+    cols = ["model", "N", "loop ms", *(f"{h} ms (speedup)" for h in heads)]
+    cols += (["auto picks"] if auto else []) + ["loop peak MB", *(f"{h} peak MB" for h in heads)]
+    lines = ["| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
     for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['n']} | {r['loop_ms']:.2f} | {r['pack_ms']:.2f} | {r['speedup']:.2f}x "
-            f"| {r['loop_peak_mb']} | {r['pack_peak_mb']} |"
-        )
+        cells = [r["model"], str(r["n"]), f"{r['loop_ms']:.2f}"]
+        cells += [_cell(r, f"pack_{b}") for b in backends]
+        if auto:
+            cells.append(str(r.get("pack_auto_backend", "-")))
+        cells.append(str(r["loop_peak_mb"]))
+        cells += [str(r.get(f"pack_{b}_peak_mb", "-")) for b in backends]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -229,12 +356,23 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 64, 256], help="pack sizes N")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "cnn"])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="pack backends to time"
+    )
+    parser.add_argument("--chunk-size", type=int, default=16, help="members per chunk of 'chunked'")
     parser.add_argument("--steps", type=int, default=20, help="most timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     parser.add_argument(
         "--max-seconds", type=float, default=15.0, help="stop timing a measurement after this"
     )
+    parser.add_argument(
+        "--max-stall",
+        type=float,
+        default=0.05,
+        help="measure again when other tasks waited for a CPU during more than this share of a run",
+    )
+    parser.add_argument("--retries", type=int, default=4, help="most runs again of a disturbed measurement")
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
@@ -250,6 +388,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--device cuda: this torch build sees no CUDA device; use --device cpu")
     if min(args.sizes) < 1 or args.steps < MIN_TIMED_STEPS or args.warmup < 0 or args.threads < 1:
         parser.error(f"--sizes and --threads must be >= 1, --steps >= {MIN_TIMED_STEPS}, --warmup >= 0")
+    if args.chunk_size < 1:
+        parser.error("--chunk-size must be >= 1")
     if args.quick:
         args.sizes, args.steps, args.warmup = [1, 4], MIN_TIMED_STEPS, 1
     return args
@@ -265,11 +405,14 @@ def main() -> None:
         flush=True,
     )
     rows = []
+    sides = ["loop"] + [f"pack-{b}" for b in args.backends]
     for model in args.models:
         for n in args.sizes:
-            result = {}
-            for side in ("loop", "pack"):
-                result[side] = measure_in_fresh_process(
+            row = {"model": model, "n": n}
+            for side in sides:
+                result = measure_when_idle(
+                    max_stall=args.max_stall,
+                    retries=args.retries,
                     model=model,
                     n=n,
                     side=side,
@@ -279,23 +422,40 @@ def main() -> None:
                     steps=args.steps,
                     max_seconds=args.max_seconds,
                     seed=args.seed,
+                    chunk_size=args.chunk_size,
                 )
-            row = {"model": model, "n": n}
-            for side in ("loop", "pack"):
-                row |= {f"{side}_{k}": v for k, v in result[side].items()}
-            row["speedup"] = round(row["loop_ms"] / row["pack_ms"], 3)
+                key = side.replace("-", "_")
+                row |= {f"{key}_{k}": v for k, v in result.items()}
+            if "loop_error" in row:
+                raise RuntimeError(f"the plain loop failed for {model}: {row['loop_error']}")
+            summary = []
+            for b in args.backends:
+                if f"pack_{b}_ms" in row:
+                    row[f"pack_{b}_speedup"] = round(row["loop_ms"] / row[f"pack_{b}_ms"], 3)
+                    summary.append(f"{b} {row[f'pack_{b}_ms']:.2f} ms ({row[f'pack_{b}_speedup']:.2f}x)")
+                else:
+                    summary.append(f"{b} unsupported yet ({row[f'pack_{b}_error']})")
             rows.append(row)
-            print(
-                f"{model} N={n}: loop {row['loop_ms']:.2f} ms, pack {row['pack_ms']:.2f} ms, "
-                f"speedup {row['speedup']:.2f}x",
-                flush=True,
-            )
-    print("\n" + markdown_table(rows))
+            print(f"{model} N={n}: loop {row['loop_ms']:.2f} ms; " + "; ".join(summary), flush=True)
+    print("\n" + markdown_table(rows, args.backends, args.chunk_size))
     suffix = "-quick" if args.quick else ""
     out = RESULTS_DIR / f"engine-{machine_slug(info)}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {
-        k: getattr(args, k) for k in ("sizes", "models", "steps", "warmup", "max_seconds", "seed", "quick")
+        k: getattr(args, k)
+        for k in (
+            "sizes",
+            "models",
+            "backends",
+            "chunk_size",
+            "steps",
+            "warmup",
+            "max_seconds",
+            "max_stall",
+            "retries",
+            "seed",
+            "quick",
+        )
     }
     payload = {
         "machine": info,

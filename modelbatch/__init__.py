@@ -12,10 +12,34 @@ Example:
     >>> losses.sum().backward(); opt.step()
 """
 
-from . import amp, optim, testing
+from . import amp, callbacks, data, layers, metrics, optim, testing
 from ._batch import MemberLosses, ModelBatch
 from ._checkpoint import load, save
 from ._clip import clip_grad_norm_
+from ._fit import fit
+from ._memory import MemoryEstimate, estimate_memory
+from ._mlflow import MLflowLogger
+from ._recipe import Recipe
+from ._trainer import PackTrainer
 
-__all__ = ["MemberLosses", "ModelBatch", "amp", "clip_grad_norm_", "load", "optim", "save", "testing"]
+__all__ = [
+    "MLflowLogger",
+    "MemberLosses",
+    "MemoryEstimate",
+    "ModelBatch",
+    "PackTrainer",
+    "Recipe",
+    "amp",
+    "callbacks",
+    "clip_grad_norm_",
+    "data",
+    "estimate_memory",
+    "fit",
+    "layers",
+    "load",
+    "metrics",
+    "optim",
+    "save",
+    "testing",
+]
 __version__ = "0.1.0"

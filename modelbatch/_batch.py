@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import stack_module_state, vmap
 
+from ._backends import Backends
 from ._hparams import check_member_index
+from .layers import install_preflight, prepare_for_vmap
 
 
 class MemberLosses(torch.Tensor):
@@ -82,6 +84,11 @@ class ModelBatch(nn.Module):
     Each member keeps its own parameters, buffers (BatchNorm statistics), dropout masks and,
     with :mod:`modelbatch.optim`, its own optimizer hyperparameters and state.
 
+    Stock layers that torch runs wrongly under vmap are fixed in the skeleton by
+    :func:`modelbatch.layers.prepare_for_vmap`; ``preflight=True`` checks on the first call, in
+    float64, that members 0 and 1 packed compute what they compute alone
+    (:func:`modelbatch.layers.preflight_check`) and raises before any training otherwise.
+
     Example:
         >>> import torch, modelbatch as mb
         >>> batch = mb.ModelBatch([torch.nn.Linear(3, 2) for _ in range(4)])
@@ -91,7 +98,15 @@ class ModelBatch(nn.Module):
         torch.Size([4, 2, 3])
     """
 
-    def __init__(self, models: Sequence[nn.Module]) -> None:
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        preflight: bool = False,
+        *,
+        backend: str = "auto",
+        chunk_size: int | None = None,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
         if isinstance(models, nn.Module) or not isinstance(models, Sequence):
             raise TypeError(
@@ -111,11 +126,16 @@ class ModelBatch(nn.Module):
             _set_tensor(stack, name, nn.Parameter(value, requires_grad=value.requires_grad), True)
         for name, value in buffers.items():
             _set_tensor(stack, name, value, False)
+        prepare_for_vmap(stack, api="ModelBatch")
         self.stack = stack
         self.stack.train(models[0].training)
         self.training = models[0].training
         object.__setattr__(self, "_template", template)
         self.register_buffer("active", torch.ones(len(models), dtype=torch.bool))
+        self._backends = Backends(self.stack, len(models), compile=compile, template=template)
+        self._backends.set("ModelBatch", backend, chunk_size)
+        if preflight:
+            install_preflight(self)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -142,6 +162,51 @@ class ModelBatch(nn.Module):
         """The stacked ``[N, ...]`` buffers by their name in the original model."""
         return dict(self.stack.named_buffers())
 
+    # ------------------------------------------------------------------ backends
+    @property
+    def backend(self) -> str:
+        """How the forward runs the members: ``"vmap"``, ``"chunked"`` or ``"loop"``.
+
+        ``"auto"`` (the default) while the pack is still timing the others on its first training
+        calls; then the one it chose. See :meth:`set_backend`.
+        """
+        choice = self._backends.current()
+        return "auto" if choice is None else choice.name
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Members per chunk of the ``"chunked"`` backend (``None`` for the other backends)."""
+        choice = self._backends.current()
+        return None if choice is None else choice.chunk_size
+
+    @property
+    def backend_timings(self) -> dict[str, float]:
+        """What ``"auto"`` measured: ms per call (forward + backward) by candidate; ``inf`` if it failed.
+
+        Empty for a backend chosen by hand. Labels: ``"vmap"``, ``"chunked:16"``, ``"loop"``.
+        """
+        return self._backends.timings_ms()
+
+    def set_backend(self, backend: str, chunk_size: int | None = None) -> None:
+        """Choose how the forward runs the members; every backend gives the same results.
+
+        ``"vmap"``: one vmap over all members. ``"chunked"``: vmap over chunks of ``chunk_size``
+        members (default 16), bounding the vmapped kernels' transient memory. ``"loop"``: one
+        ``functional_call`` per member (runs layers without vmap support too). ``"auto"``: time
+        those on the next training calls (each real call is one timing sample, no extra forward)
+        and keep the fastest. ``ModelBatch(models, backend=..., chunk_size=...)`` does the same.
+
+        Example:
+            >>> import torch, modelbatch as mb
+            >>> batch = mb.ModelBatch([torch.nn.Linear(3, 2) for _ in range(10)])
+            >>> batch.set_backend("chunked", chunk_size=4)
+            >>> batch.backend, batch.chunk_size
+            ('chunked', 4)
+            >>> batch(torch.randn(5, 3)).shape
+            torch.Size([10, 5, 2])
+        """
+        self._backends.set("ModelBatch.set_backend", backend, chunk_size)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -167,15 +232,8 @@ class ModelBatch(nn.Module):
         # updating members' rows are written back: restoring in place would break autograd's saved tensors.
         frozen = self.training and bool(buffers) and not bool(updating.all())
         run_buffers = {name: b.clone() for name, b in buffers.items()} if frozen else buffers
-        # Member ids give vmap a batched tensor even for a pack of parameter-free modules.
-        ids = torch.arange(self.n)
-
-        def run_member(p: dict, b: dict, _id: torch.Tensor, *inputs: Any) -> Any:
-            return functional_call(self.stack, (p, b), inputs, kwargs)
-
-        out = vmap(run_member, in_dims=(0, 0, 0, *dims), randomness="different")(
-            params, run_buffers, ids, *args
-        )
+        trial = self.training and torch.is_grad_enabled()  # "auto" times only training calls
+        out = self._backends.run(params, run_buffers, args, dims, kwargs, trial)
         if frozen:
             self._write_back(buffers, run_buffers, updating)
         return out

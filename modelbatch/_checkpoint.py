@@ -44,6 +44,7 @@ def save(
         "version": VERSION,
         "n": batch.n,
         "template": batch.template,
+        "backend": {"backend": batch.backend, "chunk_size": batch.chunk_size},
         "batch": batch.state_dict(),
         "optimizer": None
         if optimizer is None
@@ -76,7 +77,7 @@ def load(
     if batch is None:
         device = map_location if map_location is not None else "cpu"
         model = payload["template"].to_empty(device=device)
-        batch = ModelBatch([model] * payload["n"])
+        batch = ModelBatch([model] * payload["n"], **payload.get("backend", {}))
     elif type(batch.template) is not type(payload["template"]):
         raise ValueError(
             f"mb.load: the checkpoint holds {type(payload['template']).__name__} models but the batch "

@@ -121,7 +121,7 @@ def test_each_member_equals_its_own_torch_grad_scaler(clip: float | None) -> Non
 def test_state_dict_round_trip() -> None:
     models = _models()
     x, y = _data(8)
-    batch = mb.ModelBatch(copy.deepcopy(models))
+    batch = mb.ModelBatch(copy.deepcopy(models), backend="vmap")  # bitwise: one backend
     opt = mb.optim.Adam(batch, lr=1e-2)
     scaler = GradScaler(batch, init_scale=2.0**8, growth_interval=2)
     for t in range(4):
@@ -131,7 +131,7 @@ def test_state_dict_round_trip() -> None:
     buffer.seek(0)
     saved = torch.load(buffer)
 
-    batch2 = mb.ModelBatch(_models(seed=5))
+    batch2 = mb.ModelBatch(_models(seed=5), backend="vmap")
     batch2.load_state_dict(saved["batch"])
     opt2 = mb.optim.Adam(batch2, lr=1e-2)
     opt2.load_state_dict(saved["opt"])

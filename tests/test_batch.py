@@ -24,7 +24,7 @@ def _train_steps(batch: mb.ModelBatch, opt: mb.optim.Optimizer, steps: int, seed
 
 
 def _cnn_pack(n: int = 4) -> mb.ModelBatch:
-    return mb.ModelBatch([seeded(CNN, i).double() for i in range(n)])
+    return mb.ModelBatch([seeded(CNN, i).double() for i in range(n)], backend="vmap")  # bitwise: one backend
 
 
 def _snapshot(batch: mb.ModelBatch, opt: mb.optim.Optimizer, i: int) -> dict[str, torch.Tensor]:

@@ -203,7 +203,7 @@ def test_state_dict_is_a_snapshot():
     snapshot = copy.deepcopy(saved)
     for _ in range(5):
         sched.step()
-    assert saved["schedulers"] == snapshot["schedulers"]
+    assert saved["members"] == snapshot["members"]
 
 
 def test_load_state_dict_rejects_other_pack_size():
@@ -377,3 +377,17 @@ def test_training_with_schedule_equals_models_trained_alone(kind, case_id):
             torch.testing.assert_close(
                 got, want, rtol=1e-12, atol=0, msg=lambda m, i=i, n=name: f"member {i} {n}: {m}"
             )
+
+
+def test_member_state_moves_a_schedule_to_another_slot():
+    opt = _mb_optimizer("sgd", _pack())
+    sched = S.StepLR(opt, step_size=[1, 2, 3, 4], gamma=0.5)
+    for _ in range(3):
+        sched.step()
+    state = sched.member_state_dict(2)
+    other = S.StepLR(_mb_optimizer("sgd", _pack()), step_size=1, gamma=0.9)
+    other.load_member_state_dict(0, state)
+    for _ in range(4):
+        sched.step()
+        other.step()
+        assert other.get_last_lr()[0] == sched.get_last_lr()[2]

@@ -120,30 +120,40 @@ class PerMember:
         self.schedulers[index] = self._build(index, self.initial_lrs[index])
         self._push([index])
 
+    def member_state_dict(self, index: int) -> dict[str, Any]:
+        """Member ``index``'s schedule alone (to move that member to another slot or pack)."""
+        index = check_member_index(f"{self._api()}.member_state_dict", index, self.n)
+        sched = self.schedulers[index]
+        return {
+            "initial_lr": self.initial_lrs[index],
+            "scheduler": copy.deepcopy(sched.state_dict()),
+            "optimizer": copy.deepcopy(sched.optimizer.state_dict()),
+        }
+
+    def load_member_state_dict(self, index: int, state: dict[str, Any]) -> None:
+        """Continue member ``index``'s schedule from :meth:`member_state_dict` output."""
+        index = check_member_index(f"{self._api()}.load_member_state_dict", index, self.n)
+        self.initial_lrs[index] = float(state["initial_lr"])
+        self.schedulers[index] = sched = self._build(index, self.initial_lrs[index])
+        sched.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        sched.load_state_dict(copy.deepcopy(state["scheduler"]))
+        self._push([index])
+
     def state_dict(self) -> dict[str, Any]:
         """Every member's scheduler state, stand-in optimizer state and initial lr."""
-        return {
-            "initial_lrs": list(self.initial_lrs),
-            "schedulers": [copy.deepcopy(s.state_dict()) for s in self.schedulers],
-            "optimizers": [copy.deepcopy(s.optimizer.state_dict()) for s in self.schedulers],
-        }
+        return {"members": [self.member_state_dict(i) for i in range(self.n)]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; also restores every member's lr in the optimizer."""
         api = f"{self._api()}.load_state_dict"
-        saved = len(state_dict["schedulers"])
+        saved = len(state_dict["members"])
         if saved != self.n:
             raise ValueError(
                 f"{api}: the state is for {saved} members but the pack has {self.n}; load it into a "
                 "scheduler over a pack of the same size."
             )
-        for sched, opt_state, sched_state in zip(
-            self.schedulers, state_dict["optimizers"], state_dict["schedulers"], strict=True
-        ):
-            sched.optimizer.load_state_dict(copy.deepcopy(opt_state))
-            sched.load_state_dict(copy.deepcopy(sched_state))
-        self.initial_lrs = [float(lr) for lr in state_dict["initial_lrs"]]
-        self._push(list(range(self.n)))
+        for i, member in enumerate(state_dict["members"]):
+            self.load_member_state_dict(i, member)
 
     def __repr__(self) -> str:
         kinds = sorted({type(s).__name__ for s in self.schedulers})

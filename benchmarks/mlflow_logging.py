@@ -1,0 +1,216 @@
+"""Driver time per member result: tune_integration.MLflowCallback vs Ray's MLflowLoggerCallback, same sweep.
+
+Runs one Tune sweep (function trainables, FIFO so every run has the same results) per callback and
+times what the Tune driver spends inside the callback's hooks (``time.perf_counter`` around each
+hook). The final flush at the end of the sweep (``on_experiment_end``) is reported separately and
+also spread over all results. Every point is then counted in the store.
+
+    python benchmarks/mlflow_logging.py                  # sqlite store (MLflow 3's default kind)
+    python benchmarks/mlflow_logging.py --store server   # a local `mlflow server` on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import ray
+from mlflow import MlflowClient
+from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+from tune_integration.mlflow import MLflowCallback
+
+HOOKS = (
+    "setup",
+    "on_trial_start",
+    "on_trial_result",
+    "on_trial_complete",
+    "on_trial_error",
+    "on_experiment_end",
+)
+
+
+def member(config):
+    for i in range(1, config["iterations"] + 1):
+        tune.report({f"m{j}": (j + 1) / (i + config["i"]) for j in range(config["metrics"])})
+
+
+def timed(callback):
+    """Wrap the callback's hooks (instance attributes win over the class's)."""
+    times = {h: [] for h in HOOKS}
+    for hook in HOOKS:
+        original = getattr(callback, hook)
+
+        def wrapper(*args, _original=original, _hook=hook, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                times[_hook].append(time.perf_counter() - start)
+
+        setattr(callback, hook, wrapper)
+    return callback, times
+
+
+def start_server(root: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root}/db.sqlite",
+        "--default-artifact-root",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=1):
+                return proc, uri
+        except OSError:
+            time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError("mlflow server did not start")
+
+
+def run_one(kind: str, uri: str, args: argparse.Namespace, workdir: Path) -> dict:
+    experiment = f"bench-{kind}"
+    if kind == "modelbatch":
+        callback = MLflowCallback(uri, experiment, flush_interval=args.flush_interval)
+    else:
+        callback = MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False)
+    callback, times = timed(callback)
+    start = time.perf_counter()
+    tune.run(
+        member,
+        config={
+            "i": tune.grid_search(list(range(args.samples))),
+            "iterations": args.iterations,
+            "metrics": args.metrics,
+        },
+        resources_per_trial={"cpu": 0.1},
+        max_concurrent_trials=4,
+        reuse_actors=True,
+        verbose=0,
+        storage_path=str(workdir / f"ray-{kind}"),
+        callbacks=[callback],
+    )
+    wall = time.perf_counter() - start
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    points = sum(
+        len(client.get_metric_history(r.info.run_id, f"m{j}")) for r in runs for j in range(args.metrics)
+    )
+    results = len(times["on_trial_result"])
+    per_result = times["on_trial_result"]
+    all_hooks = sum(sum(v) for v in times.values())
+    return {
+        "callback": kind,
+        "results": results,
+        "runs": len(runs),
+        "points_in_store": points,
+        "points_expected": args.samples * args.iterations * args.metrics,
+        "on_trial_result_ms_mean": 1e3 * statistics.mean(per_result),
+        "on_trial_result_ms_p50": 1e3 * statistics.median(per_result),
+        "on_trial_result_ms_p99": 1e3 * sorted(per_result)[int(0.99 * (results - 1))],
+        "final_flush_ms": 1e3 * sum(times["on_experiment_end"]),
+        "all_hooks_ms_per_result": 1e3 * all_hooks / results,
+        "hooks_ms_total": {h: 1e3 * sum(v) for h, v in times.items()},
+        "sweep_wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", choices=["sqlite", "server"], default="sqlite")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--metrics", type=int, default=8)
+    parser.add_argument("--flush-interval", type=float, default=1.0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="mlflow-bench-"))
+    os.chdir(workdir)  # Ray's callback may fall back to ./mlruns or ./mlflow.db
+    server = None
+    if args.store == "server":
+        server, uri = start_server(workdir)
+    else:
+        uri = f"sqlite:///{workdir}/mlflow.db"
+        MlflowClient(uri).search_experiments()  # create the schema before timing anything
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
+    try:
+        rows = [run_one(kind, uri, args, workdir) for kind in ("modelbatch", "ray")]
+    finally:
+        ray.shutdown()
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(30)
+    ours, theirs = rows
+    report = {
+        "benchmark": "mlflow_logging",
+        "store": args.store,
+        "sweep": {
+            "samples": args.samples,
+            "iterations": args.iterations,
+            "metrics_per_result": args.metrics,
+            "scheduler": "FIFO",
+            "max_concurrent_trials": 4,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg_1m": os.getloadavg()[0],
+        },
+        "versions": {"mlflow": mlflow.__version__, "ray": ray.__version__},
+        "results": rows,
+        "ratio_on_trial_result": theirs["on_trial_result_ms_mean"] / ours["on_trial_result_ms_mean"],
+        "ratio_all_hooks": theirs["all_hooks_ms_per_result"] / ours["all_hooks_ms_per_result"],
+    }
+    out = Path(args.out or Path(__file__).parent / "results" / f"mlflow_logging-{args.store}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for row in rows:
+        print(
+            f"{row['callback']:>10}: on_trial_result {row['on_trial_result_ms_mean']:.3f} ms/result "
+            f"(p99 {row['on_trial_result_ms_p99']:.3f}), all hooks incl. final flush "
+            f"{row['all_hooks_ms_per_result']:.3f} ms/result, points {row['points_in_store']}/"
+            f"{row['points_expected']}, sweep {row['sweep_wall_s']:.1f} s"
+        )
+    print(
+        f"Ray's MLflowLoggerCallback / MLflowCallback: {report['ratio_on_trial_result']:.0f}x per result "
+        f"(on_trial_result), {report['ratio_all_hooks']:.0f}x over all hooks; written to {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

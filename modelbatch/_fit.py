@@ -1,0 +1,153 @@
+"""mb.fit: train many configs of one recipe as packs, without Ray; history as a DataFrame."""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from ._recipe import Recipe
+from ._trainer import PackTrainer, architecture_signature, build_model, member_seed
+from .callbacks import Callback, NaNGuard, Progress
+
+if TYPE_CHECKING:
+    from ._mlflow import MLflowLogger
+
+
+class _Control:
+    def __init__(self) -> None:
+        self.requests: dict[Any, tuple[str, bool]] = {}
+
+    def stop(self, member_id: Any, reason: str, *, error: bool = False) -> None:
+        self.requests.setdefault(member_id, (reason, error))
+
+
+def fit(
+    recipe: Recipe,
+    configs: Sequence[Mapping[str, Any]],
+    reports: int = 10,
+    *,
+    callbacks: Iterable[Callback] = (),
+    capacity: int | None = None,
+    progress: bool | None = None,
+    nan_guard: bool = True,
+    mlflow: bool | Mapping[str, Any] | MLflowLogger | None = None,
+) -> pd.DataFrame:
+    """Train every config of ``recipe`` for ``reports`` reports, packed; one row per member per report.
+
+    Configs whose models have the same parameter shapes share a pack; others get packs of their
+    own. A member's seed is ``config["seed"]`` (default: its index in ``configs``), so a config
+    trained here equals the same config trained alone with ``fit(recipe, [config])``.
+    With ``capacity`` smaller than a group, members train in waves: a stopped member's slot
+    is refilled by the next config at once.
+    ``mlflow=True`` (MLflow's default tracking URI), a dict of :class:`mb.MLflowLogger` arguments
+    or a logger logs the sweep to MLflow: one parent run, one child run per member.
+
+    Returns:
+        A DataFrame with columns ``member``, ``training_iteration``, ``step``, ``loss``, the
+        validation metrics (``val_loss``, ``val_<metric>``), ``status`` (``running`` or, on a
+        member's last row, why it stopped: ``finished``, ``early stopped: ...``, ``errored: ...``)
+        and ``config/<key>`` for every config key.
+
+    Example:
+        >>> import torch, modelbatch as mb
+        >>> X, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        >>> recipe = mb.Recipe(model=lambda cfg: torch.nn.Linear(4, 3), optimizer="adam",
+        ...     loss=torch.nn.functional.cross_entropy, train_data=(X, y), val_data=(X, y),
+        ...     batch_size=16, steps_per_report=4, metrics={"acc": mb.metrics.accuracy})
+        >>> history = mb.fit(recipe, [{"lr": 1e-3}, {"lr": 1e-2}], reports=3, progress=False)
+        >>> history.shape[0], sorted(history["member"].unique().tolist())
+        (6, [0, 1])
+    """
+    api = "mb.fit"
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"{api}: expected a mb.Recipe as first argument, got {type(recipe).__name__}.")
+    configs = [dict(c) for c in configs]
+    if not configs:
+        raise ValueError(f"{api}: got no configs; pass a list with at least one config dict.")
+    if not isinstance(reports, int) or reports <= 0:
+        raise ValueError(f"{api}: reports must be a positive int, got {reports!r}.")
+    if capacity is not None and (not isinstance(capacity, int) or capacity <= 0):
+        raise ValueError(f"{api}: capacity must be a positive int or None, got {capacity!r}.")
+    for i, config in enumerate(configs):
+        config.setdefault("seed", i)
+        member_seed(config, i)
+    callbacks = list(callbacks)
+    if nan_guard:
+        callbacks.insert(0, NaNGuard())
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if progress:
+        callbacks.append(Progress(total=len(configs) * reports))
+    mlflow_callback = None
+    if mlflow is not None and mlflow is not False:
+        from ._mlflow import fit_callback
+
+        mlflow_callback = fit_callback(mlflow)
+        callbacks.append(mlflow_callback)
+    for cb in callbacks:
+        cb.on_fit_start(dict(enumerate(configs)))
+    rows: list[dict[str, Any]] = []
+    try:
+        for group in _group_by_architecture(recipe, configs):
+            _train_group(recipe, configs, group, reports, capacity or len(group), callbacks, rows)
+    except BaseException as exc:
+        if mlflow_callback is not None:
+            mlflow_callback.on_fit_interrupted(exc)
+        raise
+    history = pd.DataFrame(rows)
+    for cb in callbacks:
+        cb.on_fit_end(history)
+    return history
+
+
+def _group_by_architecture(recipe: Recipe, configs: list[dict[str, Any]]) -> list[list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, config in enumerate(configs):
+        signature = architecture_signature(build_model(recipe, config, config["seed"]))
+        groups.setdefault(signature, []).append(i)
+    return list(groups.values())
+
+
+def _train_group(
+    recipe: Recipe,
+    configs: list[dict[str, Any]],
+    group: list[int],
+    reports: int,
+    capacity: int,
+    callbacks: list[Callback],
+    rows: list[dict[str, Any]],
+) -> None:
+    trainer = PackTrainer(recipe, min(capacity, len(group)), example_config=configs[group[0]])
+    for cb in callbacks:
+        if hasattr(cb, "on_pack_start"):
+            cb.on_pack_start(trainer)
+    pending = deque(group)
+    last: dict[int, dict[str, Any]] = {}
+    while pending and trainer.free_slots():
+        member = pending.popleft()
+        trainer.add(member, configs[member])
+    while trainer.live():
+        results = trainer.train_report()
+        control = _Control()
+        for member, report in results.items():
+            row = {"member": member, **report, "status": "running"}
+            row.update({f"config/{k}": v for k, v in configs[member].items()})
+            rows.append(row)
+            last[member] = row
+        for cb in callbacks:
+            cb.on_report(results, control)
+        for member, report in results.items():  # after the callbacks: a nan at the last report is an error
+            if report["training_iteration"] >= reports:
+                control.stop(member, "finished")
+        for member, (reason, error) in control.requests.items():
+            last[member]["status"] = f"errored: {reason}" if error else reason
+            for cb in callbacks:  # before remove: a callback may still read the member's slot
+                cb.on_member_stop(member, last[member]["status"], results.get(member))
+            trainer.remove(member)
+            if pending:
+                nxt = pending.popleft()
+                trainer.add(nxt, configs[nxt])

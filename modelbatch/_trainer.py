@@ -1,0 +1,330 @@
+"""PackTrainer: members of one recipe train in the slots of one pack; they join and leave between reports."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._batch import ModelBatch
+from ._clip import clip_grad_norm_
+from ._recipe import Recipe
+from .data import MemberStreams
+from .optim.lr_scheduler import PerMember
+
+
+def architecture_signature(model: nn.Module) -> str:
+    """A key equal for models that can share a pack: class, parameter and buffer names and shapes."""
+    shapes = [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
+    return f"{type(model).__module__}.{type(model).__qualname__}|" + ";".join(shapes)
+
+
+def member_seed(config: Mapping[str, Any], default: int) -> int:
+    """The member's seed: ``config["seed"]`` when given, else ``default``."""
+    seed = config.get("seed", default)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"mb.fit: config seed must be an int, got {seed!r}.")
+    return seed
+
+
+def build_model(recipe: Recipe, config: Mapping[str, Any], seed: int) -> nn.Module:
+    """``recipe.model(config)`` under ``torch.manual_seed(seed)``, in the recipe's dtype."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = recipe.model(config)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mb.Recipe: model(config) must return an nn.Module, got {type(model).__name__}.")
+    return model.to(recipe.dtype)
+
+
+@dataclass
+class Slot:
+    """One member living in a slot of the pack."""
+
+    member_id: Any
+    config: dict[str, Any]
+    seed: int
+    iteration: int = 0
+    steps: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    stopped: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PackTrainer:
+    """Trains the members of one recipe (one architecture) in the ``capacity`` slots of a pack.
+
+    Members join free slots with :meth:`add` and leave with :meth:`remove`; a freed slot is
+    reset (weights, optimizer state, schedule, data stream) when the next member joins, so each
+    member trains exactly as it would alone, whichever slot it lands in and whenever it joins.
+    :meth:`train_report` trains every live member for ``recipe.steps_per_report`` steps and
+    returns one metrics dict per member.
+
+    Example:
+        >>> import torch, modelbatch as mb
+        >>> X, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        >>> recipe = mb.Recipe(model=lambda cfg: torch.nn.Linear(4, 3), optimizer="sgd",
+        ...     loss=torch.nn.functional.cross_entropy, train_data=(X, y), val_data=(X, y),
+        ...     batch_size=16, steps_per_report=4)
+        >>> trainer = mb.PackTrainer(recipe, capacity=4, example_config={"lr": 0.1})
+        >>> slot = trainer.add("a", {"lr": 0.1, "seed": 0})
+        >>> sorted(trainer.train_report()["a"])
+        ['loss', 'step', 'training_iteration', 'val_loss']
+    """
+
+    def __init__(self, recipe: Recipe, capacity: int, example_config: Mapping[str, Any]) -> None:
+        if not isinstance(capacity, int) or capacity <= 0:
+            raise ValueError(f"mb.PackTrainer: capacity must be a positive int, got {capacity!r}.")
+        self.recipe = recipe
+        self.capacity = capacity
+        self.device = recipe.resolve_device()
+        template = build_model(recipe, example_config, member_seed(example_config, 0))
+        self.signature = architecture_signature(template)
+        self.batch = ModelBatch([template] * capacity, backend=recipe.backend).to(self.device)
+        self.batch.active.fill_(False)
+        self.slots: list[Slot | None] = [None] * capacity
+        self.example_config = dict(example_config)
+        hp = recipe.hparams(example_config)
+        cls = recipe.optimizer_class
+        self.optimizer = cls.from_state_dict(self.batch, self._initial_optimizer_state(cls, hp))
+        self.schedule = PerMember(self.optimizer, self._schedule_factory) if recipe.lr_schedule else None
+        X, y = recipe.train_data
+        self.X = X.to(self.device, recipe.dtype if X.is_floating_point() else X.dtype)
+        self.y = y.to(self.device, recipe.dtype if y.is_floating_point() else y.dtype)
+        self.val = None
+        if recipe.val_data is not None:
+            Xv, yv = recipe.val_data
+            self.val = (
+                Xv.to(self.device, recipe.dtype if Xv.is_floating_point() else Xv.dtype),
+                yv.to(self.device, recipe.dtype if yv.is_floating_point() else yv.dtype),
+            )
+        self.sampler = MemberStreams(self.X.shape[0], capacity, recipe.batch_size)
+        self.members_hosted = 0
+        self.step_time = 0.0
+
+    # ------------------------------------------------------------------ slots
+    def free_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is None]
+
+    def live(self) -> dict[Any, int]:
+        """``member_id -> slot`` of members still training."""
+        return {s.member_id: i for i, s in enumerate(self.slots) if s is not None and s.stopped is None}
+
+    def accepts(self, config: Mapping[str, Any]) -> bool:
+        """Whether a member with this config has the pack's architecture."""
+        model = build_model(self.recipe, config, member_seed(config, 0))
+        return architecture_signature(model) == self.signature
+
+    def add(self, member_id: Any, config: Mapping[str, Any], seed: int | None = None) -> int:
+        """Put a new member into a free slot (fresh weights from its seed, fresh optimizer state)."""
+        api = "mb.PackTrainer.add"
+        free = self.free_slots()
+        if not free:
+            raise RuntimeError(f"{api}: all {self.capacity} slots are taken; remove a member first.")
+        if member_id in self.live():
+            raise ValueError(f"{api}: member {member_id!r} is already in the pack.")
+        config = dict(config)
+        seed = member_seed(config, 0) if seed is None else seed
+        model = build_model(self.recipe, config, seed)
+        if architecture_signature(model) != self.signature:
+            raise ValueError(
+                f"{api}: member {member_id!r} builds a model of another architecture than this pack; "
+                "put configs with different parameter shapes into separate packs."
+            )
+        slot = free[0]
+        self.batch.load_member(slot, model)
+        self.optimizer.reset_member(slot)
+        for name, value in self.recipe.hparams(config).items():
+            self.optimizer.set_hparam(name, value, member=slot)
+        self.slots[slot] = Slot(member_id=member_id, config=config, seed=seed)
+        if self.schedule is not None:
+            self.schedule.reset_member(slot, lr=float(self.optimizer.hparams["lr"][slot]))
+        subset = self.recipe.subset(config) if self.recipe.subset is not None else None
+        # order="shared": every member walks the same order (data seed 0), whatever its own seed.
+        self.sampler.reset_member(slot, seed=seed if self.recipe.order == "member" else 0, subset=subset)
+        self.batch.unfreeze(slot)
+        self.members_hosted += 1
+        return slot
+
+    def stop(self, member_id: Any, reason: str) -> None:
+        """Stop training a member (it keeps its slot and weights until :meth:`remove`)."""
+        slot = self.live().get(member_id)
+        if slot is None:
+            return
+        self.slots[slot].stopped = reason
+        self.batch.freeze(slot)
+
+    def remove(self, member_id: Any) -> None:
+        """Free the slot of ``member_id``; the next :meth:`add` reuses it."""
+        for i, s in enumerate(self.slots):
+            if s is not None and s.member_id == member_id:
+                self.batch.freeze(i)
+                self.sampler.remove(i)
+                self.slots[i] = None
+                return
+
+    def slot_of(self, member_id: Any) -> int:
+        for i, s in enumerate(self.slots):
+            if s is not None and s.member_id == member_id:
+                return i
+        raise KeyError(f"mb.PackTrainer: member {member_id!r} is not in this pack.")
+
+    # ------------------------------------------------------------------ training
+    def train_report(self) -> dict[Any, dict[str, float]]:
+        """Train every live member ``steps_per_report`` steps, then evaluate; returns metrics per member."""
+        live = self.live()
+        if not live:
+            return {}
+        start = time.perf_counter()
+        self.batch.train()
+        sums = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
+        counts = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
+        for _ in range(self.recipe.steps_per_report):
+            losses, participating = self._train_step()
+            sums += torch.where(participating, losses.detach().to(torch.float64), 0.0)
+            counts += participating.to(torch.float64)
+        self.step_time += time.perf_counter() - start
+        train_loss = (sums / counts.clamp_min(1)).tolist()
+        val = self.evaluate() if self.val is not None else {}
+        reports = {}
+        for member_id, slot in live.items():
+            state = self.slots[slot]
+            state.iteration += 1
+            state.steps += self.recipe.steps_per_report
+            report = {"loss": train_loss[slot], "training_iteration": state.iteration, "step": state.steps}
+            report.update({name: values[slot] for name, values in val.items()})
+            reports[member_id] = report
+        return reports
+
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.sampler.next_step()
+        idx = step.indices.to(self.device)
+        participating = step.participating.to(self.device) & self.batch.active
+        mask = None if step.mask is None else step.mask.to(self.device)
+        self.optimizer.zero_grad()
+        out = self.batch(self.X[idx], in_dims=0, participating=participating)
+        losses = self.batch.compute_loss(out, self.y[idx], self.recipe.loss, target_in_dims=0, mask=mask)
+        losses.sum().backward()
+        clip = self._clip_norms()
+        if clip is not None:
+            clip_grad_norm_(self.batch, clip)
+        self.optimizer.step(mask=participating)
+        if self.schedule is not None:
+            self.schedule.step(mask=participating)
+        return losses, participating
+
+    def _clip_norms(self) -> list[float] | None:
+        values = []
+        for s in self.slots:
+            value = None if s is None else s.config.get("grad_clip", self.recipe.grad_clip)
+            values.append(math.inf if value is None else float(value))
+        return None if all(math.isinf(v) for v in values) else values
+
+    @torch.no_grad()
+    def evaluate(self, chunk: int = 4096) -> dict[str, list[float]]:
+        """Validation loss and metrics of every slot (eval mode): the whole set, or each member's subset."""
+        if self.recipe.val_subset is not None:
+            return self._evaluate_subsets()
+        Xv, yv = self.val
+        self.batch.eval()
+        totals: dict[str, torch.Tensor] = {}
+        for lo in range(0, Xv.shape[0], chunk):
+            xb, yb = Xv[lo : lo + chunk], yv[lo : lo + chunk]
+            out = self.batch(xb)
+            weight = xb.shape[0] / Xv.shape[0]
+            values = {"val_loss": self.batch.compute_loss(out, yb, self.recipe.loss, target_in_dims=None)}
+            for name, fn in self.recipe.metrics.items():
+                values[f"val_{name}"] = torch.vmap(fn, in_dims=(0, None))(out, yb)
+            for name, v in values.items():
+                totals[name] = totals.get(name, 0) + v.detach().to(torch.float64) * weight
+        self.batch.train()
+        return {name: t.tolist() for name, t in totals.items()}
+
+    def _evaluate_subsets(self) -> dict[str, list[float]]:
+        """Each live member on its own validation indices: padded to ``[N, V]`` and masked."""
+        Xv, yv = self.val
+        subsets = [None if s is None else self.recipe.val_subset(s.config) for s in self.slots]
+        width = max((len(s) for s in subsets if s is not None), default=1)
+        idx = torch.zeros(self.capacity, width, dtype=torch.long)
+        mask = torch.zeros(self.capacity, width, dtype=torch.bool)
+        for slot, subset in enumerate(subsets):
+            if subset is not None:
+                idx[slot, : len(subset)] = torch.as_tensor(subset, dtype=torch.long)
+                mask[slot, : len(subset)] = True
+        idx, mask = idx.to(self.device), mask.to(self.device)
+        self.batch.eval()
+        out = self.batch(Xv[idx], in_dims=0)
+        losses = self.batch.compute_loss(out, yv[idx], self.recipe.loss, target_in_dims=0, mask=mask)
+        values = {"val_loss": losses.detach().to(torch.float64).tolist()}
+        for name, fn in self.recipe.metrics.items():
+            values[f"val_{name}"] = [
+                float(fn(out[slot][mask[slot]], yv[idx[slot]][mask[slot]])) if mask[slot].any() else math.nan
+                for slot in range(self.capacity)
+            ]
+        self.batch.train()
+        return values
+
+    # ------------------------------------------------------------------ member state
+    def member_state(self, member_id: Any) -> dict[str, Any]:
+        """What continues this member elsewhere: weights, optimizer, schedule and data position."""
+        slot = self.slot_of(member_id)
+        opt_state = {
+            k: {n: t[slot].detach().cpu().clone() for n, t in st.items()}
+            for k, st in self.optimizer.state.items()
+        }
+        return {
+            "slot_state": copy.deepcopy(self.slots[slot]),
+            "model": {k: v.detach().cpu().clone() for k, v in self.batch.member(slot).state_dict().items()},
+            "hparams": {k: float(v[slot]) for k, v in self.optimizer.hparams.items()},
+            "optimizer_state": opt_state,
+            "optimizer_step": float(self.optimizer.steps[slot]),
+            "schedule": None if self.schedule is None else self.schedule.member_state_dict(slot),
+            "sampler": self.sampler.member_state_dict(slot),
+        }
+
+    def restore_member(self, state: Mapping[str, Any]) -> int:
+        """Put a member saved by :meth:`member_state` into a free slot; it continues where it stopped."""
+        saved: Slot = state["slot_state"]
+        slot = self.add(saved.member_id, saved.config, seed=saved.seed)
+        self.batch.load_member(slot, state["model"])
+        with torch.no_grad():
+            for name, st in state["optimizer_state"].items():
+                target = self.optimizer._param_state(name, self.batch.stacked_parameters()[name])
+                for key, t in st.items():
+                    target[key][slot].copy_(t)
+        self.optimizer.steps[slot] = state["optimizer_step"]
+        for name, value in state["hparams"].items():
+            self.optimizer.set_hparam(name, value, member=slot)
+        if self.schedule is not None and state["schedule"] is not None:
+            self.schedule.load_member_state_dict(slot, state["schedule"])
+        self.sampler.load_member_state_dict(slot, state["sampler"])
+        self.slots[slot] = copy.deepcopy(saved)
+        self.slots[slot].stopped = None
+        return slot
+
+    # ------------------------------------------------------------------ helpers
+    def _initial_optimizer_state(self, cls: type, hp: Mapping[str, float]) -> dict[str, Any]:
+        return {
+            "hparams": {k: torch.full((self.capacity,), v, dtype=torch.float64) for k, v in hp.items()},
+            "flags": {**_default_flags(cls), **self.recipe.flags()},
+            "steps": torch.zeros(self.capacity, dtype=torch.float64),
+            "state": {},
+        }
+
+    def _schedule_factory(self, index: int, torch_optimizer: torch.optim.Optimizer) -> Any:
+        slot = self.slots[index]
+        config = slot.config if slot is not None else self.example_config
+        return self.recipe.lr_schedule(config, torch_optimizer)
+
+
+def _default_flags(cls: type) -> dict[str, bool]:
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p.default for n, p in params.items() if isinstance(p.default, bool)}

@@ -1,0 +1,210 @@
+"""Callbacks for :func:`modelbatch.fit` (and the slot servers): per-member services of a training loop.
+
+A callback sees every report of every member and may stop members through ``control``.
+Write your own by subclassing :class:`Callback` and overriding what you need.
+
+Example:
+    >>> import modelbatch as mb
+    >>> class PrintBest(mb.callbacks.Callback):
+    ...     def on_report(self, reports, control):
+    ...         best = min(reports.values(), key=lambda r: r["loss"])
+    ...     def on_member_stop(self, member_id, reason, last_report):
+    ...         pass
+    >>> callbacks = [PrintBest(), mb.callbacks.EarlyStopping("val_loss", patience=3)]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+
+class Control(Protocol):
+    """What a callback may do to the run."""
+
+    def stop(self, member_id: Any, reason: str, *, error: bool = False) -> None:
+        """Stop training ``member_id``; ``error=True`` records it as errored rather than stopped."""
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    def on_fit_start(self, configs: Mapping[Any, Mapping[str, Any]]) -> None:
+        """Before training, with every member's config by member id."""
+
+    def on_report(self, reports: Mapping[Any, Mapping[str, float]], control: Control) -> None:
+        """After each round of reports: ``{member_id: {"loss": ..., "val_loss": ..., ...}}``."""
+
+    def on_member_stop(self, member_id: Any, reason: str, last_report: Mapping[str, float] | None) -> None:
+        """When a member stops for any reason (finished, early stopping, non-finite loss, ...)."""
+
+    def on_fit_end(self, history: Any) -> None:
+        """After training, with the history DataFrame."""
+
+
+class NaNGuard(Callback):
+    """Stop a member whose reported loss (or any metric) is NaN or infinite; the others continue.
+
+    Packed members are independent, so a diverging member cannot harm the others: it is only
+    stopped (frozen) and recorded as errored with the reason.
+
+    Example:
+        >>> import modelbatch as mb
+        >>> stopped = []
+        >>> class Ctl:
+        ...     def stop(self, member_id, reason, error=False): stopped.append((member_id, reason))
+        >>> mb.callbacks.NaNGuard().on_report({"a": {"loss": float("nan"), "training_iteration": 2}}, Ctl())
+        >>> stopped
+        [('a', 'non-finite loss (nan) at report 2')]
+    """
+
+    def on_report(self, reports: Mapping[Any, Mapping[str, float]], control: Control) -> None:
+        for member_id, report in reports.items():
+            for key, value in report.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    it = report.get("training_iteration")
+                    control.stop(member_id, f"non-finite {key} ({value}) at report {it}", error=True)
+                    break
+
+
+class EarlyStopping(Callback):
+    """Per member: stop when ``metric`` has not improved by ``min_delta`` for ``patience`` reports.
+
+    Example:
+        >>> import modelbatch as mb
+        >>> es, stopped = mb.callbacks.EarlyStopping("val_loss", patience=2), []
+        >>> class Ctl:
+        ...     def stop(self, member_id, reason, error=False): stopped.append(member_id)
+        >>> for v in [1.0, 0.9, 0.95, 0.91]:
+        ...     es.on_report({"m": {"val_loss": v}}, Ctl())
+        >>> stopped
+        ['m']
+    """
+
+    def __init__(
+        self, metric: str = "val_loss", mode: str = "min", patience: int = 5, min_delta: float = 0.0
+    ):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mb.callbacks.EarlyStopping: mode must be 'min' or 'max', got {mode!r}.")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"mb.callbacks.EarlyStopping: patience must be an int >= 1, got {patience!r}.")
+        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+        self.best: dict[Any, float] = {}
+        self.bad: dict[Any, int] = {}
+
+    def on_report(self, reports: Mapping[Any, Mapping[str, float]], control: Control) -> None:
+        for member_id, report in reports.items():
+            if self.metric not in report:
+                raise KeyError(
+                    f"mb.callbacks.EarlyStopping: members report {sorted(report)}, not {self.metric!r}; "
+                    "pass one of those as metric (val_* needs the recipe's val_data)."
+                )
+            value = float(report[self.metric])
+            best = self.best.get(member_id)
+            sign = 1.0 if self.mode == "min" else -1.0
+            if best is None or sign * (best - value) > self.min_delta:
+                self.best[member_id], self.bad[member_id] = value, 0
+                continue
+            self.bad[member_id] += 1
+            if self.bad[member_id] >= self.patience:
+                control.stop(
+                    member_id, f"early stopped: {self.metric} did not improve for {self.patience} reports"
+                )
+
+
+class Progress(Callback):
+    """A progress bar (tqdm) over all member reports: running / stopped members, steps/s, best so far."""
+
+    def __init__(self, metric: str = "val_loss", mode: str = "min", total: int | None = None) -> None:
+        self.metric, self.mode, self.total = metric, mode, total
+        self.bar: tqdm | None = None
+        self.best: float | None = None
+        self.stopped = 0
+        self.running: set[Any] = set()
+        self.last_step: dict[Any, int] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def on_fit_start(self, configs: Mapping[Any, Mapping[str, Any]]) -> None:
+        self.bar = tqdm(total=self.total, desc="members", unit="report", dynamic_ncols=True)
+        self.start = time.perf_counter()
+
+    def on_report(self, reports: Mapping[Any, Mapping[str, float]], control: Control) -> None:
+        for member_id, report in reports.items():
+            self.running.add(member_id)
+            step = int(report.get("step", 0))
+            self.steps += step - self.last_step.get(member_id, 0)
+            self.last_step[member_id] = step
+            value = report.get(self.metric)
+            if isinstance(value, float) and math.isfinite(value):
+                better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+                self.best = value if better else self.best
+        if self.bar is not None:
+            self.bar.update(len(reports))
+            rate = self.steps / max(time.perf_counter() - self.start, 1e-9)
+            best = "-" if self.best is None else f"{self.best:.4g}"
+            running = f"running={len(self.running)} stopped={self.stopped}"
+            self.bar.set_postfix_str(f"{running} steps/s={rate:.0f} best {self.metric}={best}")
+
+    def on_member_stop(self, member_id: Any, reason: str, last_report: Mapping[str, float] | None) -> None:
+        self.running.discard(member_id)
+        self.stopped += 1
+
+    def on_fit_end(self, history: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TensorBoard(Callback):
+    """One TensorBoard run directory per member under ``log_dir``, so TensorBoard's UI compares them.
+
+    Each member's numeric report values are written as scalars at ``step=training_iteration``
+    and its config as text. Needs the ``tensorboard`` package (``pip install tensorboard``).
+    """
+
+    def __init__(self, log_dir: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "mb.callbacks.TensorBoard: needs the tensorboard package; pip install tensorboard"
+            ) from exc
+        self._writer_cls = SummaryWriter
+        self.log_dir = Path(log_dir)
+        self.writers: dict[Any, Any] = {}
+        self.configs: Mapping[Any, Mapping[str, Any]] = {}
+
+    def run_dir(self, member_id: Any) -> Path:
+        """The run directory of one member."""
+        return self.log_dir / f"member-{member_id}"
+
+    def on_fit_start(self, configs: Mapping[Any, Mapping[str, Any]]) -> None:
+        self.configs = configs
+
+    def on_report(self, reports: Mapping[Any, Mapping[str, float]], control: Control) -> None:
+        for member_id, report in reports.items():
+            writer = self.writers.get(member_id)
+            if writer is None:
+                writer = self.writers[member_id] = self._writer_cls(str(self.run_dir(member_id)))
+                config = self.configs.get(member_id, {})
+                writer.add_text("config", "\n".join(f"{k}: {v}" for k, v in config.items()) or "-")
+            step = int(report.get("training_iteration", 0))
+            for key, value in report.items():
+                if isinstance(value, (int, float)) and key != "training_iteration":
+                    writer.add_scalar(key, float(value), global_step=step)
+
+    def on_member_stop(self, member_id: Any, reason: str, last_report: Mapping[str, float] | None) -> None:
+        writer = self.writers.pop(member_id, None)
+        if writer is not None:
+            writer.add_text("status", reason)
+            writer.close()
+
+    def on_fit_end(self, history: Any) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()

@@ -1,0 +1,284 @@
+"""Backends: vmap, chunked, loop and auto run the same pack to the same results (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import CNN, MLP, seeded
+from torch import nn
+
+import modelbatch as mb
+
+N = 5  # not divisible by the chunk sizes below
+BACKENDS = [("chunked", 2), ("chunked", 3), ("chunked", 9), ("loop", None), ("auto", None)]
+MODELS = {"mlp": (MLP, (8,)), "cnn": (CNN, (1, 8, 8))}
+
+
+def _pack(model: str, backend: str, chunk_size: int | None = None, n: int = N, **kw) -> mb.ModelBatch:
+    cls, _ = MODELS[model]
+    models = [seeded(cls, i).double() for i in range(n)]
+    return mb.ModelBatch(models, backend=backend, chunk_size=chunk_size, **kw)
+
+
+def _batches(model: str, steps: int, n: int = N, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = MODELS[model][1]
+    return [
+        (
+            torch.randn(n, 6, *shape, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (n, 6), generator=gen),
+        )
+        for _ in range(steps)
+    ]
+
+
+def _assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    scale = ref.detach().abs().max().clamp_min(1e-300)
+    err = float((got.detach() - ref.detach()).abs().max() / scale)
+    assert err <= 1e-12, f"{what}: relative error {err:.2e}"
+
+
+def _state(batch: mb.ModelBatch) -> dict[str, torch.Tensor]:
+    return {**batch.stacked_parameters(), **batch.stacked_buffers()}
+
+
+def _assert_same_step(
+    batch: mb.ModelBatch, ref: mb.ModelBatch, out: torch.Tensor, ref_out: torch.Tensor
+) -> None:
+    _assert_close(out, ref_out, "output")
+    for name, p in ref.stacked_parameters().items():
+        _assert_close(batch.stacked_parameters()[name].grad, p.grad, f"grad of {name}")
+    for name, b in ref.stacked_buffers().items():
+        _assert_close(batch.stacked_buffers()[name].double(), b.double(), f"buffer {name}")
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("frozen", [None, 1])
+@pytest.mark.parametrize(("backend", "chunk_size"), BACKENDS)
+def test_backend_matches_vmap(model: str, frozen: int | None, backend: str, chunk_size: int | None) -> None:
+    """Outputs, gradients and BatchNorm statistics after every step equal those of vmap."""
+    batch, ref = _pack(model, backend, chunk_size), _pack(model, "vmap")
+    opts = [mb.optim.Adam(b, lr=[1e-2 * (i + 1) for i in range(N)]) for b in (batch, ref)]
+    if frozen is not None:
+        batch.freeze(frozen)
+        ref.freeze(frozen)
+    frozen_before = {k: t[frozen].clone() for k, t in _state(ref).items()} if frozen is not None else {}
+    for x, y in _batches(model, steps=12 if backend == "auto" else 3):  # auto: through its whole trial
+        outs = []
+        for b, opt in zip((batch, ref), opts):
+            opt.zero_grad()
+            out = b(x, in_dims=0)
+            b.compute_loss(out, y, F.cross_entropy).sum().backward()
+            outs.append(out)
+        _assert_same_step(batch, ref, *outs)
+        for opt in opts:
+            opt.step()
+    for name, value in frozen_before.items():
+        assert torch.equal(_state(batch)[name][frozen], value), f"frozen member changed {name}"
+    if backend == "auto":
+        assert batch.backend in ("vmap", "chunked", "loop")
+
+
+@pytest.mark.parametrize(("backend", "chunk_size"), [("vmap", None), *BACKENDS])
+def test_non_participating_members_keep_their_buffers(backend: str, chunk_size: int | None) -> None:
+    batch = _pack("cnn", backend, chunk_size)
+    before = {k: v.clone() for k, v in batch.stacked_buffers().items()}
+    participating = torch.tensor([True, False, True, True, False])
+    x, _ = _batches("cnn", 1)[0]
+    batch(x, in_dims=0, participating=participating)
+    for name, buf in batch.stacked_buffers().items():
+        assert torch.equal(buf[~participating], before[name][~participating]), name
+        if name.endswith("running_mean"):
+            assert not torch.equal(buf[participating], before[name][participating]), name
+
+
+@pytest.mark.parametrize(("backend", "chunk_size"), [("vmap", None), *BACKENDS])
+def test_dropout_masks_are_independent_per_member(backend: str, chunk_size: int | None) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 256), nn.Dropout(0.5))
+    batch = mb.ModelBatch([copy.deepcopy(model) for _ in range(N)], backend=backend, chunk_size=chunk_size)
+    out = batch(torch.ones(8, 4))  # identical members and inputs: only the masks differ
+    dropped = out == 0
+    assert 0.4 < float(dropped.float().mean()) < 0.6
+    for i in range(1, N):
+        assert not torch.equal(dropped[0], dropped[i]), f"member {i} shares member 0's mask"
+
+
+class _TwoInputs(nn.Module):
+    """Two positional inputs, a keyword argument and a tuple output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+    def forward(
+        self, x: torch.Tensor, z: torch.Tensor, scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.a(x) + self.b(z)
+        return h * scale, h.sum()
+
+
+@pytest.mark.parametrize(("backend", "chunk_size"), BACKENDS)
+def test_mixed_inputs_kwargs_and_tuple_outputs(backend: str, chunk_size: int | None) -> None:
+    models = [seeded(_TwoInputs, i).double() for i in range(N)]
+    batch, ref = (
+        mb.ModelBatch(models, backend=b, chunk_size=c) for b, c in ((backend, chunk_size), ("vmap", None))
+    )
+    x = torch.randn(N, 7, 3, dtype=torch.float64, requires_grad=True)  # per member
+    z = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)  # shared
+    results = []
+    for b in (batch, ref):
+        out, total = b(x, z, in_dims=(0, None), scale=2.0)
+        assert out.shape == (N, 7, 4) and total.shape == (N,)
+        grads = torch.autograd.grad((out.sum() + total.sum()), [x, z, *b.parameters()])
+        results.append((out, total, *grads))
+    for got, ref_value in zip(*results):
+        _assert_close(got, ref_value, "output or gradient")
+
+
+def test_auto_records_its_choice_and_can_be_forced() -> None:
+    batch = _pack("mlp", "auto", n=8)
+    opt = mb.optim.SGD(batch, lr=0.1)
+    assert batch.backend == "auto" and batch.chunk_size is None
+    for x, y in _batches("mlp", 12, n=8):
+        opt.zero_grad()
+        batch.compute_loss(batch(x, in_dims=0), y, F.cross_entropy).sum().backward()
+        opt.step()
+    assert batch.backend in ("vmap", "chunked", "loop")
+    assert (batch.chunk_size is not None) == (batch.backend == "chunked")
+    timings = batch.backend_timings
+    assert {"vmap", "chunked:4", "loop"} <= timings.keys()
+    label = f"chunked:{batch.chunk_size}" if batch.backend == "chunked" else batch.backend
+    assert timings[label] == min(timings.values())
+    batch.set_backend("chunked", chunk_size=3)
+    assert (batch.backend, batch.chunk_size, batch.backend_timings) == ("chunked", 3, {})
+    assert mb.ModelBatch([MLP() for _ in range(3)], backend="loop").backend == "loop"
+
+
+def test_auto_ignores_eval_calls_and_handles_gradient_accumulation() -> None:
+    """Eval calls and two forwards per backward during the trial still give vmap's results."""
+    batch, ref = _pack("cnn", "auto"), _pack("cnn", "vmap")
+    data = _batches("cnn", 30)
+    for k, (x, y) in enumerate(data):
+        if k % 3 == 0:
+            for b in (batch, ref):
+                b.eval()
+            with torch.no_grad():
+                _assert_close(batch(x, in_dims=0), ref(x, in_dims=0), "eval output")
+            for b in (batch, ref):
+                b.train()
+        outs = []
+        for b in (batch, ref):
+            for p in b.parameters():
+                p.grad = None
+            out = torch.cat([b(x[:, :3], in_dims=0), b(x[:, 3:], in_dims=0)], dim=1)  # two forwards
+            b.compute_loss(out, y, F.cross_entropy).sum().backward()
+            outs.append(out)
+        _assert_same_step(batch, ref, *outs)
+    assert batch.backend != "auto"
+
+
+class _ItemLayer(nn.Module):
+    """Calls .item(), which vmap cannot batch: auto must drop vmap and chunked, and restore BN stats."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1.0 + 0.0 * x.sum().item())
+
+
+def test_auto_drops_a_backend_that_fails_and_restores_buffers() -> None:
+    def make(i: int) -> nn.Module:
+        torch.manual_seed(i)
+        return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), _ItemLayer(), nn.Linear(6, 2)).double()
+
+    batch = mb.ModelBatch([make(i) for i in range(N)])
+    ref = mb.ModelBatch([make(i) for i in range(N)], backend="loop")
+    x = torch.randn(N, 8, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="ModelBatch: backend 'vmap' failed"):
+        out = batch(x, in_dims=0)
+    _assert_close(out, ref(x, in_dims=0), "output")
+    for name, buf in ref.stacked_buffers().items():
+        assert torch.equal(batch.stacked_buffers()[name], buf), f"{name} updated more than once"
+    assert batch.backend_timings["vmap"] == float("inf")
+
+
+def test_chunk_size_edge_cases_and_errors() -> None:
+    assert _pack("mlp", "chunked", 9).chunk_size == N  # larger than the pack: one chunk
+    assert _pack("mlp", "chunked").chunk_size == N  # default 16, capped at N
+    with pytest.raises(
+        ValueError, match=r"^ModelBatch: unknown backend 'jit'; valid options are 'auto', 'vmap'"
+    ):
+        _pack("mlp", "jit")
+    batch = _pack("mlp", "vmap")
+    with pytest.raises(
+        ValueError, match=r"^ModelBatch.set_backend: unknown backend 'Loop'.*'chunked', 'loop'"
+    ):
+        batch.set_backend("Loop")
+    with pytest.raises(
+        ValueError, match=r"^ModelBatch.set_backend: chunk_size applies only to backend='chunked'"
+    ):
+        batch.set_backend("loop", chunk_size=4)
+    with pytest.raises(ValueError, match=r"^ModelBatch: chunk_size must be an int >= 1, got 0"):
+        _pack("mlp", "chunked", 0)
+
+
+def test_packs_with_backends_deepcopy_mid_trial() -> None:
+    batch = _pack("mlp", "auto")
+    x, y = _batches("mlp", 1)[0]
+    batch.compute_loss(batch(x, in_dims=0), y, F.cross_entropy).sum().backward()
+    clone = copy.deepcopy(batch)
+    _assert_close(clone(x, in_dims=0), batch(x, in_dims=0), "output of the copy")
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_compile_matches_eager(backend: str) -> None:
+    """compile=True (dynamic=False) trains a tiny MLP to the same float64 weights as eager."""
+    results = []
+    for compile_ in (False, True):
+        batch = _pack("mlp", backend, compile=compile_, n=3)
+        opt = mb.optim.Adam(batch, lr=1e-2)
+        for x, y in _batches("mlp", 3, n=3):
+            opt.zero_grad()
+            batch.compute_loss(batch(x, in_dims=0), y, F.cross_entropy).sum().backward()
+            opt.step()
+        results.append(batch.stacked_parameters())
+    for name, p in results[0].items():
+        _assert_close(results[1][name], p, name)
+
+
+class _Recurrent(nn.Module):
+    """Layers the preparation pass replaces for vmap: the loop runs them as their own class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4, padding_idx=0)
+        self.lstm = nn.LSTM(4, 5, num_layers=2, batch_first=True)
+        self.bn = nn.BatchNorm1d(5, momentum=None)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(tokens))
+        return self.head(self.bn(out[:, -1]))
+
+
+@pytest.mark.parametrize(("backend", "chunk_size"), BACKENDS)
+def test_prepared_layers_match_vmap(backend: str, chunk_size: int | None) -> None:
+    models = [seeded(_Recurrent, i).double() for i in range(N)]
+    batch, ref = (
+        mb.ModelBatch(copy.deepcopy(models), backend=b, chunk_size=c)
+        for b, c in ((backend, chunk_size), ("vmap", None))
+    )
+    prepared = {name: type(m) for name, m in batch.stack.named_modules()}
+    tokens = torch.randint(0, 10, (N, 6, 7))
+    tokens[:, :, 0] = 0  # padding
+    results = []
+    for b in (batch, ref):
+        out = b(tokens, in_dims=0)
+        results.append((out, *torch.autograd.grad(out.square().sum(), list(b.parameters()))))
+    for got, want in zip(*results):
+        _assert_close(got, want, "output or gradient")
+    for name, buf in ref.stacked_buffers().items():
+        _assert_close(batch.stacked_buffers()[name].double(), buf.double(), name)
+    assert {name: type(m) for name, m in batch.stack.named_modules()} == prepared

@@ -1,0 +1,235 @@
+"""mb.fit / PackTrainer / callbacks: every member trains as it would alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modelbatch as mb
+
+torch.manual_seed(0)
+X = torch.randn(90, 6, dtype=torch.float64)
+Y = torch.randint(0, 3, (90,))
+XV, YV = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int = 8) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def recipe(**kw) -> mb.Recipe:
+    args = dict(
+        model=lambda cfg: Net(cfg.get("hidden", 8)),
+        optimizer="adamw",
+        loss=F.cross_entropy,
+        train_data=(X, Y),
+        val_data=(XV, YV),
+        batch_size=16,
+        steps_per_report=7,
+        metrics={"acc": mb.metrics.accuracy},
+        dtype=torch.float64,
+        device="cpu",
+        backend="vmap",  # bitwise comparisons between runs need one backend
+    )
+    args.update(kw)
+    return mb.Recipe(**args)
+
+
+CONFIGS = [{"lr": 1e-3 * (i + 1), "weight_decay": 0.01 * i, "seed": 10 + i} for i in range(5)]
+
+
+def _by_member(history):
+    return {m: g.reset_index(drop=True) for m, g in history.groupby("member")}
+
+
+def _assert_same_history(a, b, rtol=1e-10):
+    for col in ("loss", "val_loss", "val_acc"):
+        torch.testing.assert_close(
+            torch.tensor(a[col].values), torch.tensor(b[col].values), rtol=rtol, atol=0
+        )
+    assert a["training_iteration"].tolist() == b["training_iteration"].tolist()
+
+
+def test_member_in_pack_equals_plain_torch_training_alone() -> None:
+    """Reference: torch.manual_seed + the model, a seeded shuffling DataLoader, torch.optim.AdamW."""
+    history = mb.fit(recipe(), CONFIGS, reports=4, progress=False)
+    cfg = CONFIGS[3]
+    torch.manual_seed(cfg["seed"])
+    model = Net().double()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, Y),
+        batch_size=16,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg["seed"]),
+    )
+    batches = (b for _ in range(100) for b in loader)
+    val_losses = []
+    for _ in range(4):
+        for _ in range(7):
+            xb, yb = next(batches)
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        with torch.no_grad():
+            val_losses.append(float(F.cross_entropy(model(XV), YV)))
+    got = _by_member(history)[3]["val_loss"].tolist()
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(val_losses), rtol=1e-10, atol=0)
+
+
+def test_pack_equals_each_config_alone_and_waves_equal_one_wave() -> None:
+    together = _by_member(mb.fit(recipe(), CONFIGS, reports=3, progress=False))
+    waves = _by_member(mb.fit(recipe(), CONFIGS, reports=3, capacity=2, progress=False))
+    for i, cfg in enumerate(CONFIGS):
+        alone = _by_member(mb.fit(recipe(), [cfg], reports=3, progress=False))[0]
+        _assert_same_history(together[i], alone)
+        _assert_same_history(waves[i], alone)
+
+
+def test_lr_schedule_from_recipe_equals_alone() -> None:
+    def sched(cfg, opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg["step"], gamma=0.5)
+
+    configs = [{"lr": 0.05, "step": 3, "seed": 1}, {"lr": 0.02, "step": 5, "seed": 2}]
+    r = recipe(optimizer="sgd", lr_schedule=sched, optimizer_defaults={"momentum": 0.9})
+    both = _by_member(mb.fit(r, configs, reports=3, progress=False))
+    for i, cfg in enumerate(configs):
+        _assert_same_history(both[i], _by_member(mb.fit(r, [cfg], reports=3, progress=False))[0])
+
+
+def test_mixed_architectures_train_in_separate_packs() -> None:
+    configs = [{"hidden": 8, "lr": 1e-2}, {"hidden": 12, "lr": 1e-2}, {"hidden": 8, "lr": 3e-3}]
+    history = mb.fit(recipe(), configs, reports=2, progress=False)
+    assert sorted(history["member"].unique()) == [0, 1, 2]
+    assert (history.groupby("member").size() == 2).all()
+    assert set(history["status"]) == {"running", "finished"}
+
+
+def test_nan_guard_stops_the_diverging_member_and_others_are_untouched() -> None:
+    # Regression with SGD at lr=1e8 grows the weights exponentially: inf, then nan.
+    targets, val_targets = torch.randn(90, 3, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    r = recipe(
+        optimizer="sgd", loss=F.mse_loss, train_data=(X, targets), val_data=(XV, val_targets), metrics={}
+    )
+    good = [{"lr": 1e-2, "seed": 1}, {"lr": 3e-2, "seed": 2}]
+    with_bad = _by_member(mb.fit(r, [*good, {"lr": 1e8, "seed": 99}], reports=6, progress=False))
+    without = _by_member(mb.fit(r, good, reports=6, progress=False))
+    status = with_bad[2]["status"].iloc[-1]
+    assert status.startswith("errored: non-finite"), status
+    assert len(with_bad[2]) < 6
+    for i in range(2):
+        for col in ("loss", "val_loss"):
+            assert with_bad[i][col].tolist() == without[i][col].tolist(), f"member {i} {col} changed"
+
+
+def test_early_stopping_stops_at_the_right_report() -> None:
+    # lr = 0: val_loss never improves after the first report -> stopped at report 1 + patience.
+    configs = [{"lr": 0.0}, {"lr": 1e-2}]
+    history = mb.fit(
+        recipe(optimizer="sgd"),
+        configs,
+        reports=8,
+        callbacks=[mb.callbacks.EarlyStopping("val_loss", patience=3)],
+        progress=False,
+    )
+    frozen = _by_member(history)[0]
+    assert frozen["training_iteration"].max() == 4
+    assert frozen["status"].iloc[-1].startswith("early stopped: val_loss did not improve for 3 reports")
+    assert _by_member(history)[1]["training_iteration"].max() == 8
+
+
+def test_tensorboard_writes_one_run_per_member(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = mb.callbacks.TensorBoard(tmp_path)
+    mb.fit(recipe(), CONFIGS[:3], reports=3, callbacks=[tb], progress=False)
+    for member in range(3):
+        acc = EventAccumulator(str(tb.run_dir(member)))
+        acc.Reload()
+        assert {"loss", "val_loss", "val_acc"} <= set(acc.Tags()["scalars"])
+        assert [e.step for e in acc.Scalars("val_loss")] == [1, 2, 3]
+
+
+def test_user_callback_sees_reports_and_stops() -> None:
+    seen: list = []
+
+    class Recorder(mb.callbacks.Callback):
+        def on_report(self, reports, control):
+            seen.append(sorted(reports))
+            if 1 in reports and reports[1]["training_iteration"] == 2:
+                control.stop(1, "user said so")
+
+        def on_member_stop(self, member_id, reason, last_report):
+            seen.append((member_id, reason))
+
+    history = mb.fit(recipe(), CONFIGS[:2], reports=3, callbacks=[Recorder()], progress=False)
+    assert seen[0] == [0, 1]
+    assert (1, "user said so") in seen and (0, "finished") in seen
+    assert _by_member(history)[1]["status"].iloc[-1] == "user said so"
+
+
+def test_progress_bar_runs(capsys) -> None:
+    mb.fit(recipe(), CONFIGS[:2], reports=2, progress=True)
+    assert "members" in capsys.readouterr().err
+
+
+def test_pack_trainer_member_state_moves_a_member_between_packs() -> None:
+    r = recipe(optimizer="adam")
+    a = mb.PackTrainer(r, capacity=3, example_config=CONFIGS[0])
+    a.add("x", CONFIGS[1])
+    a.add("y", CONFIGS[2])
+    a.train_report()
+    state = a.member_state("y")
+    b = mb.PackTrainer(r, capacity=2, example_config=CONFIGS[0])
+    b.add("z", CONFIGS[0])
+    b.restore_member(state)
+    for _ in range(2):
+        ra, rb = a.train_report(), b.train_report()
+        assert ra["y"]["training_iteration"] == rb["y"]["training_iteration"]
+        torch.testing.assert_close(
+            torch.tensor(ra["y"]["val_loss"]), torch.tensor(rb["y"]["val_loss"]), rtol=1e-10, atol=0
+        )
+
+
+BAD = [
+    ("no configs", lambda: mb.fit(recipe(), []), ValueError, "mb.fit: got no configs"),
+    ("reports 0", lambda: mb.fit(recipe(), CONFIGS, reports=0), ValueError, "reports must be a positive int"),
+    ("not a recipe", lambda: mb.fit({"model": 1}, CONFIGS), TypeError, "expected a mb.Recipe"),
+    ("optimizer", lambda: recipe(optimizer="adamax"), ValueError, "unknown optimizer 'adamax'"),
+    ("data length", lambda: recipe(train_data=(X, Y[:10])), ValueError, "90 inputs but 10 targets"),
+    ("batch size", lambda: recipe(batch_size=0), ValueError, "batch_size must be a positive int"),
+    ("negative lr", lambda: mb.fit(recipe(), [{"lr": -1.0}], progress=False), ValueError, "lr of member 0"),
+    ("metric name", lambda: mb.callbacks.EarlyStopping("val_loss", mode="best"), ValueError, "mode must be"),
+    (
+        "early stopping metric",
+        lambda: mb.fit(
+            recipe(), CONFIGS[:1], callbacks=[mb.callbacks.EarlyStopping("val_f1")], progress=False
+        ),
+        KeyError,
+        "not 'val_f1'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "call", "exc", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input(case, call, exc, message) -> None:
+    with pytest.raises(exc, match=message):
+        call()
+
+
+def test_val_subset_validates_each_member_on_its_own_samples() -> None:
+    subsets = {0: torch.arange(0, 30), 1: torch.arange(10, 35)}
+    configs = [{"lr": 1e-2, "part": 0, "seed": 5}, {"lr": 3e-3, "part": 1, "seed": 6}]
+    packed = _by_member(
+        mb.fit(recipe(val_subset=lambda cfg: subsets[cfg["part"]]), configs, reports=3, progress=False)
+    )
+    for i, cfg in enumerate(configs):
+        own = recipe(val_data=(XV[subsets[cfg["part"]]], YV[subsets[cfg["part"]]]))
+        _assert_same_history(packed[i], _by_member(mb.fit(own, [cfg], reports=3, progress=False))[0])

@@ -1,0 +1,90 @@
+"""ModelBatchSearcher without a running sweep: argument errors, import-light relay, state save/restore."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("ray")
+import torch
+from ray import cloudpickle, tune
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from tune_recipes import recipe
+
+from tune_integration import ModelBatchSearcher
+from tune_integration._sampler import SpaceSampler
+
+SPACE = {"lr": tune.loguniform(1e-3, 1e-1), "hidden": tune.grid_search([8, 16]), "seed": tune.randint(0, 99)}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"recipe": {"model": "mlp"}}, TypeError, "recipe must be a mb.Recipe"),
+        ({"recipe": torch.nn.Linear(2, 2)}, TypeError, "recipe must be a mb.Recipe"),
+        ({"slots_per_gpu": 0}, ValueError, "slots_per_gpu must be a positive int or 'auto', got 0"),
+        ({"slots_per_gpu": -2}, ValueError, "slots_per_gpu must be a positive int"),
+        ({"slots_per_gpu": True}, ValueError, "slots_per_gpu must be a positive int"),
+        ({"slots_per_gpu": "max"}, ValueError, "slots_per_gpu must be a positive int"),
+        ({"searcher": BasicVariantGenerator()}, TypeError, "searcher must be a Tune Searcher instance"),
+        ({"searcher": SpaceSampler}, TypeError, "searcher must be a Tune Searcher instance"),
+        ({"recipe": lambda capacity, config: None}, ValueError, "'auto' measures a member of a mb.Recipe"),
+        ({"park_after_s": 0}, ValueError, "park_after_s must be a positive number of seconds"),
+        ({"reports": 0}, ValueError, "reports must be a positive int or None"),
+        ({"checkpoint_every": 1.5}, ValueError, "checkpoint_every must be a positive int or None"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    kwargs = {"recipe": recipe(), **kwargs}
+    with pytest.raises(error, match=match) as info:
+        ModelBatchSearcher(**kwargs)
+    assert str(info.value).startswith("ModelBatchSearcher: ")
+
+
+def test_relay_side_modules_import_without_torch():
+    code = (
+        "import sys, tune_integration, tune_integration._relay, tune_integration._server, "
+        "tune_integration._registry; print(sorted(m for m in ('torch', 'modelbatch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_searcher_chain_ends_in_a_concurrency_limiter_around_the_inner_searcher():
+    inner = SpaceSampler()
+    searcher = ModelBatchSearcher(recipe(), searcher=inner, slots_per_gpu=4)
+    assert isinstance(searcher.searcher, ConcurrencyLimiter) and searcher.searcher.searcher is inner
+
+
+def test_space_sampler_cycles_the_grid_and_restores(tmp_path):
+    sampler = SpaceSampler(random_state=0)
+    sampler.set_search_properties("val_loss", "min", SPACE)
+    first = [sampler.suggest(str(i)) for i in range(3)]
+    assert [c["hidden"] for c in first] == [8, 16, 8]
+    assert len(sampler.samples(4)) == 4 and [c["hidden"] for c in sampler.samples(2)] == [8, 16]
+    sampler.save(str(tmp_path / "s.pkl"))
+    restored = SpaceSampler()
+    restored.restore(str(tmp_path / "s.pkl"))
+    assert restored.suggested == 3 and restored.metric == "val_loss"
+    more = [restored.suggest("a"), restored.suggest("b")]  # a restored sampler starts a new grid pass
+    assert [c["hidden"] for c in more] == [8, 16] and all(1e-3 <= c["lr"] <= 1e-1 for c in more)
+
+
+def test_searcher_state_saves_restores_and_pickles(tmp_path):
+    searcher = ModelBatchSearcher(recipe(), slots_per_gpu=2, random_state=0)
+    # what tune.run does, minus starting the servers
+    searcher.searcher.searcher.set_search_properties("val_loss", "min", SPACE)
+    searcher._limiter.set_max_concurrency(2)
+    config = searcher._limiter.suggest("t1")
+    searcher._completed.add("t0")
+    searcher.save(str(tmp_path / "searcher.pkl"))
+
+    restored = ModelBatchSearcher(recipe(), slots_per_gpu=2)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.get_state()["completed"] == ["t0"]
+    assert restored._limiter.live_trials == {"t1"} and restored._inner.suggested == 1
+    assert config["hidden"] == 8 and restored._inner.suggest("t2")["hidden"] in (8, 16)
+    clone = cloudpickle.loads(cloudpickle.dumps(restored))  # Tuner pickles its search_alg
+    assert clone._fleet is None and clone.get_state() == restored.get_state()

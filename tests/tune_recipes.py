@@ -1,0 +1,85 @@
+"""A tiny float64 recipe for the Tune tests, and helpers to start Ray and compare with mb.fit.
+
+Ray workers cannot import the tests folder, so this module is pickled by value (its functions
+and classes travel with the recipe to the slot servers).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from ray import cloudpickle
+from torch import nn
+
+import modelbatch as mb
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+X = torch.randn(192, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+Y = (X[:, 0] + X[:, 1] > 0).long() + (X[:, 2] > 0.5).long()
+XV, YV = X[:48] + 0.1, Y[:48]
+
+
+class Net(nn.Module):
+    """An MLP whose output is multiplied by ``scale`` (a buffer): ``scale=nan`` makes a diverging member."""
+
+    def __init__(self, hidden: int = 8, scale: float = 1.0) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+        self.register_buffer("scale", torch.tensor(scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * self.scale
+
+
+def make_model(cfg: dict) -> nn.Module:
+    return Net(cfg.get("hidden", 8), cfg.get("scale", 1.0))
+
+
+def recipe(**kw) -> mb.Recipe:
+    args = dict(
+        model=make_model,
+        optimizer="adamw",
+        loss=F.cross_entropy,
+        train_data=(X, Y),
+        val_data=(XV, YV),
+        batch_size=16,
+        steps_per_report=4,
+        metrics={"acc": mb.metrics.accuracy},
+        dtype=torch.float64,
+        device="cpu",
+    )
+    args.update(kw)
+    return mb.Recipe(**args)
+
+
+def history(trial_dataframe: pd.DataFrame) -> pd.DataFrame:
+    """A trial's results by training_iteration (a resumed trial's repeated rows: the last one)."""
+    return trial_dataframe.drop_duplicates("training_iteration", keep="last").sort_values(
+        "training_iteration"
+    )
+
+
+def assert_matches_fit(
+    rec: mb.Recipe, config: dict, trial_dataframe: pd.DataFrame, rtol: float = 1e-10
+) -> None:
+    """The member's results equal ``mb.fit(rec, [config])`` for as many reports."""
+    got = history(trial_dataframe)
+    ref = mb.fit(rec, [config], reports=int(got["training_iteration"].max()), progress=False)
+    assert got["training_iteration"].tolist() == ref["training_iteration"].tolist()
+    for column in ("loss", "val_loss", "val_acc"):
+        torch.testing.assert_close(
+            torch.tensor(got[column].to_numpy()), torch.tensor(ref[column].to_numpy()), rtol=rtol, atol=0
+        )
+
+
+def member_without_torch(config: dict) -> None:
+    """The relay trainable, then a check that its process never imported torch (else the trial errors)."""
+    from tune_integration._relay import modelbatch_member
+
+    modelbatch_member(config)
+    if "torch" in sys.modules:
+        raise AssertionError("the relay trial process imported torch")

@@ -1,0 +1,207 @@
+"""Packs: the engine side of a slot server (torch lives here, never in the relay trials).
+
+A server holds one :class:`modelbatch.PackTrainer` per architecture signature; this module adds
+members to the pack of their architecture, trains a pack one report interval, and turns each
+member's report into a result and, when due, a checkpoint (opaque bytes for the relay).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import modelbatch as mb
+from modelbatch._trainer import architecture_signature, build_model, member_seed
+
+PackFactory = Callable[[int, Mapping[str, Any]], Any]
+"""``(capacity, example_config) -> trainer`` with :class:`modelbatch.PackTrainer`'s slot API."""
+
+AUTO_MAX_SLOTS = {"cuda": 64, "cpu": 16}
+"""Upper bound of ``slots_per_gpu="auto"`` per device type (each member is also a ~110 MB trial process)."""
+AUTO_MEMORY_FRACTION = 0.8
+"""Share of the device's free memory that ``"auto"`` fills."""
+
+
+class Packs:
+    """The packs of one server: at most ``slots`` members each, one pack per architecture.
+
+    A pack is created for the first member of an architecture and dropped when its last member
+    leaves. Members are keyed by Tune trial id. A parked member waits outside its pack, its
+    state kept in memory, until it comes back (:meth:`unpark`): exact, like a checkpoint.
+    """
+
+    def __init__(
+        self,
+        recipe: mb.Recipe | PackFactory,
+        slots: int | str,
+        *,
+        example_configs: Sequence[Mapping[str, Any]] = (),
+        checkpoint_every: int | None = 1,
+        reports: int | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.checkpoint_every, self.reports = checkpoint_every, reports
+        self.device = recipe.resolve_device() if isinstance(recipe, mb.Recipe) else _default_device()
+        self.slots = slots if slots != "auto" else auto_slots(recipe, example_configs, self.device)
+        self.packs: dict[int, Any] = {}
+        self.pack_of: dict[str, int] = {}
+        self.parked: dict[str, dict[str, Any]] = {}
+        self.next_pack = 0
+        self.members_hosted = 0
+        self.parks = 0
+
+    def live(self, pid: int) -> dict[str, int]:
+        """``member -> slot`` of the pack's members still training (``{}`` for a dropped pack)."""
+        pack = self.packs.get(pid)
+        return pack.live() if pack is not None else {}
+
+    def join(self, trial_id: str, config: dict[str, Any], state: bytes | None) -> int:
+        """Add a member (restored from ``state`` if given) to its architecture's pack; returns the pack id."""
+        self.leave(trial_id)  # a restarted trial: drop its stale slot
+        if state is None:
+            pid = self._pack_for(config)
+            self.packs[pid].add(trial_id, config)
+        else:
+            pid = self._restore(trial_id, load_member_state(state))
+        self.pack_of[trial_id] = pid
+        self.members_hosted += 1
+        return pid
+
+    def leave(self, trial_id: str) -> int | None:
+        """Free the member's slot (or forget it, parked); returns its pack id (``None`` if none)."""
+        self.parked.pop(trial_id, None)
+        pid = self.pack_of.pop(trial_id, None)
+        if pid is not None:
+            pack = self.packs[pid]
+            pack.remove(trial_id)
+            if len(pack.free_slots()) == pack.capacity:
+                del self.packs[pid]
+        return pid
+
+    def park(self, trial_id: str) -> None:
+        """Take a member out of its pack, keeping its state, so the others train on without it."""
+        pid = self.pack_of[trial_id]
+        state = self.packs[pid].member_state(trial_id)
+        self.leave(trial_id)
+        self.parked[trial_id] = state
+        self.parks += 1
+
+    def unpark(self, trial_id: str) -> int:
+        """Put a parked member back into a pack of its architecture; returns the pack id."""
+        pid = self.pack_of[trial_id] = self._restore(trial_id, self.parked.pop(trial_id))
+        return pid
+
+    def train(self, pid: int, where: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Train the pack one report interval: ``{member: {"result", "checkpoint", "final"}}``."""
+        pack = self.packs[pid]
+        label = hashlib.sha1(str(getattr(pack, "signature", pid)).encode()).hexdigest()[:8]
+        replies = {}
+        for member, report in pack.train_report().items():
+            result = {**report, "slot": pack.slot_of(member), "pack": label, **where}
+            finite = all(math.isfinite(v) for v in report.values() if isinstance(v, float))
+            final = not finite or (self.reports is not None and report["training_iteration"] >= self.reports)
+            if final:
+                pack.stop(member, "finished" if finite else "non-finite result")
+            every = self.checkpoint_every
+            due = every is not None and (final or report["training_iteration"] % every == 0)
+            blob = _dumps(pack.member_state(member)) if due else None
+            replies[member] = {"result": result, "checkpoint": blob, "final": final}
+        return replies
+
+    def _restore(self, trial_id: str, state: dict[str, Any]) -> int:
+        state["slot_state"] = replace(state["slot_state"], member_id=trial_id)
+        pid = self._pack_for(state["slot_state"].config)
+        self.packs[pid].restore_member(state)
+        return pid
+
+    def _pack_for(self, config: Mapping[str, Any]) -> int:
+        for pid, pack in self.packs.items():
+            if pack.free_slots() and pack.accepts(config):
+                return pid
+        pid, self.next_pack = self.next_pack, self.next_pack + 1
+        if isinstance(self.recipe, mb.Recipe):
+            self.packs[pid] = mb.PackTrainer(self.recipe, self.slots, example_config=config)
+        else:
+            self.packs[pid] = self.recipe(self.slots, config)
+        return pid
+
+
+def _dumps(state: Mapping[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    return buffer.getvalue()
+
+
+def load_member_state(blob: bytes) -> dict[str, Any]:
+    """A member state written by a server (:meth:`modelbatch.PackTrainer.member_state`)."""
+    return torch.load(io.BytesIO(blob), weights_only=False)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def auto_slots(
+    recipe: mb.Recipe | PackFactory, configs: Sequence[Mapping[str, Any]], device: torch.device
+) -> int:
+    """Members that fit in ``AUTO_MEMORY_FRACTION`` of the device's free memory (at most ``AUTO_MAX_SLOTS``).
+
+    One member's memory (weights, gradients, Adam-sized optimizer state, activations of one
+    batch and the step's workspace) is measured with :func:`modelbatch.estimate_memory` for each
+    of ``configs`` (a sample of the search space); the largest counts. The pack's copy of the
+    training and validation data is taken off the budget first.
+    """
+    if not isinstance(recipe, mb.Recipe):
+        raise ValueError(
+            "ModelBatchSearcher: slots_per_gpu='auto' measures a member of a mb.Recipe; with a pack "
+            "factory pass an int slots_per_gpu."
+        )
+    if not configs:
+        raise ValueError(
+            "ModelBatchSearcher: slots_per_gpu='auto' needs a sample of the search space to measure a "
+            "member; pass the space to tune.run(config=...) / Tuner(param_space=...) or an int slots_per_gpu."
+        )
+    X = recipe.train_data[0]
+    example = X[: recipe.batch_size].to(recipe.dtype if X.is_floating_point() else X.dtype)
+    models = {}  # one per architecture: hyperparameters do not change a member's memory
+    for config in configs:
+        model = build_model(recipe, config, member_seed(config, 0))
+        models.setdefault(architecture_signature(model), model)
+    per_member = 0
+    for model in models.values():
+        estimate = mb.estimate_memory(
+            lambda model=model: copy.deepcopy(model),
+            example,
+            optimizer="adam",
+            n=1,
+            dtype=recipe.dtype,
+            device=device,
+        )
+        per_member = max(per_member, estimate.total)
+    data = [*recipe.train_data, *(recipe.val_data or ())]
+    itemsize = torch.finfo(recipe.dtype).bits // 8
+    data_bytes = sum(t.numel() * (itemsize if t.is_floating_point() else t.element_size()) for t in data)
+    budget = AUTO_MEMORY_FRACTION * free_memory(device) - data_bytes
+    cap = AUTO_MAX_SLOTS["cuda" if device.type == "cuda" else "cpu"]
+    return max(1, min(cap, int(budget // max(per_member, 1))))
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes of ``device``: ``torch.cuda.mem_get_info`` on CUDA, the host's available memory else."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
