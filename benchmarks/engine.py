@@ -381,6 +381,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write the JSON (default: benchmarks/results/engine-<machine>[-quick].json)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smoke run: N = 1 and 4, 3 timed steps, 1 warm-up"
     )
     args = parser.parse_args()
@@ -439,7 +445,7 @@ def main() -> None:
             print(f"{model} N={n}: loop {row['loop_ms']:.2f} ms; " + "; ".join(summary), flush=True)
     print("\n" + markdown_table(rows, args.backends, args.chunk_size))
     suffix = "-quick" if args.quick else ""
-    out = RESULTS_DIR / f"engine-{machine_slug(info)}{suffix}.json"
+    out = args.out or RESULTS_DIR / f"engine-{machine_slug(info)}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {
         k: getattr(args, k)

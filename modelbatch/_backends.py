@@ -19,6 +19,7 @@ masks per member. Results agree to round-off (float64: ~1e-15 relative), not bit
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ from torch.utils import _pytree as pytree
 BACKENDS = ("auto", "vmap", "chunked", "loop")
 DEFAULT_CHUNK_SIZE = 16
 AUTO_CHUNK_SIZES = (4, 16, 64)
-AUTO_ROUNDS = 3  # round 0 warms every candidate up (first-call costs); rounds 1.. are timed
+AUTO_ROUNDS = 4  # round 0 warms every candidate up (first-call costs); rounds 1.. are timed
 AUTO_PRUNE = 2.0  # after a timed round, candidates this much slower than the best are dropped
 AUTO_MAX_FORWARDS = 4  # a sample whose backward is never seen closes after this many forwards
 
@@ -96,10 +97,24 @@ def _single(module: nn.Module) -> Callable:
 
 def _combine(outputs: list[Any], join: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
     """Join the members' (or chunks') outputs leaf by leaf: stack for members, cat for chunks."""
+    if type(outputs[0]) is torch.Tensor:  # the common case, without pytree's bookkeeping
+        return join(outputs)
     flat, spec = pytree.tree_flatten(outputs[0])
     columns = zip(flat, *(pytree.tree_flatten(o)[0] for o in outputs[1:]))
     leaves = [join(list(col)) if isinstance(col[0], torch.Tensor) else col[0] for col in columns]
     return pytree.tree_unflatten(leaves, spec)
+
+
+def _unbind(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return t.unbind(0)
+
+
+def _squeeze(t: torch.Tensor) -> tuple[torch.Tensor]:
+    return (t.squeeze(0),)
+
+
+def _unsqueeze(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0].unsqueeze(0)
 
 
 class Executor:
@@ -173,9 +188,11 @@ class Executor:
 
     def _loop(self, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict) -> Any:
         # One unbind per tensor: its backward writes every member's gradient into one [N, ...] tensor.
-        members = {k: v.unbind(0) for k, v in params.items()}
+        # A single member is a squeeze, whose backward is a view (no copy).
+        split = _unbind if self.n > 1 else _squeeze
+        members = {k: split(v) for k, v in params.items()}
         members |= {k: [v[i] for i in range(self.n)] for k, v in buffers.items()}  # views: updated in place
-        a_members = [a.unbind(0) if d == 0 else None for a, d in zip(args, dims)]
+        a_members = [split(a) if d == 0 else None for a, d in zip(args, dims)]
 
         def inputs(i: int) -> tuple:
             return tuple(a if m is None else m[i] for a, m in zip(args, a_members))
@@ -188,7 +205,7 @@ class Executor:
             ]
         else:
             outputs = self._swapped_loop(members, inputs, kwargs)
-        return _combine(outputs, torch.stack)
+        return _combine(outputs, torch.stack if self.n > 1 else _unsqueeze)
 
     def _swapped_loop(self, members: dict, inputs: Callable[[int], tuple], kwargs: dict) -> list:
         """Call the module once per member with that member's tensors put in its slots.
@@ -267,6 +284,12 @@ class _Sample:
         return total
 
 
+def _score(seconds: list[float]) -> float:
+    """A candidate's time: the median of its samples, so that one sample slowed (or sped) by
+    something else running on the machine does not decide alone."""
+    return statistics.median(seconds)
+
+
 class AutoSelector:
     """``backend="auto"``: each real training call is a timing sample for one candidate.
 
@@ -280,8 +303,9 @@ class AutoSelector:
     No extra forward is ever run: every call returns the real output and updates BatchNorm
     statistics exactly once. Calls outside training (``eval()``, ``no_grad``) are not timed and
     run the best candidate so far. After a timed round, candidates over ``AUTO_PRUNE`` times
-    slower than the best are dropped; after the last round the fastest (least of its timed
-    samples) is kept for good. A candidate that raises on its first use (no vmap batching rule,
+    slower than the best are dropped; after the last round the fastest (median of its timed
+    samples, taken in turns with the others' so that a slow spell of the machine hits all of
+    them) is kept for good. A candidate that raises on its first use (no vmap batching rule,
     out of memory in the forward) is dropped with a warning: the buffers it touched are restored
     and the call is rerun with the loop.
     """
@@ -302,8 +326,8 @@ class AutoSelector:
 
     # -------------------------------------------------------------- reporting
     def timings_ms(self) -> dict[str, float]:
-        """Least timed sample per candidate in ms (``inf`` for a candidate that failed)."""
-        out = {label: min(ts) * 1e3 for label, ts in self.samples.items() if ts}
+        """Median timed sample per candidate in ms (``inf`` for a candidate that failed)."""
+        out = {label: _score(ts) * 1e3 for label, ts in self.samples.items() if ts}
         return out | dict.fromkeys(self.failed, math.inf)
 
     # -------------------------------------------------------------- running
@@ -354,7 +378,7 @@ class AutoSelector:
     def _next_round(self) -> None:
         self.round += 1
         alive = [c for c in self.candidates if c.label not in self.failed]
-        scored = {c.label: min(self.samples[c.label]) for c in alive if self.samples[c.label]}
+        scored = {c.label: _score(self.samples[c.label]) for c in alive if self.samples[c.label]}
         if scored:
             best = min(scored.values())
             alive = [c for c in alive if scored.get(c.label, 0.0) <= AUTO_PRUNE * best]
@@ -368,7 +392,7 @@ class AutoSelector:
         alive = [c for c in self.candidates if c.label not in self.failed]
         timed = [c for c in alive if self.samples[c.label]]
         if timed:
-            return min(timed, key=lambda c: min(self.samples[c.label]))
+            return min(timed, key=lambda c: _score(self.samples[c.label]))
         return alive[0]
 
     def _run_safely(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -71,9 +72,23 @@ def load(
     must be importable). Given a ``batch`` (and ``optimizer``), the state is loaded into them,
     and a checkpoint of another architecture or pack size raises.
     """
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    not_ours = f"mb.load: {os.fspath(path)!r} is not a ModelBatch checkpoint written by mb.save"
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        raise ValueError(f"{not_ours} (torch.load: {exc}).") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"mb.load: {os.fspath(path)!r} is not a ModelBatch checkpoint written by mb.save.")
+        raise ValueError(f"{not_ours}.")
+    saved_opt = payload["optimizer"]
+    cls = None
+    if saved_opt is not None:  # checked before anything is loaded into batch or optimizer
+        module, name = saved_opt["class"].split(":")
+        cls = getattr(importlib.import_module(module), name)
+        if optimizer is not None and type(optimizer) is not cls:
+            raise TypeError(
+                f"mb.load: the checkpoint holds a {name} state but the optimizer is a "
+                f"{type(optimizer).__name__}; pass an optimizer of the saved class (or none)."
+            )
     if batch is None:
         device = map_location if map_location is not None else "cpu"
         model = payload["template"].to_empty(device=device)
@@ -84,17 +99,9 @@ def load(
             f"holds {type(batch.template).__name__}; load it into a pack of the same architecture."
         )
     batch.load_state_dict(payload["batch"])
-    saved_opt = payload["optimizer"]
-    if saved_opt is not None:
-        module, name = saved_opt["class"].split(":")
-        cls = getattr(importlib.import_module(module), name)
+    if cls is not None:
         if optimizer is None:
             optimizer = cls.from_state_dict(batch, saved_opt["state"])
-        elif type(optimizer) is not cls:
-            raise TypeError(
-                f"mb.load: the checkpoint holds a {name} state but the optimizer is a "
-                f"{type(optimizer).__name__}; pass an optimizer of the saved class (or none)."
-            )
         else:
             optimizer.load_state_dict(saved_opt["state"])
     return batch, optimizer, payload["extra"]

@@ -65,6 +65,18 @@ def fit(
     api = "mb.fit"
     if not isinstance(recipe, Recipe):
         raise TypeError(f"{api}: expected a mb.Recipe as first argument, got {type(recipe).__name__}.")
+    if isinstance(configs, Mapping) or not isinstance(configs, Iterable):
+        raise TypeError(
+            f"{api}: configs must be a list of config dicts, one per member; got a single "
+            f"{type(configs).__name__}. Wrap it: [{configs!r}]."
+        )
+    configs = list(configs)
+    for i, config in enumerate(configs):
+        if not isinstance(config, Mapping):
+            raise TypeError(
+                f"{api}: config {i} is a {type(config).__name__}, not a dict; pass one dict per member, "
+                "e.g. [{'lr': 0.1}, {'lr': 0.01}]."
+            )
     configs = [dict(c) for c in configs]
     if not configs:
         raise ValueError(f"{api}: got no configs; pass a list with at least one config dict.")
@@ -75,7 +87,18 @@ def fit(
     for i, config in enumerate(configs):
         config.setdefault("seed", i)
         member_seed(config, i)
+        recipe.hparams(config, api=f"{api}: config {i}")
     callbacks = list(callbacks)
+    for i, cb in enumerate(callbacks):
+        hooks = ("on_fit_start", "on_report", "on_member_stop", "on_fit_end")
+        if not all(callable(getattr(cb, hook, None)) for hook in hooks):
+            raise TypeError(
+                f"{api}: callback {i} ({type(cb).__name__}) is not a mb.callbacks.Callback; subclass "
+                "mb.callbacks.Callback and override on_report(reports, control) and/or on_member_stop(...)."
+            )
+    groups = _group_by_architecture(
+        recipe, configs
+    )  # builds every model: a bad config raises before any start
     if nan_guard:
         callbacks.insert(0, NaNGuard())
     if progress is None:
@@ -92,7 +115,7 @@ def fit(
         cb.on_fit_start(dict(enumerate(configs)))
     rows: list[dict[str, Any]] = []
     try:
-        for group in _group_by_architecture(recipe, configs):
+        for group in groups:
             _train_group(recipe, configs, group, reports, capacity or len(group), callbacks, rows)
     except BaseException as exc:
         if mlflow_callback is not None:
@@ -107,7 +130,7 @@ def fit(
 def _group_by_architecture(recipe: Recipe, configs: list[dict[str, Any]]) -> list[list[int]]:
     groups: dict[str, list[int]] = {}
     for i, config in enumerate(configs):
-        signature = architecture_signature(build_model(recipe, config, config["seed"]))
+        signature = architecture_signature(build_model(recipe, config, config["seed"], f"mb.fit: config {i}"))
         groups.setdefault(signature, []).append(i)
     return list(groups.values())
 

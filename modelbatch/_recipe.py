@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from . import optim as mb_optim
+from ._backends import BACKENDS
+from .data._source import check_data
+from .data._stream import check_loader_kwargs
 
 OPTIMIZERS: dict[str, type[mb_optim.Optimizer]] = {
     "sgd": mb_optim.SGD,
@@ -37,8 +42,15 @@ class Recipe:
         model: ``config -> nn.Module``. Called under ``torch.manual_seed(config["seed"])``.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or a :mod:`modelbatch.optim` class.
         loss: ``(outputs, targets) -> scalar`` for one member's batch (mean reduction).
-        train_data: ``(X, y)`` tensors; each member draws its own shuffled batches of it.
-        val_data: optional ``(X, y)`` evaluated at every report (``val_loss``, ``val_<metric>``).
+        train_data: ``(X, y)`` tensors, or a map-style ``torch.utils.data.Dataset`` whose items
+            are ``(x, y)`` pairs; each member draws its own shuffled batches of it. Tensors move
+            to the device once; a dataset is streamed: every step, the union of the members'
+            batches is loaded by one ``DataLoader`` (``num_workers``, ``pin_memory``,
+            ``loader_kwargs``) and routed to the members on the device. Either way member ``i``
+            sees the batches of ``DataLoader(data, batch_size, shuffle=True,
+            generator=torch.Generator().manual_seed(seed_i))``.
+        val_data: optional ``(X, y)`` or ``Dataset`` evaluated at every report (``val_loss``,
+            ``val_<metric>``); a dataset is streamed in batches too.
         batch_size: samples per member per step.
         steps_per_report: optimizer steps between two reports.
         metrics: ``{name: fn(outputs, targets) -> scalar}``, e.g. ``{"acc": mb.metrics.accuracy}``.
@@ -55,6 +67,13 @@ class Recipe:
         dtype, device: where members train (``device=None``: CUDA when available).
         backend: how the pack runs its members (``"auto"``, ``"vmap"``, ``"chunked"``, ``"loop"``;
             see :class:`~modelbatch.ModelBatch`). Results are bitwise reproducible for a fixed backend.
+        num_workers: ``DataLoader`` worker processes that load a dataset ahead of the training
+            step (kept alive between reports); ``0`` loads in the training process. Results do
+            not depend on it.
+        pin_memory: pin loaded batches for fast copies to the GPU (``None``: when training on CUDA).
+        loader_kwargs: further ``DataLoader`` arguments for a dataset (``prefetch_factor``,
+            ``multiprocessing_context``, ``worker_init_fn``, ``collate_fn``, ...); not those that
+            decide the batches (``batch_size``, ``shuffle``, ``sampler``, ...).
 
     Example:
         >>> import torch, modelbatch as mb
@@ -64,13 +83,24 @@ class Recipe:
         ...     batch_size=16, steps_per_report=4, metrics={"acc": mb.metrics.accuracy})
         >>> recipe.hparams({"lr": 0.1, "seed": 3})["lr"]
         0.1
+
+        A map-style dataset (here computing samples from the index) is streamed instead:
+
+        >>> class Squares(torch.utils.data.Dataset):
+        ...     def __len__(self): return 64
+        ...     def __getitem__(self, i): return torch.tensor([i / 64.0]), torch.tensor([(i / 64.0) ** 2])
+        >>> recipe = mb.Recipe(model=lambda cfg: torch.nn.Linear(1, 1), optimizer="sgd",
+        ...     loss=torch.nn.functional.mse_loss, train_data=Squares(), val_data=Squares(),
+        ...     batch_size=16, steps_per_report=4, num_workers=0)
+        >>> mb.fit(recipe, [{"lr": 0.1}, {"lr": 0.01}], reports=2, progress=False).shape[0]
+        4
     """
 
     model: Callable[[Mapping[str, Any]], nn.Module]
     optimizer: str | type[mb_optim.Optimizer]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    train_data: Data
-    val_data: Data | None = None
+    train_data: Data | Dataset
+    val_data: Data | Dataset | None = None
     batch_size: int = 32
     steps_per_report: int = 50
     metrics: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = field(default_factory=dict)
@@ -83,6 +113,9 @@ class Recipe:
     dtype: torch.dtype = torch.float32
     device: str | torch.device | None = None
     backend: str = "auto"
+    num_workers: int = 0
+    pin_memory: bool | None = None
+    loader_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         api = "mb.Recipe"
@@ -106,9 +139,15 @@ class Recipe:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{api}: {name} must be a positive int, got {value!r}.")
-        self.train_data = _check_data(api, "train_data", self.train_data)
+        self.train_data = check_data(api, "train_data", self.train_data)
         if self.val_data is not None:
-            self.val_data = _check_data(api, "val_data", self.val_data)
+            self.val_data = check_data(api, "val_data", self.val_data)
+        workers = self.num_workers
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"{api}: num_workers must be an int >= 0, got {self.num_workers!r}.")
+        if self.pin_memory is not None and not isinstance(self.pin_memory, bool):
+            raise TypeError(f"{api}: pin_memory must be True, False or None, got {self.pin_memory!r}.")
+        self.loader_kwargs = check_loader_kwargs(api, self.loader_kwargs)
         if self.val_subset is not None and self.val_data is None:
             raise ValueError(f"{api}: val_subset needs val_data (for k-fold, pass val_data=train_data).")
         if self.order not in ("member", "shared"):
@@ -116,6 +155,7 @@ class Recipe:
         for name, fn in self.metrics.items():
             if not callable(fn):
                 raise TypeError(f"{api}: metric {name!r} is not callable.")
+        _check_options(api, self)
 
     @property
     def optimizer_class(self) -> type[mb_optim.Optimizer]:
@@ -128,17 +168,22 @@ class Recipe:
         """The per-member hyperparameters of the optimizer (what a config may set)."""
         return list(self.optimizer_class.hparam_bounds)
 
-    def hparams(self, config: Mapping[str, Any]) -> dict[str, float]:
-        """This config's optimizer hyperparameters: from the config, ``optimizer_defaults`` or the class."""
-        defaults = _constructor_defaults(self.optimizer_class)
+    def hparams(self, config: Mapping[str, Any], api: str = "mb.Recipe") -> dict[str, float]:
+        """This config's optimizer hyperparameters: from the config, ``optimizer_defaults`` or the class.
+
+        A value that is not a number or lies outside the optimizer's range raises, its message
+        starting with ``api`` (e.g. ``"mb.fit: config 3"``).
+        """
+        cls = self.optimizer_class
+        defaults = _constructor_defaults(cls)
         out = {}
         for name in self.hparam_names():
-            value = _lookup(config, name)
+            value, source = _lookup(config, name), ""
             if value is None:
-                value = _lookup(self.optimizer_defaults, name)
+                value, source = _lookup(self.optimizer_defaults, name), " from optimizer_defaults"
             if value is None:
-                value = defaults[name]
-            out[name] = float(value)
+                value, source = defaults[name], ""
+            out[name] = _check_hparam(api, cls, name, value, source)
         return out
 
     def flags(self) -> dict[str, bool]:
@@ -164,23 +209,68 @@ def _lookup(config: Mapping[str, Any], name: str) -> Any:
     return None
 
 
+def _check_hparam(api: str, cls: type[mb_optim.Optimizer], name: str, value: Any, source: str) -> float:
+    opt = f"mb.optim.{cls.__name__}"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{api}: {name} = {value!r}{source} is not a number; {opt} takes a float {name}."
+        ) from None
+    low, high, inclusive = cls.hparam_bounds[name]
+    op = "<=" if inclusive else "<"
+    bounds = {
+        (True, True): f"{low} <= {name} {op} {high}",
+        (True, False): f"{name} >= {low}",
+        (False, True): f"{name} {op} {high}",
+        (False, False): f"a finite {name}",
+    }[(low is not None, high is not None)]
+    finite = math.isfinite(number)
+    if (
+        not finite
+        or (low is not None and number < low)
+        or (high is not None and (number > high or (number == high and not inclusive)))
+    ):
+        needs = bounds if finite or bounds.startswith("a finite") else f"a finite {bounds}"
+        fix = "optimizer_defaults" if source else "the config (or search space)"
+        raise ValueError(
+            f"{api}: {name} = {number!r}{source} is out of range; {opt} needs {needs}. Fix it in {fix}."
+        )
+    return number
+
+
+def _check_options(api: str, recipe: Recipe) -> None:
+    """The recipe-wide options: optimizer_defaults, grad_clip, dtype, backend."""
+    cls = recipe.optimizer_class
+    params = inspect.signature(cls.__init__).parameters
+    known = {*recipe.hparam_names(), *(p for p in params if p not in ("self", "batch"))}
+    for key in recipe.optimizer_defaults:
+        if key not in known:
+            raise ValueError(
+                f"{api}: optimizer_defaults has {key!r}, which mb.optim.{cls.__name__} does not take; "
+                f"known: {sorted(known)}. Drop it or choose the optimizer that takes it."
+            )
+    recipe.hparams({})  # the defaults themselves must be in range
+    clip = recipe.grad_clip
+    if clip is not None and (
+        isinstance(clip, bool)
+        or not isinstance(clip, (int, float))
+        or not (math.isfinite(clip) and clip >= 0)
+    ):
+        raise ValueError(f"{api}: grad_clip must be a finite number >= 0 or None, got {clip!r}.")
+    if not (isinstance(recipe.dtype, torch.dtype) and recipe.dtype.is_floating_point):
+        raise TypeError(
+            f"{api}: dtype must be a floating torch.dtype such as torch.float32 or torch.float64, "
+            f"got {recipe.dtype!r}."
+        )
+    if recipe.backend not in BACKENDS:
+        valid = ", ".join(repr(b) for b in BACKENDS)
+        raise ValueError(f"{api}: unknown backend {recipe.backend!r}; valid options are {valid}.")
+
+
 def _constructor_defaults(cls: type[mb_optim.Optimizer]) -> dict[str, float]:
     params = inspect.signature(cls.__init__).parameters
     out = {name: p.default for name, p in params.items() if name in cls.hparam_bounds}
     if "betas" in params:
         out["beta1"], out["beta2"] = params["betas"].default
     return out
-
-
-def _check_data(api: str, name: str, data: Any) -> Data:
-    if not isinstance(data, Sequence) or len(data) != 2:
-        raise TypeError(f"{api}: {name} must be a pair (X, y) of tensors with the same first dimension.")
-    X, y = (torch.as_tensor(t) for t in data)
-    if X.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"{api}: {name} has {X.shape[0]} inputs but {y.shape[0]} targets; X and y must have the same "
-            "batch (first) dimension."
-        )
-    if X.shape[0] == 0:
-        raise ValueError(f"{api}: {name} is empty.")
-    return X, y

@@ -13,17 +13,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._architecture import module_settings
 from ._batch import ModelBatch
 from ._clip import clip_grad_norm_
+from ._oom import shrink_on_oom
 from ._recipe import Recipe
-from .data import MemberStreams
+from .data import MemberStep, MemberStreams
+from .data._source import PackData
 from .optim.lr_scheduler import PerMember
 
 
 def architecture_signature(model: nn.Module) -> str:
-    """A key equal for models that can share a pack: class, parameter and buffer names and shapes."""
+    """A key equal for models that can share a pack: class, tensor names and shapes, module settings.
+
+    Module settings (``Dropout.p``, ``eps``, ...) are part of it: a pack runs every member
+    through one copy of the modules, so configs that differ in one train in separate packs.
+    """
     shapes = [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
-    return f"{type(model).__module__}.{type(model).__qualname__}|" + ";".join(shapes)
+    settings = repr(sorted(module_settings(model).items()))
+    return f"{type(model).__module__}.{type(model).__qualname__}|" + ";".join(shapes) + "|" + settings
 
 
 def member_seed(config: Mapping[str, Any], default: int) -> int:
@@ -34,13 +42,29 @@ def member_seed(config: Mapping[str, Any], default: int) -> int:
     return seed
 
 
-def build_model(recipe: Recipe, config: Mapping[str, Any], seed: int) -> nn.Module:
-    """``recipe.model(config)`` under ``torch.manual_seed(seed)``, in the recipe's dtype."""
+def build_model(recipe: Recipe, config: Mapping[str, Any], seed: int, api: str = "mb.Recipe") -> nn.Module:
+    """``recipe.model(config)`` under ``torch.manual_seed(seed)``, in the recipe's dtype.
+
+    A factory that reads a key the config lacks, or returns no module, raises with ``api`` first.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = recipe.model(config)
+        try:
+            model = recipe.model(config)
+        except KeyError as exc:
+            key = exc.args[0] if len(exc.args) == 1 else None
+            if not isinstance(key, (str, int)) or key in config:
+                raise
+            raise KeyError(
+                f"{api}: the model factory reads cfg[{key!r}], which the config lacks (it has "
+                f"{sorted(map(str, config))}). Add {key!r} to every config (or to the search space), "
+                f"or read it with cfg.get({key!r}, default)."
+            ) from exc
     if not isinstance(model, nn.Module):
-        raise TypeError(f"mb.Recipe: model(config) must return an nn.Module, got {type(model).__name__}.")
+        raise TypeError(
+            f"{api}: model(config) must return an nn.Module, got {type(model).__name__} "
+            f"(config {dict(config)!r}). Return an instance, e.g. MyNet(cfg['hidden'])."
+        )
     return model.to(recipe.dtype)
 
 
@@ -67,6 +91,14 @@ class PackTrainer:
     member trains exactly as it would alone, whichever slot it lands in and whenever it joins.
     :meth:`train_report` trains every live member for ``recipe.steps_per_report`` steps and
     returns one metrics dict per member.
+
+    Out of memory: a training step or evaluation that raises ``torch.OutOfMemoryError`` (or a
+    ``RuntimeError`` saying "out of memory") is undone (buffers and random generators restored;
+    the optimizer has not stepped yet), the allocator's cache is freed and the call is retried
+    with the pack on backend ``"chunked"`` with half as many members at once, down to one; a
+    ``RuntimeWarning`` says so, and the smaller chunks stay. No member is lost and results stay
+    exact. Out of memory with one member at a time raises ``torch.OutOfMemoryError``
+    ("mb.PackTrainer: out of memory ...") with every member as before that step.
 
     Example:
         >>> import torch, modelbatch as mb
@@ -96,17 +128,12 @@ class PackTrainer:
         cls = recipe.optimizer_class
         self.optimizer = cls.from_state_dict(self.batch, self._initial_optimizer_state(cls, hp))
         self.schedule = PerMember(self.optimizer, self._schedule_factory) if recipe.lr_schedule else None
-        X, y = recipe.train_data
-        self.X = X.to(self.device, recipe.dtype if X.is_floating_point() else X.dtype)
-        self.y = y.to(self.device, recipe.dtype if y.is_floating_point() else y.dtype)
+        self.train_data = self._pack_data(recipe.train_data)
         self.val = None
         if recipe.val_data is not None:
-            Xv, yv = recipe.val_data
-            self.val = (
-                Xv.to(self.device, recipe.dtype if Xv.is_floating_point() else Xv.dtype),
-                yv.to(self.device, recipe.dtype if yv.is_floating_point() else yv.dtype),
-            )
-        self.sampler = MemberStreams(self.X.shape[0], capacity, recipe.batch_size)
+            same = recipe.val_data is recipe.train_data  # k-fold: one copy, one set of loader workers
+            self.val = self.train_data if same else self._pack_data(recipe.val_data)
+        self.sampler = MemberStreams(len(self.train_data), capacity, recipe.batch_size)
         self.members_hosted = 0
         self.step_time = 0.0
 
@@ -187,13 +214,15 @@ class PackTrainer:
         self.batch.train()
         sums = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
         counts = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
-        for _ in range(self.recipe.steps_per_report):
-            losses, participating = self._train_step()
+        # The steps are drawn lazily: a streamed dataset's loader workers fetch a few steps ahead.
+        steps = (self.sampler.next_step() for _ in range(self.recipe.steps_per_report))
+        for step, (xs, ys) in self.train_data.steps(steps):
+            losses, participating = self._train_step(step, xs, ys)
             sums += torch.where(participating, losses.detach().to(torch.float64), 0.0)
             counts += participating.to(torch.float64)
         self.step_time += time.perf_counter() - start
         train_loss = (sums / counts.clamp_min(1)).tolist()
-        val = self.evaluate() if self.val is not None else {}
+        val = shrink_on_oom("mb.PackTrainer", self.batch, self.evaluate) if self.val is not None else {}
         reports = {}
         for member_id, slot in live.items():
             state = self.slots[slot]
@@ -204,22 +233,30 @@ class PackTrainer:
             reports[member_id] = report
         return reports
 
-    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self.sampler.next_step()
-        idx = step.indices.to(self.device)
+    def _train_step(
+        self, step: MemberStep, xs: torch.Tensor, ys: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step of every participating member on its own batch ``xs[i], ys[i]``."""
         participating = step.participating.to(self.device) & self.batch.active
         mask = None if step.mask is None else step.mask.to(self.device)
-        self.optimizer.zero_grad()
-        out = self.batch(self.X[idx], in_dims=0, participating=participating)
-        losses = self.batch.compute_loss(out, self.y[idx], self.recipe.loss, target_in_dims=0, mask=mask)
-        losses.sum().backward()
-        clip = self._clip_norms()
-        if clip is not None:
-            clip_grad_norm_(self.batch, clip)
+        losses = shrink_on_oom("mb.PackTrainer", self.batch, self._gradients, xs, ys, participating, mask)
         self.optimizer.step(mask=participating)
         if self.schedule is not None:
             self.schedule.step(mask=participating)
         return losses, participating
+
+    def _gradients(
+        self, xs: torch.Tensor, ys: torch.Tensor, participating: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Forward, per-member losses, backward and clipping of one step; applies no update."""
+        self.optimizer.zero_grad()
+        out = self.batch(xs, in_dims=0, participating=participating)
+        losses = self.batch.compute_loss(out, ys, self.recipe.loss, target_in_dims=0, mask=mask)
+        losses.sum().backward()
+        clip = self._clip_norms()
+        if clip is not None:
+            clip_grad_norm_(self.batch, clip)
+        return losses.detach()
 
     def _clip_norms(self) -> list[float] | None:
         values = []
@@ -230,16 +267,18 @@ class PackTrainer:
 
     @torch.no_grad()
     def evaluate(self, chunk: int = 4096) -> dict[str, list[float]]:
-        """Validation loss and metrics of every slot (eval mode): the whole set, or each member's subset."""
+        """Validation loss and metrics of every slot (eval mode): the whole set, or each member's subset.
+
+        The set is evaluated ``chunk`` samples at a time (a dataset is streamed chunk by chunk)
+        and the chunks' means are weighted by their sizes.
+        """
         if self.recipe.val_subset is not None:
-            return self._evaluate_subsets()
-        Xv, yv = self.val
+            return self._evaluate_subsets(chunk)
         self.batch.eval()
         totals: dict[str, torch.Tensor] = {}
-        for lo in range(0, Xv.shape[0], chunk):
-            xb, yb = Xv[lo : lo + chunk], yv[lo : lo + chunk]
+        for xb, yb in self.val.chunks(chunk):
             out = self.batch(xb)
-            weight = xb.shape[0] / Xv.shape[0]
+            weight = xb.shape[0] / len(self.val)
             values = {"val_loss": self.batch.compute_loss(out, yb, self.recipe.loss, target_in_dims=None)}
             for name, fn in self.recipe.metrics.items():
                 values[f"val_{name}"] = torch.vmap(fn, in_dims=(0, None))(out, yb)
@@ -248,9 +287,8 @@ class PackTrainer:
         self.batch.train()
         return {name: t.tolist() for name, t in totals.items()}
 
-    def _evaluate_subsets(self) -> dict[str, list[float]]:
-        """Each live member on its own validation indices: padded to ``[N, V]`` and masked."""
-        Xv, yv = self.val
+    def _evaluate_subsets(self, chunk: int) -> dict[str, list[float]]:
+        """Each live member on its own validation indices, ``[N, V]`` padded and masked, in column chunks."""
         subsets = [None if s is None else self.recipe.val_subset(s.config) for s in self.slots]
         width = max((len(s) for s in subsets if s is not None), default=1)
         idx = torch.zeros(self.capacity, width, dtype=torch.long)
@@ -259,18 +297,31 @@ class PackTrainer:
             if subset is not None:
                 idx[slot, : len(subset)] = torch.as_tensor(subset, dtype=torch.long)
                 mask[slot, : len(subset)] = True
-        idx, mask = idx.to(self.device), mask.to(self.device)
+        counts = mask.sum(dim=1).to(torch.float64).clamp_min(1)
+        names = ["val_loss", *(f"val_{name}" for name in self.recipe.metrics)]
+        totals = {name: [0.0] * self.capacity for name in names}
+        columns = ((idx[:, lo : lo + chunk], mask[:, lo : lo + chunk]) for lo in range(0, width, chunk))
+        steps = (MemberStep(i, m, m.any(dim=1), -1, -1) for i, m in columns)
         self.batch.eval()
-        out = self.batch(Xv[idx], in_dims=0)
-        losses = self.batch.compute_loss(out, yv[idx], self.recipe.loss, target_in_dims=0, mask=mask)
-        values = {"val_loss": losses.detach().to(torch.float64).tolist()}
-        for name, fn in self.recipe.metrics.items():
-            values[f"val_{name}"] = [
-                float(fn(out[slot][mask[slot]], yv[idx[slot]][mask[slot]])) if mask[slot].any() else math.nan
-                for slot in range(self.capacity)
-            ]
+        for step, (xs, ys) in self.val.steps(steps):
+            weights = (step.mask.sum(dim=1) / counts).tolist()
+            m = step.mask.to(self.device)
+            out = self.batch(xs, in_dims=0)
+            losses = self.batch.compute_loss(out, ys, self.recipe.loss, target_in_dims=0, mask=m)
+            values = {"val_loss": losses.detach().to(torch.float64).tolist()}
+            for name, fn in self.recipe.metrics.items():
+                values[f"val_{name}"] = [
+                    float(fn(out[slot][m[slot]], ys[slot][m[slot]])) if weights[slot] > 0 else 0.0
+                    for slot in range(self.capacity)
+                ]
+            for name, per_slot in values.items():
+                totals[name] = [t + v * w for t, v, w in zip(totals[name], per_slot, weights)]
         self.batch.train()
-        return values
+        for name in names[1:]:  # a metric of a member without validation samples is undefined
+            totals[name] = [
+                t if s is not None and len(s) else math.nan for t, s in zip(totals[name], subsets)
+            ]
+        return totals
 
     # ------------------------------------------------------------------ member state
     def member_state(self, member_id: Any) -> dict[str, Any]:
@@ -311,6 +362,18 @@ class PackTrainer:
         return slot
 
     # ------------------------------------------------------------------ helpers
+    def _pack_data(self, data: Any) -> PackData:
+        """Recipe data on this pack's device: tensors moved once, a dataset streamed by a loader."""
+        r = self.recipe
+        return PackData(
+            data,
+            device=self.device,
+            dtype=r.dtype,
+            num_workers=r.num_workers,
+            pin_memory=r.pin_memory,
+            loader_kwargs=r.loader_kwargs,
+        )
+
     def _initial_optimizer_state(self, cls: type, hp: Mapping[str, float]) -> dict[str, Any]:
         return {
             "hparams": {k: torch.full((self.capacity,), v, dtype=torch.float64) for k, v in hp.items()},

@@ -282,3 +282,45 @@ def test_prepared_layers_match_vmap(backend: str, chunk_size: int | None) -> Non
     for name, buf in ref.stacked_buffers().items():
         _assert_close(batch.stacked_buffers()[name].double(), buf.double(), name)
     assert {name: type(m) for name, m in batch.stack.named_modules()} == prepared
+
+
+class _LSTMClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_loop_runs_stock_lstm_kernel_and_matches_sequential(n: int) -> None:
+    """The loop backend runs nn.LSTM's own fused kernel (aten::lstm, not the plain-ops VmapLSTM
+    that vmap needs) on each member's slice, and trains exactly like the models alone (float64)."""
+    models = [seeded(_LSTMClassifier, i).double() for i in range(n)]
+    alone = copy.deepcopy(models)
+    batch = mb.ModelBatch(models, backend="loop")
+    lrs = [1e-2 * (i + 1) for i in range(n)]
+    opt = mb.optim.AdamW(batch, lr=lrs)
+    torch_opts = [torch.optim.AdamW(m.parameters(), lr=lr) for m, lr in zip(alone, lrs)]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(30):
+        x = torch.randn(n, 5, 7, 4, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (n, 5), generator=gen)
+        opt.zero_grad()
+        with torch.profiler.profile() as prof:
+            out = batch(x, in_dims=0)
+        if step == 0:
+            ops = {e.key for e in prof.key_averages()}
+            assert "aten::lstm" in ops, sorted(ops)
+        batch.compute_loss(out, y, F.cross_entropy).sum().backward()
+        opt.step()
+        for m, o, xi, yi in zip(alone, torch_opts, x, y):
+            o.zero_grad()
+            F.cross_entropy(m(xi), yi).backward()
+            o.step()
+    assert type(batch.stack.lstm).__name__ == "VmapLSTM"  # the skeleton stays vmap-ready
+    for i, m in enumerate(alone):
+        for name, p in m.named_parameters():
+            _assert_close(batch.stacked_parameters()[name][i], p, f"member {i} {name}")

@@ -96,6 +96,31 @@ def test_optimizer_step_is_bitwise_equal_to_torch_optim_float32(name: str) -> No
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_shared_hparams_and_masked_steps_are_bitwise_equal_to_torch_optim(name: str) -> None:
+    """Hyperparameters shared by all members run the scalar kernels (``torch._foreach_*`` where the
+    optimizer has them); a mask runs them on a subset of rows. Both stay bitwise equal."""
+    kind, hparams = CONFIGS[name]
+    shared = member_hparams(hparams, 0, N)
+    models = [seeded(MLP, i) for i in range(N)]
+    alone = [copy.deepcopy(m) for m in models]
+    batch = mb.ModelBatch(models)
+    packed_cls, torch_cls = OPTIMIZERS[kind]
+    opt = packed_cls(batch, **shared)
+    torch_opts = [torch_cls(m.parameters(), **shared) for m in alone]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        _set_random_grads(batch, alone, gen)
+        mask = torch.tensor([True, step % 2 == 0, True, False, True])
+        opt.step(mask=None if step == 0 else mask)
+        for o, on in zip(torch_opts, mask.tolist() if step else [True] * N):
+            if on:
+                o.step()
+    for pname, stacked in batch.stacked_parameters().items():
+        for i, m in enumerate(alone):
+            assert torch.equal(stacked[i], m.get_parameter(pname)), f"{name}: {pname} of member {i} differs"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_mlp_200_steps_float64_matches_sequential(name: str) -> None:
     kind, hparams = CONFIGS[name]
     X, y = torch.randn(256, 8), torch.randint(0, 3, (256,))

@@ -1,9 +1,16 @@
 """Per-member data routing: each member of a pack gets its own batches, subsets and order.
 
 ``MemberSampler`` yields ``[N, B]`` sample indices per step (member ``i``'s batches are those of
-its own shuffled DataLoader); ``gather`` / ``StreamingGather`` turn them into ``[N, B, ...]``
-inputs; ``bootstrap``, ``kfold``, ``kfold_members``, ``stratified``, ``class_subset`` and
-``filter_subset`` build per-member subsets.
+its own shuffled DataLoader); ``MemberStreams`` does the same for slots whose members join and
+leave at any step; ``gather`` (in-memory tensors) and ``StreamingGather`` (a map-style
+``Dataset`` that does not fit on the device: the union of the step's indices is loaded once
+through a ``DataLoader`` with workers and pinned memory, then routed on the device) turn them
+into ``[N, B, ...]`` inputs; ``bootstrap``, ``kfold``, ``kfold_members``, ``stratified``,
+``class_subset`` and ``filter_subset`` build per-member subsets.
+
+:class:`mb.Recipe <modelbatch.Recipe>` (hence ``mb.fit`` and the Tune slot servers) takes either
+``(X, y)`` tensors or such a ``Dataset`` as ``train_data`` / ``val_data``, with the same
+per-member batches; a ``Dataset`` is streamed with ``StreamingGather`` and ``MemberStreams``.
 
 Example:
     >>> import torch, torch.nn.functional as F, modelbatch as mb

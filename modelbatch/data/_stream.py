@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 from ._sampler import MemberSampler, MemberStep
 
@@ -48,8 +48,31 @@ def gather(
     return tuple(t[index.to(t.device)] for t in tensors)
 
 
+LOADER_OWNED = ("dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "drop_last", "generator")
+"""DataLoader arguments that the member streams decide; ``loader_kwargs`` may not set them."""
+
+
+def check_loader_kwargs(api: str, loader_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``loader_kwargs`` as a dict, refusing the arguments that would change the members' batches."""
+    if loader_kwargs is None:
+        return {}
+    if not isinstance(loader_kwargs, Mapping):
+        raise TypeError(
+            f"{api}: loader_kwargs must be a dict of DataLoader arguments, "
+            f"got {type(loader_kwargs).__name__}."
+        )
+    owned = sorted(set(loader_kwargs) & {*LOADER_OWNED, "num_workers", "pin_memory"})
+    if owned:
+        raise ValueError(
+            f"{api}: loader_kwargs sets {owned}; batches and order come from each member's seed "
+            "(batch_size, subset, order), and num_workers / pin_memory have their own arguments. "
+            "Pass only other DataLoader arguments (prefetch_factor, multiprocessing_context, ...)."
+        )
+    return dict(loader_kwargs)
+
+
 class _Once:
-    """A batch sampler over a generator of index lists (a DataLoader iterates it exactly once)."""
+    """A batch sampler over a generator of index lists: each ``iter()`` returns the current one."""
 
     def __init__(self, batches: Iterator[list[int]]) -> None:
         self._batches = batches
@@ -62,10 +85,14 @@ class StreamingGather:
     """Fetch each step's samples from a map-style dataset once, then route them to the members.
 
     For data that does not fit on the device: per step the union of the members' indices is
-    loaded once (``torch.unique``), moved to ``device`` and indexed into ``[N, B, ...]`` there.
-    :meth:`epoch` loads through a ``DataLoader`` (``num_workers`` prefetching ahead,
-    ``pin_memory``); calling the object on one step loads in this process. Tensors, tuples of
-    tensors and ``TensorDataset`` are indexed directly (no DataLoader).
+    loaded once (``torch.unique``), moved to ``device`` (floating tensors cast to ``dtype``) and
+    indexed into ``[N, B, ...]`` there. :meth:`epoch` and :meth:`stream` load through a
+    ``DataLoader`` (``num_workers`` prefetching ahead and kept alive between calls,
+    ``pin_memory``, further ``loader_kwargs`` such as ``prefetch_factor`` or
+    ``multiprocessing_context``); calling the object on one step loads in this process.
+    Tensors, tuples of tensors and ``TensorDataset`` are indexed directly (no DataLoader).
+    :class:`mb.Recipe <modelbatch.Recipe>` streams a ``Dataset`` given as ``train_data`` /
+    ``val_data`` through this class.
 
     Example:
         >>> import torch, modelbatch as mb
@@ -86,17 +113,26 @@ class StreamingGather:
         pin_memory: bool = False,
         device: torch.device | str | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        loader_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.dataset = dataset
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.device = None if device is None else torch.device(device)
         self.collate_fn = collate_fn
+        self.dtype = dtype
+        self.loader_kwargs = check_loader_kwargs(_API, loader_kwargs)
         self._tensors = self._tensor_fast_path(dataset)
-        if self._tensors is None and not hasattr(dataset, "__getitem__"):
+        if self._tensors is None and (
+            isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__")
+        ):
             raise TypeError(
                 f"{_API}: expected a map-style Dataset (with __getitem__), a tensor or a tuple of "
                 f"tensors, got {type(dataset).__name__}. Wrap iterable data in a map-style Dataset."
             )
+        self._feed = _Once(iter(()))
+        self._persistent: DataLoader | None = None
 
     @staticmethod
     def _tensor_fast_path(dataset: Any) -> tuple[torch.Tensor, ...] | None:
@@ -125,16 +161,35 @@ class StreamingGather:
         ``state_dict()`` stays right although the workers fetch ahead.
         """
         sampler._enter(e)
-        steps = sampler._iterate(e, commit=False)
-        if self._tensors is not None or self.num_workers == 0:
+        for step, batch in self.stream(sampler._iterate(e, commit=False)):
+            sampler._commit(step)
+            yield step, batch
+
+    def stream(self, steps: Iterable[MemberStep]) -> Iterator[tuple[MemberStep, Any]]:
+        """Iterate any steps (e.g. from :class:`MemberStreams`) as ``(step, batch)``, in order.
+
+        Each step's union of indices is one batch of the ``DataLoader``; with ``num_workers``
+        the steps are drawn ``prefetch_factor * num_workers`` ahead of the training loop, so
+        draw them lazily from a sampler whose members do not change while this runs.
+
+        Example:
+            >>> import torch, modelbatch as mb
+            >>> streams = mb.data.MemberStreams(10, n_slots=2, batch_size=4)
+            >>> streams.reset_member(0, seed=0); streams.reset_member(1, seed=1)
+            >>> data = [(torch.full((3,), float(i)), i) for i in range(10)]  # any map-style dataset
+            >>> gather = mb.data.StreamingGather(data)
+            >>> for step, (xs, ys) in gather.stream(streams.next_step() for _ in range(3)):
+            ...     assert torch.equal(ys, step.indices) and torch.equal(xs[..., 0], ys.float())
+            >>> xs.shape
+            torch.Size([2, 4, 3])
+        """
+        if self._tensors is not None:
             for step in steps:
-                sampler._commit(step)
                 yield step, self(step)
             return
         pending: deque[tuple[MemberStep, torch.Tensor]] = deque()
         for fetched in self._loader(self._unique_batches(steps, pending)):
             step, inverse = pending.popleft()
-            sampler._commit(step)
             yield step, self._route(fetched, inverse)
 
     @staticmethod
@@ -147,16 +202,32 @@ class StreamingGather:
             yield unique.tolist()
 
     def _loader(self, batches: Iterator[list[int]]) -> DataLoader:
-        kwargs = {} if self.collate_fn is None else {"collate_fn": self.collate_fn}
+        """A loader over ``batches``; with workers, one loader whose workers live between calls."""
+        self._feed._batches = batches
+        if self._persistent is not None:
+            return self._persistent
+        kwargs = dict(self.loader_kwargs)
+        if self.collate_fn is not None:
+            kwargs["collate_fn"] = self.collate_fn
+        if self.num_workers > 0:
+            kwargs.setdefault("persistent_workers", True)
         # A private generator: the loader draws a worker seed per iteration, never from the global RNG.
-        return DataLoader(
+        loader = DataLoader(
             self.dataset,
-            batch_sampler=_Once(batches),
+            batch_sampler=self._feed,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             generator=torch.Generator(),
             **kwargs,
         )
+        if loader.persistent_workers:
+            self._persistent = loader
+        return loader
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_feed"], state["_persistent"] = _Once(iter(())), None  # worker processes stay here
+        return state
 
     def _fetch(self, unique: list[int]) -> Any:
         if self._tensors is not None:
@@ -170,7 +241,8 @@ class StreamingGather:
     def _route(self, fetched: Any, inverse: torch.Tensor) -> Any:
         if isinstance(fetched, torch.Tensor):
             device = fetched.device if self.device is None else self.device
-            moved = fetched.to(device, non_blocking=fetched.is_pinned())
+            dtype = self.dtype if self.dtype is not None and fetched.is_floating_point() else fetched.dtype
+            moved = fetched.to(device, dtype, non_blocking=fetched.is_pinned())
             return moved[inverse.to(device)]
         if isinstance(fetched, Mapping):
             return {key: self._route(value, inverse) for key, value in fetched.items()}

@@ -63,3 +63,50 @@ def select(mask: torch.Tensor | bool, a: torch.Tensor, b: torch.Tensor) -> torch
     if isinstance(mask, bool):
         return a if mask else b
     return torch.where(mask, a, b)
+
+
+# ``torch._foreach_*`` forms of the kernels above, for lists of tensors. On CPU every foreach op
+# runs the per-tensor op in a C++ loop (bitwise equal to the forms above), saving one Python call per
+# tensor. A per-member value is a float or one ``[R, 1, ..., 1]`` tensor per tensor of the list.
+Scalars = float | list[torch.Tensor]
+
+
+def foreach_mul_(xs: list[torch.Tensor], value: Scalars) -> None:
+    """``x.mul_(value)`` for each ``x``."""
+    torch._foreach_mul_(xs, value)
+
+
+def foreach_lerp_(xs: list[torch.Tensor], ends: list[torch.Tensor], weight: Scalars) -> None:
+    """:func:`lerp_` for each pair."""
+    if isinstance(weight, float):
+        torch._foreach_lerp_(xs, ends, weight)
+        return
+    for x, end, w in zip(xs, ends, weight):
+        lerp_(x, end, w)
+
+
+def foreach_add(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: Scalars) -> list[torch.Tensor]:
+    """:func:`add` for each pair."""
+    if isinstance(alpha, float):
+        return torch._foreach_add(xs, ys, alpha=alpha)
+    return torch._foreach_addcmul(xs, ys, alpha)
+
+
+def foreach_addcmul_(
+    xs: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], value: Scalars
+) -> None:
+    """:func:`addcmul_` for each triple."""
+    if isinstance(value, float):
+        torch._foreach_addcmul_(xs, a, b, value=value)
+    else:
+        torch._foreach_addcmul_(xs, torch._foreach_mul(value, a), b)
+
+
+def foreach_addcdiv_(
+    xs: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], value: Scalars
+) -> None:
+    """:func:`addcdiv_` for each triple."""
+    if isinstance(value, float):
+        torch._foreach_addcdiv_(xs, a, b, value=value)
+    else:
+        torch._foreach_addcdiv_(xs, torch._foreach_mul(value, a), b)

@@ -77,6 +77,37 @@ class Adam(Optimizer):
         values.set("one_minus_beta2", [1 - b for b in hp["beta2"]])
         values.set("decay_factor", [1 - lr * wd for lr, wd in zip(hp["lr"], hp["weight_decay"])])
 
+    def _update_all(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[dict[str, torch.Tensor]],
+        values: StepValues,
+    ) -> None:
+        """:meth:`_update` for all parameters at once, op by op with ``torch._foreach_*``."""
+        if not params:
+            return
+        if self.flags["maximize"]:
+            grads = torch._foreach_neg(grads)
+        if values.any("weight_decay"):
+            if self.decoupled_weight_decay:
+                k.foreach_mul_(params, values.get_all("decay_factor", params))
+            else:
+                grads = k.foreach_add(grads, params, values.get_all("weight_decay", params))
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        k.foreach_lerp_(exp_avgs, grads, values.get_all("one_minus_beta1", params))
+        k.foreach_mul_(exp_avg_sqs, values.get_all("beta2", params))
+        k.foreach_addcmul_(exp_avg_sqs, grads, grads, values.get_all("one_minus_beta2", params))
+        second = exp_avg_sqs
+        if self.flags["amsgrad"]:
+            second = [state["max_exp_avg_sq"] for state in states]
+            torch._foreach_maximum_(second, exp_avg_sqs)
+        denom = torch._foreach_sqrt(second)
+        torch._foreach_div_(denom, values.get_all("bias2_sqrt", params))
+        torch._foreach_add_(denom, values.get_all("eps", params))
+        k.foreach_addcdiv_(params, exp_avgs, denom, values.get_all("neg_step_size", params))
+
     def _update(
         self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], values: StepValues
     ) -> None:
