@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -196,32 +195,6 @@ def test_pack_trainer_member_state_moves_a_member_between_packs() -> None:
         torch.testing.assert_close(
             torch.tensor(ra["y"]["val_loss"]), torch.tensor(rb["y"]["val_loss"]), rtol=1e-10, atol=0
         )
-
-
-BAD = [
-    ("no configs", lambda: mb.fit(recipe(), []), ValueError, "mb.fit: got no configs"),
-    ("reports 0", lambda: mb.fit(recipe(), CONFIGS, reports=0), ValueError, "reports must be a positive int"),
-    ("not a recipe", lambda: mb.fit({"model": 1}, CONFIGS), TypeError, "expected a mb.Recipe"),
-    ("optimizer", lambda: recipe(optimizer="adamax"), ValueError, "unknown optimizer 'adamax'"),
-    ("data length", lambda: recipe(train_data=(X, Y[:10])), ValueError, "90 inputs but 10 targets"),
-    ("batch size", lambda: recipe(batch_size=0), ValueError, "batch_size must be a positive int"),
-    ("negative lr", lambda: mb.fit(recipe(), [{"lr": -1.0}], progress=False), ValueError, "lr of member 0"),
-    ("metric name", lambda: mb.callbacks.EarlyStopping("val_loss", mode="best"), ValueError, "mode must be"),
-    (
-        "early stopping metric",
-        lambda: mb.fit(
-            recipe(), CONFIGS[:1], callbacks=[mb.callbacks.EarlyStopping("val_f1")], progress=False
-        ),
-        KeyError,
-        "not 'val_f1'",
-    ),
-]
-
-
-@pytest.mark.parametrize(("case", "call", "exc", "message"), BAD, ids=[b[0] for b in BAD])
-def test_bad_input(case, call, exc, message) -> None:
-    with pytest.raises(exc, match=message):
-        call()
 
 
 def test_val_subset_validates_each_member_on_its_own_samples() -> None:

@@ -144,6 +144,7 @@ def test_a_member_with_nan_results_ends_and_the_others_stay_exact(tmp_path):
         assert trial.status == "TERMINATED"
         if math.isnan(trial.config["scale"]):
             assert trial.last_result["training_iteration"] == 1 and math.isnan(trial.last_result["val_loss"])
+            assert trial.last_result["error"] == "non-finite loss (nan) at report 1"  # why it ended
         else:
             assert trial.last_result["training_iteration"] == 3
             assert_matches_fit(rec, trial.config, frames[trial.trial_id])
@@ -182,6 +183,8 @@ def test_resume_after_interruption_completes_every_member_exactly(tmp_path):
     frames = analysis.trial_dataframes
     for trial in analysis.trials:
         assert trial.status == "TERMINATED" and trial.last_result["training_iteration"] == 4
+        # no iteration missing; one logged before the interruption may repeat after the resume
+        assert sorted(set(frames[trial.trial_id]["training_iteration"])) == [1, 2, 3, 4]
         assert_matches_fit(rec, trial.config, history(frames[trial.trial_id]))
     assert ray.util.list_named_actors(all_namespaces=True) == []
 
@@ -207,6 +210,7 @@ def test_tuner_restore_after_interruption_completes_every_member_exactly(tmp_pat
     assert len(results) == 5 and not results.errors
     for result in results:
         assert result.metrics["training_iteration"] == 3
+        assert sorted(set(result.metrics_dataframe["training_iteration"])) == [1, 2, 3]  # no gap
         assert_matches_fit(rec, result.config, history(result.metrics_dataframe))
     assert ray.util.list_named_actors(all_namespaces=True) == []
 

@@ -15,6 +15,8 @@ from ._registry import NAMESPACE, Registry, actor_prefix, registry_name, server_
 from ._server import SlotServer
 
 START_TIMEOUT_S = 300.0
+SERVER_RESTARTS = 3
+"""Times Ray restarts a slot server whose process died; its members then join it again."""
 
 
 @dataclass
@@ -75,9 +77,9 @@ def start_fleet(
         "park_after_s": park_after_s,
     }
     servers = [
-        server_cls.options(name=server_name(i), namespace=NAMESPACE, **options).remote(
-            recipe, slots, i, **kwargs
-        )
+        server_cls.options(
+            name=server_name(i), namespace=NAMESPACE, max_restarts=SERVER_RESTARTS, **options
+        ).remote(recipe, slots, i, **kwargs)
         for i, options in enumerate(server_placements())
     ]
     registry = (

@@ -6,6 +6,7 @@ Import-light on purpose (no torch): the relay trials import this module to find 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -13,6 +14,12 @@ import ray
 
 NAMESPACE = "modelbatch"
 _LOOKUP_TIMEOUT_S = 120.0
+RESTART_TIMEOUT_S = 300.0
+"""How long the registry waits for a restarting slot server before it gives up on a call."""
+
+
+class SlotLost(RuntimeError):
+    """A member asked a slot server that does not host it (the server restarted): join again."""
 
 
 def actor_prefix(job_id: str | None = None) -> str:
@@ -54,6 +61,12 @@ class Registry:
 
     A server takes at most its ``slots`` live members (of all its packs together). A member
     goes to the server with the most free slots; when every slot is taken it waits for one.
+
+    A member that joins again (its relay lost its server, or Tune restarted the trial) gives
+    up its old slot first. Calls to a restarting server are retried until it is back (up to
+    ``RESTART_TIMEOUT_S``); a server that died for good gets no more members. The registry
+    also keeps the last ``training_iteration`` Tune processed of each member (the searcher tells
+    it), so that a restarted trial skips the results Tune already has.
     """
 
     def __init__(self, servers: list[ray.actor.ActorHandle]) -> None:
@@ -61,39 +74,89 @@ class Registry:
         self.slots: list[int] | None = None  # asked when the first member joins (servers may still start)
         self.live = [0] * len(servers)
         self.assigned: dict[str, int] = {}
+        self.last_reported: dict[str, int] = {}
         self.changed = asyncio.Condition()
 
-    async def join(self, trial_id: str, config: dict[str, Any], state: bytes | None) -> Any:
-        """Put ``trial_id`` into a slot (restored from ``state`` when given); returns its server."""
-        if trial_id in self.assigned:  # a restarted trial: its old slot is stale
-            await self.release(trial_id)
+    async def join(self, trial_id: str, config: dict[str, Any], state: bytes | None) -> tuple[Any, int]:
+        """Put ``trial_id`` into a slot (restored from ``state`` when given).
+
+        Returns its server and the member's last ``training_iteration`` Tune processed (0: none).
+        """
+        await self._free(trial_id)  # a rejoining member or restarted trial: its old slot is stale
         if self.slots is None:
-            self.slots = [i["slots"] for i in await asyncio.gather(*(s.info.remote() for s in self.servers))]
-        async with self.changed:
-            await self.changed.wait_for(lambda: any(n < s for n, s in zip(self.live, self.slots)))
-            index = max(range(len(self.servers)), key=lambda i: (self.slots[i] - self.live[i], -i))
-            self.live[index] += 1
-            self.assigned[trial_id] = index
-        server = self.servers[index]
-        try:
-            await server.join.remote(trial_id, config, state)
-        except BaseException:
-            await self.release(trial_id)
-            raise
+            infos = await asyncio.gather(*(self._call(i, "info") for i in range(len(self.servers))))
+            self.slots = [i["slots"] for i in infos]
+        while True:
+            async with self.changed:
+                await self.changed.wait_for(self._has_free_slot)
+                index = max(range(len(self.servers)), key=lambda i: (self.slots[i] - self.live[i], -i))
+                self.live[index] += 1
+                self.assigned[trial_id] = index
+            try:
+                await self._call(index, "join", trial_id, config, state)
+            except ray.exceptions.ActorDiedError:  # gone for good (restarts used up): try another server
+                await self._free(trial_id)
+                continue
+            except BaseException:
+                await self._free(trial_id)
+                raise
+            break
         if self.assigned.get(trial_id) != index:  # released while joining
-            await server.leave.remote(trial_id)
-        return server
+            await self._call(index, "leave", trial_id)
+        return self.servers[index], self.last_reported.get(trial_id, 0)
+
+    def reported(self, iterations: dict[str, int]) -> None:
+        """The searcher's note of the last ``training_iteration`` Tune processed, per member trial."""
+        for trial_id, iteration in iterations.items():
+            self.last_reported[trial_id] = max(iteration, self.last_reported.get(trial_id, 0))
 
     async def release(self, trial_id: str) -> None:
-        """Free the slot of ``trial_id`` (idempotent)."""
+        """Free the slot of a member that is done (idempotent)."""
+        self.last_reported.pop(trial_id, None)
+        await self._free(trial_id)
+
+    async def stats(self) -> list[dict[str, Any]]:
+        """One dict per server: its slots, live members, members hosted so far, packs, device, node.
+
+        Counts start again when a server restarts; a server that died for good has ``"died": True``.
+        """
+        return list(await asyncio.gather(*(self._stats(i) for i in range(len(self.servers)))))
+
+    async def _stats(self, index: int) -> dict[str, Any]:
+        try:
+            return await self._call(index, "stats")
+        except ray.exceptions.ActorDiedError:
+            return {"server": index, "slots": 0, "live": 0, "parked": 0, "died": True}
+
+    async def _free(self, trial_id: str) -> None:
         async with self.changed:
             index = self.assigned.pop(trial_id, None)
             if index is None:
                 return
             self.live[index] -= 1
             self.changed.notify_all()
-        await self.servers[index].leave.remote(trial_id)
+        with contextlib.suppress(ray.exceptions.ActorDiedError):  # its members are gone with it
+            await self._call(index, "leave", trial_id)
 
-    async def stats(self) -> list[dict[str, Any]]:
-        """One dict per server: its slots, live members, members hosted so far, packs, device, node."""
-        return list(await asyncio.gather(*(s.stats.remote() for s in self.servers)))
+    def _has_free_slot(self) -> bool:
+        if not any(s > 0 for s in self.slots):
+            raise RuntimeError(
+                "ModelBatchSearcher: every slot server died and used up its restarts; see the servers' "
+                "logs (out of host memory?) and run the sweep again (tune.run(resume=True) continues it)."
+            )
+        return any(n < s for n, s in zip(self.live, self.slots))
+
+    async def _call(self, index: int, method: str, *args: Any) -> Any:
+        """``servers[index].method(*args)``, waiting for the server while it restarts."""
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:
+            try:
+                return await getattr(self.servers[index], method).remote(*args)
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+            except ray.exceptions.ActorDiedError:
+                if self.slots is not None:
+                    self.slots[index] = 0  # no more members for it
+                raise

@@ -13,11 +13,13 @@ from typing import Any
 import ray
 from ray import tune
 
-from ._registry import find_registry
+from ._registry import SlotLost, find_registry
 
 CHECKPOINT_FILE = "member.pt"
 RESOURCES = {"cpu": 0.01}
 """A relay's resources: Tune rejects ``{"cpu": 0}`` (an empty placement group)."""
+MAX_REJOINS = 5
+"""Times in a row a relay joins again after losing its server without getting a result."""
 
 
 def modelbatch_member(config: dict[str, Any]) -> None:
@@ -26,22 +28,53 @@ def modelbatch_member(config: dict[str, Any]) -> None:
     Joining happens here rather than in ``Searcher.suggest`` because trials restored by
     ``tune.run(resume=...)`` / ``Tuner.restore`` never pass ``suggest``; they bring their
     checkpoint instead, from which the server continues the member exactly.
+
+    When the server dies (it is restarted by Ray) the relay joins again with the last checkpoint
+    it received (kept in memory; none: from the start) and skips the results it re-trains up to
+    the last ``training_iteration`` it reported, so Tune sees every iteration once. A trial
+    that Tune restarts in the same run (``max_failures``) skips the results Tune processed after
+    its checkpoint the same way (the searcher tells the registry each member's last iteration).
+    After a driver restart (resume) a result logged after a member's last checkpoint may repeat.
     """
     registry = find_registry()
     trial_id = tune.get_context().get_trial_id()
-    server = ray.get(registry.join.remote(trial_id, config, read_checkpoint(tune.get_checkpoint())))
+    state = read_checkpoint(tune.get_checkpoint())
+    server, reported = ray.get(registry.join.remote(trial_id, config, state))
+    lost = 0
     while True:
-        reply = ray.get(server.next_result.remote(trial_id))
-        if reply["checkpoint"] is None:
-            tune.report(reply["result"])
-        else:
-            with tempfile.TemporaryDirectory() as directory:
-                with open(os.path.join(directory, CHECKPOINT_FILE), "wb") as f:
-                    f.write(reply["checkpoint"])
-                tune.report(reply["result"], checkpoint=tune.Checkpoint.from_directory(directory))
-        if reply["final"]:  # always after a report: a trial ending without its metric aborts the sweep
+        try:
+            reply = ray.get(server.next_result.remote(trial_id))
+        except (ray.exceptions.RayActorError, SlotLost) as exc:
+            lost += 1
+            if lost > MAX_REJOINS:
+                raise RuntimeError(
+                    f"ModelBatchSearcher: member {trial_id} lost its slot server {lost} times without a "
+                    "result; see the slot servers' logs (ray logs / the dashboard) for why they die."
+                ) from exc
+            server, _ = ray.get(registry.join.remote(trial_id, config, state))
+            continue
+        lost = 0
+        if reply["checkpoint"] is not None:
+            state = reply["checkpoint"]
+        iteration = reply["result"].get("training_iteration", 0)
+        if iteration > reported:  # else re-trained from an older checkpoint: Tune has this result
+            _report(reply)
+            reported = iteration
+        # Tune has a result with the metric by now (a trial ending without one aborts the sweep);
+        # a trial whose last result was skipped ends with the last result Tune has of it.
+        if reply["final"]:
             ray.get(registry.release.remote(trial_id))
             return
+
+
+def _report(reply: dict[str, Any]) -> None:
+    if reply["checkpoint"] is None:
+        tune.report(reply["result"])
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        with open(os.path.join(directory, CHECKPOINT_FILE), "wb") as f:
+            f.write(reply["checkpoint"])
+        tune.report(reply["result"], checkpoint=tune.Checkpoint.from_directory(directory))
 
 
 def read_checkpoint(checkpoint: tune.Checkpoint | None) -> bytes | None:

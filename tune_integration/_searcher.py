@@ -10,10 +10,11 @@ from typing import Any
 import ray
 import torch
 from ray import cloudpickle
+from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
 
 import modelbatch as mb
-from modelbatch._trainer import build_model
+from modelbatch._trainer import build_model, member_seed
 
 from . import _relay
 from ._launch import Fleet, server_placements, start_fleet
@@ -60,7 +61,7 @@ class ModelBatchSearcher(Searcher):
             (``grid_search`` values are cycled: ``num_samples`` trials in all).
         slots_per_gpu: members per server, or ``"auto"``: as many as fit in 80 % of the
             device's free memory, measured on a sample of the search space (at most 64 per
-            GPU, 16 per CPU server).
+            GPU; on a CPU server at most 16 and 2 per core).
         reports: end each member after this many reports (``None``: when Tune stops it,
             e.g. ``stop={"training_iteration": 20}`` or a scheduler's ``max_t``).
         checkpoint_every: a Tune checkpoint every this many reports and at a member's last
@@ -107,6 +108,7 @@ class ModelBatchSearcher(Searcher):
         random_state: Any = None,
     ) -> None:
         _check_args(recipe, searcher, slots_per_gpu, reports, checkpoint_every, park_after_s)
+        _check_picklable(recipe)
         self.park_after_s = float(park_after_s)
         self.recipe = recipe
         self.slots_per_gpu = slots_per_gpu
@@ -118,6 +120,9 @@ class ModelBatchSearcher(Searcher):
         self._space: dict[str, Any] | None = None
         self._num_samples: int | None = None
         self._completed: set[str] = set()
+        # trial -> last training_iteration Tune processed in this run (not saved: after a driver
+        # restart Tune's restored trials may lag it, and skipping would leave gaps)
+        self._reported: dict[str, int] = {}
         self._last_stats: list[dict[str, Any]] = []
         self._releases: list[Any] = []
 
@@ -181,6 +186,7 @@ class ModelBatchSearcher(Searcher):
         return self._inner.mode
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        _check_sweep(self.recipe, metric, mode, config, spec.get("num_samples"))  # before any server starts
         self._space = config or self._space
         self._num_samples = spec.get("num_samples", self._num_samples)
         self.shutdown()  # a new sweep: fresh servers
@@ -192,6 +198,11 @@ class ModelBatchSearcher(Searcher):
         return self._limiter.suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        iteration = result.get("training_iteration")
+        if isinstance(iteration, int):  # a restarted member's relay skips what Tune already has
+            self._reported[trial_id] = iteration
+            if self._fleet is not None:
+                self._fleet.registry.reported.remote({trial_id: iteration})
         self._limiter.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -199,6 +210,7 @@ class ModelBatchSearcher(Searcher):
             self._releases.append(self._fleet.registry.release.remote(trial_id))
         self._limiter.on_trial_complete(trial_id, result=result, error=error)
         self._completed.add(trial_id)
+        self._reported.pop(trial_id, None)
         if self._num_samples is not None and 0 < self._num_samples <= len(self._completed):
             self.shutdown()
 
@@ -212,7 +224,11 @@ class ModelBatchSearcher(Searcher):
         self._limiter.on_unpause(trial_id)
 
     def get_state(self) -> dict[str, Any]:
-        return {"completed": sorted(self._completed), "num_samples": self._num_samples, "space": self._space}
+        return {
+            "completed": sorted(self._completed),
+            "num_samples": self._num_samples,
+            "space": self._space,
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._completed = set(state["completed"])
@@ -302,3 +318,62 @@ def _check_args(
             raise ValueError(f"{API}: {name} must be a positive int or None, got {value!r}.")
     if isinstance(park_after_s, bool) or not isinstance(park_after_s, (int, float)) or not park_after_s > 0:
         raise ValueError(f"{API}: park_after_s must be a positive number of seconds, got {park_after_s!r}.")
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _check_picklable(recipe: Any) -> None:
+    """Ray sends the recipe to every slot server: fail now, not when the sweep starts them."""
+    try:
+        cloudpickle.dump(recipe, _Discard())  # streamed and dropped: no copy of the data is kept
+    except Exception as exc:
+        raise TypeError(
+            f"{API}: the recipe cannot be pickled for Ray, which sends it to every slot server "
+            f"({type(exc).__name__}: {exc}). Create locks, open files and connections inside the function "
+            "that uses them (the model factory, loss or metric), not in a closure, default argument or "
+            "global it captures; or check it with ray.cloudpickle.dumps(recipe)."
+        ) from exc
+
+
+def _reported_metrics(recipe: mb.Recipe) -> set[str]:
+    keys = {"loss", "step", "slot", "pack", "server", "server_node", *AUTO_RESULT_KEYS}
+    if recipe.val_data is not None:
+        keys |= {"val_loss", *(f"val_{name}" for name in recipe.metrics)}
+    return keys
+
+
+def _check_sweep(recipe: Any, metric: Any, mode: Any, space: dict | None, num_samples: Any) -> None:
+    """What Tune tells the searcher at the start of a sweep, and a sample of the space's configs."""
+    if mode is not None and mode not in ("min", "max"):
+        raise ValueError(
+            f"{API}: mode must be 'min' or 'max', got {mode!r}; pass it as tune.run(mode=...) or "
+            "TuneConfig(mode=...)."
+        )
+    if num_samples == 0:
+        raise ValueError(
+            f"{API}: num_samples is 0; a sweep needs num_samples >= 1 (or -1 to run until stopped). "
+            "Pass it as tune.run(num_samples=...) or TuneConfig(num_samples=...)."
+        )
+    if not isinstance(recipe, mb.Recipe):
+        return  # a pack factory: its results and configs are its own
+    reported = _reported_metrics(recipe)
+    if isinstance(metric, str) and metric not in reported:
+        named = sorted(k for k in reported if k in ("loss", "val_loss") or k.startswith("val_"))
+        raise ValueError(
+            f"{API}: metric {metric!r} is not among the results a member reports ({named}, plus "
+            f"{sorted(reported - set(named))}). Pass one of them as tune.run(metric=...), or add it to "
+            "mb.Recipe(metrics={name: fn}) (reported as 'val_<name>', needs val_data)."
+        )
+    try:
+        sampler = SpaceSampler()
+        sampler.set_search_properties(None, None, space or {})
+        samples = sampler.samples(AUTO_SAMPLES)
+    except Exception:  # a space only the inner searcher understands: it is checked by the servers
+        samples = []
+    for config in samples:
+        where = f"{API}: config {config} (sampled from the search space)"
+        recipe.hparams(config, api=where)
+        build_model(recipe, config, member_seed(config, 0), api=where)

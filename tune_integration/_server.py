@@ -11,6 +11,9 @@ paused the trial, as HyperBand and PBT do, or its process died) is parked: taken
 pack with its state kept, so the others go on; it continues exactly when it asks again, or
 from its checkpoint when Tune restarts it.
 
+A server whose process dies is restarted by Ray (``max_restarts``, see :mod:`._launch`) with no
+members; each relay then joins again with the last checkpoint it holds (see :mod:`._relay`).
+
 This module is import-light (no torch): relay trials deserialize the server's actor handle,
 which imports the actor's class module. The engine side lives in :mod:`._packs`.
 """
@@ -23,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
+
+from ._registry import SlotLost
 
 
 class SlotServer:
@@ -62,10 +67,21 @@ class SlotServer:
         return {**self.where, "slots": self.packs.slots, "device": str(self.packs.device)}
 
     def stats(self) -> dict[str, Any]:
-        """:meth:`info` plus ``live`` and ``parked`` members, ``packs``, ``members_hosted`` and ``parks``."""
+        """:meth:`info` plus ``live`` and ``parked`` members, ``packs``, ``members_hosted`` and ``parks``.
+
+        Also ``restarted``: whether Ray restarted this server after its process died (the
+        counts then start from the restart).
+        """
         packs = self.packs
         counts = {"live": len(packs.pack_of), "parked": len(packs.parked), "packs": len(packs.packs)}
-        return {**self.info(), **counts, "members_hosted": packs.members_hosted, "parks": packs.parks}
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        return {
+            **self.info(),
+            **counts,
+            "members_hosted": packs.members_hosted,
+            "parks": packs.parks,
+            "restarted": restarted,
+        }
 
     async def join(self, trial_id: str, config: dict[str, Any], state: bytes | None) -> None:
         """Put a member into a free slot of its architecture's pack (restored from ``state`` if given)."""
@@ -93,8 +109,8 @@ class SlotServer:
                 if trial_id in self.packs.parked:
                     await self._in_thread(self.packs.unpark, trial_id)
         pid = self.packs.pack_of.get(trial_id)
-        if pid is None:
-            raise RuntimeError(f"ModelBatchSearcher: member {trial_id} has no slot on server {self.where}.")
+        if pid is None:  # the server restarted since the member joined
+            raise SlotLost(f"ModelBatchSearcher: member {trial_id} has no slot on server {self.where}.")
         future = loop.create_future()
         self.waiting[trial_id], self.asked_at[trial_id] = future, loop.time()
         self._maybe_tick(pid)
