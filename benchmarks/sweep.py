@@ -1,0 +1,381 @@
+"""A sweep three ways: plain Tune (one trial per config) vs ModelBatchSearcher vs mb.fit without Ray.
+
+The search space, configs and epochs are those of the main job (``examples/sweep.py``: MLPs on
+scikit-learn's digits, AdamW, batch 64, one report per epoch). For each number of configs, the
+same configs in the same order (a fixed list fed by one Tune ``Searcher``) are trained by:
+
+- ``tune``: plain ``tune.run`` of a function trainable that trains one config with plain torch
+  (its own seeded shuffling DataLoader and ``torch.optim.AdamW``); ``--trial-cpus`` CPUs per trial
+  (default 0.5: 4 trials at once on 2 CPUs, as users do with fractional GPUs), ASHA, ``reuse_actors``.
+- ``modelbatch``: ``tune.run`` with ``ModelBatchSearcher`` (same ASHA, ``reuse_actors``).
+- ``fit``: ``mb.fit`` of every config for every epoch (no early stopping, no Ray).
+
+Each (side, configs) runs in a fresh process. Reported: wall time (from the start of the sweep to
+its end, after ``ray.init``; ``ray_init_s`` apart), configs/hour, peak memory of the run's
+process tree (the sum of its processes' proportional set sizes, ``Pss`` in
+``/proc/<pid>/smaps_rollup``, sampled every 0.5 s: Ray's processes are children of the run's),
+the best validation loss/accuracy, and the trained epochs.
+
+    python benchmarks/sweep.py                        # 16, 64, 256 configs x 3 sides (~15 min on 2 idle CPUs)
+    python benchmarks/sweep.py --configs 64 --sides tune modelbatch
+    python benchmarks/sweep.py --quick                # 8 configs, 3 epochs
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def load_example() -> Any:
+    """examples/sweep.py as a module (the search space, data and recipe of the main job)."""
+    spec = importlib.util.spec_from_file_location("modelbatch_sweep_example", ROOT / "examples" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def sample_configs(n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` configs of the example's search space, drawn once with a seeded sampler."""
+    from tune_integration._sampler import SpaceSampler
+
+    sampler = SpaceSampler(seed)
+    sampler.set_search_properties(None, None, load_example().search_space())
+    return sampler.samples(n)
+
+
+# ---------------------------------------------------------------------- memory of a process tree
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class TreeMemory:
+    """Peak of the summed Pss of this process and all its descendants (Linux), sampled in a thread."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.peak_kb, self.interval = 0, interval
+        self.available = os.path.exists(f"/proc/{os.getpid()}/smaps_rollup")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pids, total = [os.getpid()], 0
+            while pids:
+                pid = pids.pop()
+                total += _pss_kb(pid)
+                pids.extend(_children(pid))
+            self.peak_kb = max(self.peak_kb, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self.available:
+            self._thread.join()
+
+
+# ---------------------------------------------------------------------- the three sides
+def fixed_searcher(configs: list[dict[str, Any]]) -> Any:
+    """A Tune Searcher suggesting ``configs`` in order, then FINISHED (same configs for every side)."""
+    from ray.tune.search import Searcher
+
+    class FixedConfigs(Searcher):
+        def __init__(self) -> None:
+            super().__init__()
+            self.next = 0
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+            if self.next >= len(configs):
+                return Searcher.FINISHED
+            self.next += 1
+            return dict(configs[self.next - 1])
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            pass
+
+    return FixedConfigs()
+
+
+def plain_trainable(config: dict[str, Any]) -> None:
+    """One config trained alone with plain torch, as a user would write it for Tune."""
+    import torch
+    import torch.nn.functional as F
+    from ray import tune
+    from torch.utils.data import DataLoader, TensorDataset
+
+    example = load_example()
+    torch.set_num_threads(1)
+    (x, y), (xv, yv) = example.digits()
+    torch.manual_seed(config["seed"])
+    model = example.make_model(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    loader = DataLoader(
+        TensorDataset(x, y),
+        batch_size=example.BATCH_SIZE,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(config["seed"]),
+    )
+    while True:
+        model.train()
+        total, count = 0.0, 0
+        for xb, yb in loader:
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, count = total + float(loss), count + 1
+        model.eval()
+        with torch.no_grad():
+            logits = model(xv)
+            val_loss = float(F.cross_entropy(logits, yv))
+            val_acc = float((logits.argmax(-1) == yv).float().mean())
+        tune.report({"loss": total / count, "val_loss": val_loss, "val_acc": val_acc})
+
+
+def run_tune_side(side: str, configs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    example = load_example()
+    start = time.perf_counter()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    row: dict[str, Any] = {"ray_init_s": time.perf_counter() - start}
+    inner = fixed_searcher(configs)
+    if side == "modelbatch":
+        from tune_integration import ModelBatchSearcher
+
+        searcher = ModelBatchSearcher(
+            example.make_recipe(device="cpu"),
+            searcher=inner,
+            slots_per_gpu=args.slots,
+            checkpoint_every=args.checkpoint_every,
+        )
+        trainable, search_alg = searcher.trainable(), searcher
+    else:
+        trainable, search_alg = tune.with_resources(plain_trainable, {"cpu": args.trial_cpus}), inner
+    with TreeMemory() as memory:
+        start = time.perf_counter()
+        analysis = tune.run(
+            trainable,
+            config={},
+            num_samples=len(configs),
+            search_alg=search_alg,
+            scheduler=ASHAScheduler(max_t=args.epochs, grace_period=2, reduction_factor=3),
+            metric="val_loss",
+            mode="min",
+            stop={"training_iteration": args.epochs},
+            reuse_actors=True,
+            storage_path=args.storage,
+            name=f"{side}-{len(configs)}",
+            verbose=0,
+        )
+        row["wall_s"] = time.perf_counter() - start
+    if side == "modelbatch":
+        row["server_stats"] = searcher.server_stats()
+    ray.shutdown()
+    trials = analysis.trials
+    row["peak_mb"] = memory.peak_kb / 1024 if memory.available else None
+    row["epochs_trained"] = sum(t.last_result.get("training_iteration", 0) for t in trials)
+    row["errored"] = sum(t.status == "ERROR" for t in trials)
+    frames = [f for f in analysis.trial_dataframes.values() if not f.empty]
+    best = min(frames, key=lambda f: f["val_loss"].min())
+    row["best_val_loss"] = float(best["val_loss"].min())
+    row["best_val_acc"] = float(best.loc[best["val_loss"].idxmin(), "val_acc"])
+    return row
+
+
+def run_fit_side(configs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    import modelbatch as mb
+
+    example = load_example()
+    with TreeMemory() as memory:
+        start = time.perf_counter()
+        history = mb.fit(example.make_recipe(device="cpu"), configs, reports=args.epochs, progress=False)
+        wall = time.perf_counter() - start
+    best = history.loc[history["val_loss"].idxmin()]
+    return {
+        "wall_s": wall,
+        "peak_mb": memory.peak_kb / 1024 if memory.available else None,
+        "epochs_trained": int(history.groupby("member")["training_iteration"].max().sum()),
+        "errored": int(history.groupby("member")["status"].last().str.startswith("errored").sum()),
+        "best_val_loss": float(best["val_loss"]),
+        "best_val_acc": float(best["val_acc"]),
+    }
+
+
+def run_one(args: argparse.Namespace) -> None:
+    """The child process: one side at one size; prints its row as JSON on the last line."""
+    configs = sample_configs(args.one_configs, args.seed)
+    row = run_fit_side(configs, args) if args.one == "fit" else run_tune_side(args.one, configs, args)
+    row["configs_per_hour"] = len(configs) / row["wall_s"] * 3600
+    print(json.dumps(row, default=str))
+
+
+# ---------------------------------------------------------------------- driver
+def cpu_auto_slots() -> int:
+    """``slots_per_gpu="auto"`` on a CPU server for a model far smaller than memory: its core-based cap."""
+    from tune_integration._packs import AUTO_MAX_SLOTS, AUTO_SLOTS_PER_CPU
+
+    return min(AUTO_MAX_SLOTS["cpu"], AUTO_SLOTS_PER_CPU * (os.cpu_count() or 1))
+
+
+def machine() -> dict[str, Any]:
+    import ray
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--configs", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument(
+        "--sides", nargs="+", choices=["tune", "modelbatch", "fit"], default=["tune", "modelbatch", "fit"]
+    )
+    parser.add_argument("--epochs", type=int, default=10, help="most epochs per config (ASHA max_t)")
+    parser.add_argument("--trial-cpus", type=float, default=0.5, help="CPUs per plain Tune trial")
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=cpu_auto_slots(),
+        help="ModelBatchSearcher slots_per_gpu (default: what 'auto' picks for a tiny model on this CPU)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=lambda v: None if v == "none" else int(v),
+        default=1,
+        help="ModelBatchSearcher checkpoint_every (default 1, its default; 'none': no checkpoints)",
+    )
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="8 configs, 3 epochs")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default benchmarks/results/...)"
+    )
+    parser.add_argument("--one", choices=["tune", "modelbatch", "fit"], help=argparse.SUPPRESS)
+    parser.add_argument("--one-configs", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--storage", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        run_one(args)
+        return
+    if args.quick:
+        args.configs, args.epochs = [8], 3
+    import tempfile
+
+    rows = []
+    for n in args.configs:
+        row: dict[str, Any] = {"configs": n}
+        for side in args.sides:
+            with tempfile.TemporaryDirectory() as storage:
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    side,
+                    "--one-configs",
+                    str(n),
+                    "--storage",
+                    storage,
+                ]
+                command += ["--epochs", str(args.epochs), "--trial-cpus", str(args.trial_cpus)]
+                command += ["--slots", str(args.slots), "--seed", str(args.seed)]
+                command += ["--checkpoint-every", str(args.checkpoint_every).lower()]
+                command += ["--cpus", str(args.cpus)] if args.cpus else []
+                print(f"{n} configs, {side} ...", flush=True)
+                done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"benchmarks/sweep.py: {side} at {n} configs failed:\n{done.stderr[-4000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            row.update({f"{side}_{k}": v for k, v in result.items()})
+            print(f"  {result['wall_s']:.1f} s, best val_loss {result['best_val_loss']:.4f}", flush=True)
+        if "tune_wall_s" in row and "modelbatch_wall_s" in row:
+            row["speedup_modelbatch_vs_tune"] = row["tune_wall_s"] / row["modelbatch_wall_s"]
+        rows.append(row)
+    name = f"sweep-cpu-{os.cpu_count()}core-{platform.machine()}{'-quick' if args.quick else ''}.json"
+    out = args.out or RESULTS / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("one", "one_configs", "storage", "out")}
+    report = {"machine": machine(), "config": config, "command": " ".join(sys.argv), "rows": rows}
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(table(rows))
+    print(f"results: {out}")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ["configs", "side", "wall s", "configs/hour", "peak MB", "epochs trained", "best val_loss"]
+    lines = ["| " + " | ".join([*header, "best val_acc"]) + " |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        for side in ("tune", "modelbatch", "fit"):
+            if f"{side}_wall_s" not in row:
+                continue
+            peak = row[f"{side}_peak_mb"]
+            cells = [
+                row["configs"],
+                side,
+                f"{row[f'{side}_wall_s']:.1f}",
+                f"{row[f'{side}_configs_per_hour']:.0f}",
+                "n/a" if peak is None else f"{peak:.0f}",
+                row[f"{side}_epochs_trained"],
+                f"{row[f'{side}_best_val_loss']:.4f}",
+                f"{row[f'{side}_best_val_acc']:.4f}",
+            ]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        speedup = row.get("speedup_modelbatch_vs_tune")
+        if speedup is not None and math.isfinite(speedup):
+            lines.append(f"| {row['configs']} | **modelbatch vs tune** | **{speedup:.2f}x** | | | | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""The main job: a Ray Tune sweep of MLPs on scikit-learn's digits, trained as ModelBatch packs.
+
+64 configs (learning rate, weight decay, width, dropout) by default, ASHA stopping the weak ones
+early, Ray started locally (or joined with ``--address``), every member logged as its own MLflow
+run nested under the sweep's parent run (local sqlite store by default). Each GPU of the cluster
+(or each CPU node when there is none) runs one slot server that trains its members as one
+vmapped pack per architecture; every member is still its own Tune trial.
+
+At the end it prints the best config and its validation score, where the MLflow runs are and
+the command to open the UI, and writes into ``--out`` (default ``sweep_results/``):
+``history.parquet`` (one row per member per report), ``learning_curves.png`` (every member's
+validation curves, the best highlighted) and ``best.json``.
+
+Run from the repository root after ``pip install -e ".[dev]"`` (about 2-3 min on 2 CPU cores):
+    python examples/sweep.py
+    python examples/sweep.py --num-samples 256 --epochs 30 --searcher optuna
+    python examples/sweep.py --address auto --tracking-uri http://mlflow-host:5000   # a running cluster
+Ctrl-C stops cleanly (Tune saves the experiment); ``python examples/sweep.py --resume`` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+import modelbatch as mb
+
+EXPERIMENT = "modelbatch-digits"
+METRIC, MODE = "val_loss", "min"
+BATCH_SIZE = 64
+VAL_FRACTION = 0.2
+
+
+class MLP(nn.Module):
+    """A 64-width-width-10 MLP with dropout: the architecture each config builds."""
+
+    def __init__(self, width: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(64, width),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(width, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def make_model(config: dict[str, Any]) -> nn.Module:
+    return MLP(int(config["width"]), float(config["dropout"]))
+
+
+def digits(seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's 1797 8x8 digits scaled to [0, 1], split 80/20 by a seeded permutation."""
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_val = int(len(y) * VAL_FRACTION)
+    val, train = order[:n_val], order[n_val:]
+    return (x[train], y[train]), (x[val], y[val])
+
+
+def make_recipe(device: str | None = None) -> mb.Recipe:
+    """One member = one config trained with AdamW on its own shuffle of digits; a report per epoch."""
+    if __name__ != "__main__":  # imported (benchmarks/sweep.py): Ray workers cannot import this file
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    train, val = digits()
+    return mb.Recipe(
+        model=make_model,
+        optimizer="adamw",
+        loss=F.cross_entropy,
+        train_data=train,
+        val_data=val,
+        batch_size=BATCH_SIZE,
+        steps_per_report=math.ceil(len(train[1]) / BATCH_SIZE),  # one epoch
+        metrics={"acc": mb.metrics.accuracy},
+        device=device,
+    )
+
+
+def search_space() -> dict[str, Any]:
+    from ray import tune
+
+    return {
+        "lr": tune.loguniform(1e-4, 3e-2),
+        "weight_decay": tune.loguniform(1e-6, 1e-1),
+        "width": tune.choice([64, 128]),
+        "dropout": tune.choice([0.0, 0.2]),  # each (width, dropout) is its own pack
+        "seed": tune.randint(0, 2**31 - 1),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--num-samples", type=int, default=64, help="configs to try (default 64)")
+    parser.add_argument(
+        "--epochs", type=int, default=20, help="most epochs per member (ASHA max_t, default 20)"
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=None, help="GPUs for the local Ray (default: all it finds; 0: CPU only)"
+    )
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="join a running Ray cluster ('auto' or host:port) instead of a local one",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    parser.add_argument("--searcher", choices=["random", "optuna"], default="random", help="config suggester")
+    parser.add_argument("--slots", default="auto", help="members per server: an int or 'auto' (default)")
+    parser.add_argument("--out", type=Path, default=Path("sweep_results"), help="output folder")
+    parser.add_argument("--name", default="digits-sweep", help="Tune experiment name (under --out)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted sweep of the same --out/--name"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the config sampling (default 0)")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1 or args.epochs < 1:
+        parser.error("--num-samples and --epochs must be at least 1")
+    if args.slots != "auto":
+        if not args.slots.isdigit() or int(args.slots) < 1:
+            parser.error(f"--slots must be a positive int or 'auto', got {args.slots!r}")
+        args.slots = int(args.slots)
+    args.out = args.out.resolve()
+    if args.resume and not (args.out / args.name).exists():
+        parser.error(f"--resume: no sweep to continue in {args.out / args.name}; run without --resume first")
+    return args
+
+
+def make_progress(total: int, max_t: int) -> Any:
+    """A Tune callback showing members running / stopped early / finished / errored and the best so far."""
+    from ray import tune
+    from tqdm.auto import tqdm
+
+    class LiveProgress(tune.Callback):
+        def __init__(self) -> None:
+            self.bar: Any = None
+            self.shown = 0.0
+            self.best: tuple[float, float] | None = None  # (val_loss, val_acc of that same report)
+            self.interrupted = False
+
+        def setup(self, **info: Any) -> None:
+            """Note a Ctrl-C: Tune's own handler (installed before this runs) then ends the run cleanly."""
+            if threading.current_thread() is not threading.main_thread():
+                return
+            tune_handler = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum: int, frame: Any) -> None:
+                self.interrupted = True
+                if callable(tune_handler):
+                    tune_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_: Any) -> None:
+            value = result.get(METRIC)
+            if value is not None and math.isfinite(value) and (self.best is None or value < self.best[0]):
+                self.best = (value, result.get("val_acc", float("nan")))
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            if time.monotonic() - self.shown < 0.5:
+                return
+            self.shown = time.monotonic()
+            self.refresh(trials)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self.refresh(trials)
+            if self.bar is not None:
+                self.bar.close()
+
+        def refresh(self, trials: list) -> None:
+            counts = {"pending": 0, "running": 0, "stopped": 0, "finished": 0, "errored": 0}
+            for trial in trials:
+                status, result = trial.status, trial.last_result or {}
+                if status == "TERMINATED":
+                    done = result.get("training_iteration", 0) >= max_t
+                    counts["finished" if done else "stopped"] += 1
+                elif status == "ERROR":
+                    counts["errored"] += 1
+                elif status in ("RUNNING", "PAUSED"):
+                    counts["running"] += 1
+                else:
+                    counts["pending"] += 1
+            if self.bar is None:
+                self.bar = tqdm(
+                    total=total, unit="member", desc="members done", dynamic_ncols=True, mininterval=1
+                )
+            ended = counts["stopped"] + counts["finished"] + counts["errored"]
+            self.bar.update(ended - self.bar.n)
+            postfix = " ".join(f"{k} {v}" for k, v in counts.items() if v or k in ("running", "finished"))
+            if self.best is not None:
+                postfix += f" | best {METRIC} {self.best[0]:.4f} (val_acc {self.best[1]:.3f})"
+            self.bar.set_postfix_str(postfix, refresh=True)
+
+    return LiveProgress()
+
+
+def run_sweep(args: argparse.Namespace) -> tuple[Any, bool]:
+    """Start or join Ray and run the Tune sweep with ModelBatchSearcher: (ExperimentAnalysis, interrupted)."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from tune_integration import MLflowCallback, ModelBatchSearcher
+
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=False, log_to_driver=False)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    servers = f"{gpus} slot servers, one per GPU" if gpus else "one CPU slot server per node"
+    print(f"Ray: {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, {gpus} GPUs -> {servers}")
+    inner = None
+    if args.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        inner = OptunaSearch(seed=args.seed)
+    recipe = make_recipe(device="cpu" if gpus == 0 else None)
+    searcher = ModelBatchSearcher(recipe, searcher=inner, slots_per_gpu=args.slots, random_state=args.seed)
+    callbacks = [
+        make_progress(args.num_samples, args.epochs),
+        MLflowCallback(tracking_uri=args.tracking_uri, experiment_name=EXPERIMENT, metric=METRIC, mode=MODE),
+    ]
+    print(
+        f"sweep: {args.num_samples} configs of {sorted(search_space())}, ASHA up to {args.epochs} epochs, "
+        f"searcher {args.searcher}; Ctrl-C stops cleanly, then --resume continues"
+    )
+    try:
+        analysis = tune.run(
+            searcher.trainable(),
+            name=args.name,
+            storage_path=str(args.out),
+            config=search_space(),
+            num_samples=args.num_samples,
+            search_alg=searcher,
+            scheduler=ASHAScheduler(max_t=args.epochs, grace_period=2, reduction_factor=3),
+            metric=METRIC,
+            mode=MODE,
+            stop={"training_iteration": args.epochs},
+            reuse_actors=True,
+            callbacks=callbacks,
+            resume=args.resume,
+            verbose=0,
+            raise_on_failed_trial=False,
+        )
+        return analysis, callbacks[0].interrupted
+    finally:
+        hosted = [(s["server"], s["device"], s["members_hosted"]) for s in searcher.server_stats()]
+        print(f"slot servers (index, device, members hosted): {hosted}")
+        searcher.shutdown()
+
+
+def history_frame(analysis: Any) -> pd.DataFrame:
+    """One row per member per report: trial id, config, metrics (a resumed report counted once)."""
+    frames = analysis.trial_dataframes
+    rows = []
+    for trial in analysis.trials:
+        frame = frames.get(trial.trial_id)
+        if frame is None or frame.empty:
+            continue
+        frame = frame.drop_duplicates("training_iteration", keep="last").copy()
+        frame["trial_id"] = trial.trial_id
+        frame["status"] = trial.status
+        rows.append(frame)
+    if not rows:
+        return pd.DataFrame()
+    history = pd.concat(rows, ignore_index=True)
+    keep = ["trial_id", "training_iteration", "loss", "val_loss", "val_acc", "time_total_s", "status"]
+    keep += ["server", "pack", "slot", *sorted(c for c in history.columns if c.startswith("config/"))]
+    return history[[c for c in keep if c in history.columns]].sort_values(["trial_id", "training_iteration"])
+
+
+def plot_curves(history: pd.DataFrame, best_id: str, path: Path) -> None:
+    """Every member's validation loss and accuracy per epoch; the best member highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for trial_id, member in history.groupby("trial_id"):
+        best = trial_id == best_id
+        for ax, column in zip(axes, ("val_loss", "val_acc")):
+            ax.plot(
+                member["training_iteration"],
+                member[column],
+                color="tab:red" if best else "tab:gray",
+                alpha=1.0 if best else 0.35,
+                linewidth=2.5 if best else 0.8,
+                zorder=3 if best else 1,
+                label=f"best ({best_id})" if best else None,
+            )
+    for ax, column in zip(axes, ("validation loss", "validation accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(column)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[0].legend()
+    fig.suptitle(f"{history['trial_id'].nunique()} members (ASHA stops the weak ones early)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarize(analysis: Any, interrupted: bool, args: argparse.Namespace, seconds: float) -> int:
+    """Print the outcome and write history.parquet, learning_curves.png and best.json; the exit code."""
+    trials = analysis.trials
+    if interrupted:
+        print(f"\nInterrupted after {seconds:.0f} s; Tune saved the sweep's state.")
+        same = f"--num-samples {args.num_samples} --epochs {args.epochs} --out {args.out} --name {args.name}"
+        print(f"Continue with: python {sys.argv[0]} --resume {same}")
+        return 130
+    history = history_frame(analysis)
+    if history.empty:
+        print(f"\nNo member reported a result; see the errors under {args.out / args.name}.")
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    history.to_parquet(args.out / "history.parquet", index=False)
+    errored = [t for t in trials if t.status == "ERROR"]
+    best = analysis.get_best_trial(METRIC, MODE, scope="all")
+    if best is None:
+        print(f"\nNo member reported a finite {METRIC}; see the errors under {args.out / args.name}.")
+        return 1
+    rows = history[history["trial_id"] == best.trial_id]
+    at = rows.loc[rows[METRIC].idxmin()]
+    plot_curves(history, best.trial_id, args.out / "learning_curves.png")
+    config = {k: best.config[k] for k in sorted(best.config)}
+    summary = {
+        "trial_id": best.trial_id,
+        "config": config,
+        "epoch": int(at["training_iteration"]),
+        METRIC: float(at[METRIC]),
+        "val_acc": float(at["val_acc"]),
+    }
+    (args.out / "best.json").write_text(json.dumps(summary, indent=2) + "\n")
+    stopped = sum(
+        t.status == "TERMINATED" and t.last_result["training_iteration"] < args.epochs for t in trials
+    )
+    finished = len(trials) - stopped - len(errored)
+    print(
+        f"\n{len(trials)} members in {seconds:.0f} s ({len(trials) / seconds * 3600:.0f} configs/hour): "
+        f"{finished} finished, {stopped} stopped early by ASHA, {len(errored)} errored"
+    )
+    print(f"best config: {json.dumps(config)}")
+    print(f"  {METRIC} {summary[METRIC]:.4f}, val_acc {summary['val_acc']:.4f} at epoch {summary['epoch']}")
+    print(
+        f"MLflow: experiment {EXPERIMENT!r} in {args.tracking_uri} (a parent run, one child run per member)"
+    )
+    if args.tracking_uri.startswith(("http://", "https://")):
+        print(f"  open {args.tracking_uri}")
+    else:
+        print(
+            f"  open the UI: mlflow ui --backend-store-uri {args.tracking_uri}   then http://127.0.0.1:5000"
+        )
+    print(f"history: {args.out / 'history.parquet'} ({len(history)} rows, one per member per report)")
+    print(f"learning curves: {args.out / 'learning_curves.png'}; best: {args.out / 'best.json'}")
+    print(f"Tune experiment: {args.out / args.name}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import ray
+
+    start = time.monotonic()
+    try:
+        analysis, interrupted = run_sweep(args)
+        return summarize(analysis, interrupted, args, time.monotonic() - start)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
