@@ -72,7 +72,12 @@ def resolve_backend(api: str, backend: str, chunk_size: int | None, n: int) -> C
 
 
 def auto_candidates(n: int) -> list[Choice]:
-    """The backends ``"auto"`` times for a pack of ``n``: vmap, a few chunk sizes below n, loop."""
+    """The backends ``"auto"`` times for a pack of ``n``: vmap, a few chunk sizes below n, loop.
+
+    A single member has nothing to vectorize: the loop (its own module, no vmap) is taken at once.
+    """
+    if n == 1:
+        return [Choice("loop")]
     chunks = [Choice("chunked", c) for c in AUTO_CHUNK_SIZES if 1 < c < n]
     return [Choice("vmap"), *chunks, Choice("loop")]
 

@@ -158,6 +158,16 @@ def test_auto_records_its_choice_and_can_be_forced() -> None:
     assert mb.ModelBatch([MLP() for _ in range(3)], backend="loop").backend == "loop"
 
 
+def test_auto_takes_the_loop_at_once_for_a_single_member() -> None:
+    batch = _pack("mlp", "auto", n=1)
+    opt = mb.optim.SGD(batch, lr=0.1)
+    for x, y in _batches("mlp", 2, n=1):
+        opt.zero_grad()
+        batch.compute_loss(batch(x, in_dims=0), y, F.cross_entropy).sum().backward()
+        opt.step()
+    assert batch.backend == "loop" and "vmap" not in batch.backend_timings  # vmap never timed
+
+
 def test_auto_ignores_eval_calls_and_handles_gradient_accumulation() -> None:
     """Eval calls and two forwards per backward during the trial still give vmap's results."""
     batch, ref = _pack("cnn", "auto"), _pack("cnn", "vmap")
