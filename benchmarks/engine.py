@@ -259,6 +259,56 @@ def measure(
     return result
 
 
+def measure_ab(
+    model: str,
+    n: int,
+    device: str,
+    threads: int,
+    warmup: int,
+    steps: int,
+    max_seconds: float,
+    seed: int,
+    chunk_size: int,
+) -> dict:
+    """Plain loop and ``auto`` pack in ONE process, their timed steps interleaved (A, B, A, B, ...).
+
+    Both sides then see the same machine state (frequency, neighbours, memory layout), which fresh
+    processes do not: at sub-millisecond steps those differ between processes by more than the
+    sides differ. Returns the median ms of each side and their ratio (``ab_speedup``).
+    """
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    warm_up_lazy_init(dev)
+    loop_step, _ = build_step(model, n, "loop", dev, seed, chunk_size)
+    pack_step, batch = build_step(model, n, "pack-auto", dev, seed, chunk_size)
+    trial_steps = 0
+    while batch.backend == "auto" and trial_steps < MAX_AUTO_TRIAL_STEPS:
+        pack_step()
+        trial_steps += 1
+    for _ in range(warmup):
+        loop_step()
+        pack_step()
+    sync(dev)
+    times: dict[str, list[float]] = {"loop": [], "pack": []}
+    while len(times["pack"]) < steps and (
+        len(times["pack"]) < MIN_TIMED_STEPS or sum(times["loop"]) + sum(times["pack"]) < max_seconds
+    ):
+        for side, step in (("loop", loop_step), ("pack", pack_step)):
+            start = time.perf_counter()
+            step()
+            sync(dev)
+            times[side].append(time.perf_counter() - start)
+    loop_ms, pack_ms = (statistics.median(times[k]) * 1e3 for k in ("loop", "pack"))
+    label = batch.backend + (f":{batch.chunk_size}" if batch.chunk_size else "")
+    return {
+        "loop_ms": round(loop_ms, 3),
+        "auto_ms": round(pack_ms, 3),
+        "speedup": round(loop_ms / pack_ms, 3),
+        "timed_steps": len(times["pack"]),
+        "backend": label,
+    }
+
+
 def measure_when_idle(max_stall: float, retries: int, **kwargs: object) -> dict:
     """:func:`measure_safely` on an idle CPU: measured again while other processes stalled it.
 
@@ -290,10 +340,10 @@ def measure_safely(**kwargs: object) -> dict:
         return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"}
 
 
-def measure_in_fresh_process(**kwargs: object) -> dict:
-    """Run :func:`measure` in a new process, so that no allocator cache or peak carries over."""
+def measure_in_fresh_process(fn: Callable[..., dict] = measure, **kwargs: object) -> dict:
+    """Run :func:`measure` (or ``fn``) in a new process, so that no allocator cache or peak carries over."""
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(measure, **kwargs).result()
+        return pool.submit(fn, **kwargs).result()
 
 
 def cpu_name() -> str:
@@ -389,6 +439,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: N = 1 and 4, 3 timed steps, 1 warm-up"
     )
+    parser.add_argument(
+        "--no-ab",
+        dest="ab",
+        action="store_false",
+        help="skip the interleaved loop-vs-auto timing in one process (ab_* columns)",
+    )
+    parser.add_argument(
+        "--ab-steps", type=int, default=200, help="most timed steps per side of the interleaved run"
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch build sees no CUDA device; use --device cpu")
@@ -397,7 +456,7 @@ def parse_args() -> argparse.Namespace:
     if args.chunk_size < 1:
         parser.error("--chunk-size must be >= 1")
     if args.quick:
-        args.sizes, args.steps, args.warmup = [1, 4], MIN_TIMED_STEPS, 1
+        args.sizes, args.steps, args.warmup, args.ab_steps = [1, 4], MIN_TIMED_STEPS, 1, MIN_TIMED_STEPS
     return args
 
 
@@ -434,6 +493,21 @@ def main() -> None:
                 row |= {f"{key}_{k}": v for k, v in result.items()}
             if "loop_error" in row:
                 raise RuntimeError(f"the plain loop failed for {model}: {row['loop_error']}")
+            if args.ab and "auto" in args.backends:
+                wait_until_idle()
+                ab = measure_in_fresh_process(
+                    fn=measure_ab,
+                    model=model,
+                    n=n,
+                    device=args.device,
+                    threads=args.threads,
+                    warmup=args.warmup,
+                    steps=args.ab_steps,
+                    max_seconds=args.max_seconds,
+                    seed=args.seed,
+                    chunk_size=args.chunk_size,
+                )
+                row |= {f"ab_{k}": v for k, v in ab.items()}
             summary = []
             for b in args.backends:
                 if f"pack_{b}_ms" in row:
@@ -461,6 +535,8 @@ def main() -> None:
             "retries",
             "seed",
             "quick",
+            "ab",
+            "ab_steps",
         )
     }
     payload = {
