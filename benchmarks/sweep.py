@@ -173,7 +173,7 @@ def run_tune_side(side: str, configs: list[dict[str, Any]], args: argparse.Names
 
     example = load_example()
     start = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     row: dict[str, Any] = {"ray_init_s": time.perf_counter() - start}
     inner = fixed_searcher(configs)
     if side == "modelbatch":

@@ -233,7 +233,13 @@ def run_sweep(args: argparse.Namespace) -> tuple[Any, bool]:
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
-        ray.init(num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=False, log_to_driver=False)
+        ray.init(  # "local": a fresh Ray even where an older one's address file is left in /tmp/ray
+            address="local",
+            num_cpus=args.cpus,
+            num_gpus=args.gpus,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     servers = f"{gpus} slot servers, one per GPU" if gpus else "one CPU slot server per node"

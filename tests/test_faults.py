@@ -212,7 +212,7 @@ class local_ray:
     def __enter__(self):
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         return ray
 
     def __exit__(self, *exc):
