@@ -110,6 +110,11 @@ def _combine(outputs: list[Any], join: Callable[[list[torch.Tensor]], torch.Tens
     return pytree.tree_unflatten(leaves, spec)
 
 
+def _members(params: dict, n: int) -> int:
+    """Members in this call: the stacked parameters' leading size (``n`` for a parameter-free module)."""
+    return next(iter(params.values())).shape[0] if params else n
+
+
 def _unbind(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return t.unbind(0)
 
@@ -160,11 +165,13 @@ class Executor:
         return fn
 
     def run(self, choice: Choice, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict) -> Any:
-        if choice.name == "loop":
+        # The members given: all of the pack, or those ModelBatch.forward picked (see _members).
+        n = _members(params, self.n)
+        if choice.name == "loop" or n == 1:  # one member has nothing to vectorize
             return self._loop(params, buffers, args, dims, kwargs)
-        size = choice.chunk_size or self.n
-        ids = torch.arange(self.n)
-        if size >= self.n:
+        size = choice.chunk_size or n
+        ids = torch.arange(n)
+        if size >= n:
             return self._fn("vmap", dims)(params, buffers, ids, args, kwargs)
         return self._chunked(size, params, buffers, ids, args, dims, kwargs)
 
@@ -183,8 +190,9 @@ class Executor:
         p_chunks = {k: v.split(size) for k, v in params.items()}
         a_chunks = [a.split(size) if d == 0 else None for a, d in zip(args, dims)]
         outputs = []
-        for j, start in enumerate(range(0, self.n, size)):
-            stop = min(start + size, self.n)
+        n = _members(params, self.n)
+        for j, start in enumerate(range(0, n, size)):
+            stop = min(start + size, n)
             p = {k: v[j] for k, v in p_chunks.items()}
             b = {k: v[start:stop] for k, v in buffers.items()}  # views: BatchNorm updates them in place
             a = tuple(a if c is None else c[j] for a, c in zip(args, a_chunks))
@@ -194,9 +202,10 @@ class Executor:
     def _loop(self, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict) -> Any:
         # One unbind per tensor: its backward writes every member's gradient into one [N, ...] tensor.
         # A single member is a squeeze, whose backward is a view (no copy).
-        split = _unbind if self.n > 1 else _squeeze
+        n = _members(params, self.n)
+        split = _unbind if n > 1 else _squeeze
         members = {k: split(v) for k, v in params.items()}
-        members |= {k: [v[i] for i in range(self.n)] for k, v in buffers.items()}  # views: updated in place
+        members |= {k: [v[i] for i in range(n)] for k, v in buffers.items()}  # views: updated in place
         a_members = [split(a) if d == 0 else None for a, d in zip(args, dims)]
 
         def inputs(i: int) -> tuple:
@@ -206,13 +215,13 @@ class Executor:
             fn = self._fn("member", ())
             outputs = [
                 fn({k: members[k][i] for k in params}, {k: members[k][i] for k in buffers}, inputs(i), kwargs)
-                for i in range(self.n)
+                for i in range(n)
             ]
         else:
-            outputs = self._swapped_loop(members, inputs, kwargs)
-        return _combine(outputs, torch.stack if self.n > 1 else _unsqueeze)
+            outputs = self._swapped_loop(members, inputs, kwargs, n)
+        return _combine(outputs, torch.stack if n > 1 else _unsqueeze)
 
-    def _swapped_loop(self, members: dict, inputs: Callable[[int], tuple], kwargs: dict) -> list:
+    def _swapped_loop(self, members: dict, inputs: Callable[[int], tuple], kwargs: dict, n: int) -> list:
         """Call the module once per member with that member's tensors put in its slots.
 
         What ``functional_call`` does, without its per-call bookkeeping (it doubles a small model's
@@ -226,7 +235,7 @@ class Executor:
         try:
             for layer, cls in self._eager_classes:
                 layer.__class__ = cls
-            for i in range(self.n):
+            for i in range(n):
                 for table, leaf, values in slots:
                     table[leaf] = values[i]
                 for rnn in rnns:  # nn.RNNBase reads its weights from a list refreshed by setattr only

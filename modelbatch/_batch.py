@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import stack_module_state, vmap
+from torch.utils import _pytree as pytree
 
 from ._architecture import first_setting_difference
 from ._backends import Backends
@@ -55,6 +56,17 @@ def _looped_loss(
     if not all(isinstance(loss, torch.Tensor) for loss in losses):
         return losses
     return torch.stack(losses)
+
+
+def _scatter_members(out: Any, ids: torch.Tensor, n: int) -> Any:
+    """Outputs of the members ``ids`` (``[k, ...]`` leaves) placed in ``[n, ...]`` zeros, differentiably."""
+
+    def place(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != len(ids):
+            return t
+        return t.new_zeros((n, *t.shape[1:])).index_copy(0, ids.to(t.device), t)
+
+    return pytree.tree_map(place, out)
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
@@ -270,7 +282,10 @@ class ModelBatch(nn.Module):
         ``in_dims`` may also be a sequence with one entry per positional input. Keyword
         arguments are passed unchanged (shared) to every member. ``participating`` ([N] bool)
         marks members whose batch this step is real: the others, like frozen members, keep
-        their buffers (BatchNorm statistics) unchanged.
+        their buffers (BatchNorm statistics) unchanged. When ``participating`` is given and
+        selects at least one member, only the members that participate and are not frozen are
+        computed at all; the outputs of the others are zeros (no gradient reaches their
+        parameters). A pack with few live members then costs what those members cost.
         """
         dims = self._input_dims(args, in_dims)
         params = self.stacked_parameters()
@@ -278,6 +293,11 @@ class ModelBatch(nn.Module):
         updating = self.active
         if participating is not None:
             updating = updating & participating.to(updating.device, torch.bool).reshape(-1)
+            computed = int(updating.sum())
+            if params and 0 < computed < self.n:
+                return self._forward_members(
+                    updating.nonzero().squeeze(1), params, buffers, args, dims, kwargs
+                )
         # With frozen members, train-mode layers (BatchNorm) update copies of the buffers and only the
         # updating members' rows are written back: restoring in place would break autograd's saved tensors.
         frozen = self.training and bool(buffers) and not bool(updating.all())
@@ -287,6 +307,25 @@ class ModelBatch(nn.Module):
         if frozen:
             self._write_back(buffers, run_buffers, updating)
         return out
+
+    def _forward_members(
+        self, ids: torch.Tensor, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict
+    ) -> Any:
+        """The forward of the members ``ids`` only; the other members' outputs are zeros.
+
+        Their slices of the stacked tensors are gathered (``index_select``: the backward adds the
+        gradients into the stacked parameters' rows), their buffers are written back after the call.
+        """
+        pick = {k: v.index_select(0, ids.to(v.device)) for k, v in params.items()}
+        run_buffers = {k: b.index_select(0, ids.to(b.device)) for k, b in buffers.items()}
+        sub_args = tuple(a.index_select(0, ids.to(a.device)) if d == 0 else a for a, d in zip(args, dims))
+        trial = self.training and torch.is_grad_enabled()
+        out = self._backends.run(pick, run_buffers, sub_args, dims, kwargs, trial)
+        if self.training and buffers:
+            with torch.no_grad():
+                for name, buf in buffers.items():
+                    buf.index_copy_(0, ids.to(buf.device), run_buffers[name])
+        return _scatter_members(out, ids, self.n)
 
     def _input_dims(self, args: tuple, in_dims: int | Sequence[int | None] | None) -> tuple:
         if in_dims is None or isinstance(in_dims, int):

@@ -267,17 +267,29 @@ class PackTrainer:
 
     @torch.no_grad()
     def evaluate(self, chunk: int = 4096) -> dict[str, list[float]]:
-        """Validation loss and metrics of every slot (eval mode): the whole set, or each member's subset.
+        """Validation loss and metrics per slot (eval mode): the whole set, or each member's subset.
 
-        The set is evaluated ``chunk`` samples at a time (a dataset is streamed chunk by chunk)
-        and the chunks' means are weighted by their sizes.
+        Only live members are computed; the other slots' values are NaN. The set is evaluated
+        ``chunk`` samples at a time (a dataset is streamed chunk by chunk) and the chunks' means
+        are weighted by their sizes.
         """
-        if self.recipe.val_subset is not None:
-            return self._evaluate_subsets(chunk)
+        live = torch.zeros(self.capacity, dtype=torch.bool)
+        live[list(self.live().values())] = True
+        totals = (
+            self._evaluate_subsets(chunk, live)
+            if self.recipe.val_subset is not None
+            else self._evaluate_all(chunk, live)
+        )
+        return {
+            name: [v if alive else math.nan for v, alive in zip(values, live.tolist())]
+            for name, values in totals.items()
+        }
+
+    def _evaluate_all(self, chunk: int, live: torch.Tensor) -> dict[str, list[float]]:
         self.batch.eval()
         totals: dict[str, torch.Tensor] = {}
         for xb, yb in self.val.chunks(chunk):
-            out = self.batch(xb)
+            out = self.batch(xb, participating=live)
             weight = xb.shape[0] / len(self.val)
             values = {"val_loss": self.batch.compute_loss(out, yb, self.recipe.loss, target_in_dims=None)}
             for name, fn in self.recipe.metrics.items():
@@ -287,7 +299,7 @@ class PackTrainer:
         self.batch.train()
         return {name: t.tolist() for name, t in totals.items()}
 
-    def _evaluate_subsets(self, chunk: int) -> dict[str, list[float]]:
+    def _evaluate_subsets(self, chunk: int, live: torch.Tensor) -> dict[str, list[float]]:
         """Each live member on its own validation indices, ``[N, V]`` padded and masked, in column chunks."""
         subsets = [None if s is None else self.recipe.val_subset(s.config) for s in self.slots]
         width = max((len(s) for s in subsets if s is not None), default=1)
@@ -306,7 +318,7 @@ class PackTrainer:
         for step, (xs, ys) in self.val.steps(steps):
             weights = (step.mask.sum(dim=1) / counts).tolist()
             m = step.mask.to(self.device)
-            out = self.batch(xs, in_dims=0)
+            out = self.batch(xs, in_dims=0, participating=live)
             losses = self.batch.compute_loss(out, ys, self.recipe.loss, target_in_dims=0, mask=m)
             values = {"val_loss": losses.detach().to(torch.float64).tolist()}
             for name, fn in self.recipe.metrics.items():

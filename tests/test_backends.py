@@ -95,6 +95,45 @@ def test_non_participating_members_keep_their_buffers(backend: str, chunk_size: 
             assert not torch.equal(buf[participating], before[name][participating]), name
 
 
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("computed", [[0], [1, 3], [0, 2, 3, 4]])
+@pytest.mark.parametrize(("backend", "chunk_size"), [("vmap", None), *BACKENDS])
+def test_only_participating_members_are_computed_and_they_match_the_full_pack(
+    model: str, computed: list[int], backend: str, chunk_size: int | None
+) -> None:
+    """With ``participating`` the others are skipped (zero outputs, no gradient); the rest is unchanged."""
+    batch, ref = _pack(model, backend, chunk_size), _pack(model, "vmap")
+    participating = torch.zeros(N, dtype=torch.bool)
+    participating[computed] = True
+    frozen = computed[-1] if len(computed) > 1 else N - 1  # frozen and participating: skipped as well
+    batch.freeze(frozen)
+    ref.freeze(frozen)
+    opts = [mb.optim.Adam(b, lr=[1e-2 * (i + 1) for i in range(N)]) for b in (batch, ref)]
+    updating = participating.clone()
+    updating[frozen] = False
+    before = {k: t.clone() for k, t in _state(batch).items()}
+    for x, y in _batches(model, steps=12 if backend == "auto" else 3):
+        outs = []
+        for b, opt, part in zip((batch, ref), opts, (participating, None)):
+            opt.zero_grad()
+            out = b(x, in_dims=0, participating=part)
+            b.compute_loss(out, y, F.cross_entropy).sum().backward()
+            outs.append(out)
+        out, ref_out = outs
+        assert torch.equal(out[~updating], torch.zeros_like(out[~updating]))
+        _assert_close(out[updating], ref_out[updating], "output")
+        for name, p in ref.stacked_parameters().items():
+            grad = batch.stacked_parameters()[name].grad
+            assert torch.equal(grad[~updating], torch.zeros_like(grad[~updating])), name
+            _assert_close(grad[updating], p.grad[updating], f"grad of {name}")
+        for name, buf in ref.stacked_buffers().items():
+            _assert_close(batch.stacked_buffers()[name][updating].double(), buf[updating].double(), name)
+        for opt in opts:
+            opt.step(mask=updating)
+    for name, value in _state(batch).items():
+        assert torch.equal(value[~updating], before[name][~updating]), f"a skipped member changed {name}"
+
+
 @pytest.mark.parametrize(("backend", "chunk_size"), [("vmap", None), *BACKENDS])
 def test_dropout_masks_are_independent_per_member(backend: str, chunk_size: int | None) -> None:
     torch.manual_seed(0)
