@@ -14,7 +14,8 @@ Each (side, configs) runs in a fresh process. Reported: wall time (from the star
 its end, after ``ray.init``; ``ray_init_s`` apart), configs/hour, peak memory of the run's
 process tree (the sum of its processes' proportional set sizes, ``Pss`` in
 ``/proc/<pid>/smaps_rollup``, sampled every 0.5 s: Ray's processes are children of the run's),
-the best validation loss/accuracy, and the trained epochs.
+the best validation loss/accuracy, the trained epochs, and where the CPU went: CPU seconds of the
+process tree during the sweep by role (driver, Tune trial processes, slot servers, registry, the rest of Ray).
 
     python benchmarks/sweep.py                        # 16, 64, 256 configs x 3 sides (~15 min on 2 idle CPUs)
     python benchmarks/sweep.py --configs 64 --sides tune modelbatch
@@ -78,24 +79,77 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
+def _name_and_cpu_s(pid: int) -> tuple[str, float] | None:
+    """The process's name (``ray::SlotServer``, ``raylet``, ...) and its user + system CPU seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+    return name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+CPU_ROLES = ("driver", "trials", "slot_servers", "registry", "ray_system")
+"""Who spends the CPU: the ``tune.run`` process, the Tune trial processes (plain trainables or member
+relays), the slot servers, the slot registry, and everything else of Ray (raylet, GCS, idle workers...)."""
+
+
+def _role(pid: int, name: str) -> str:
+    if pid == os.getpid():
+        return "driver"
+    for prefix, role in (("ray::ImplicitFu", "trials"), ("ray::SlotServer", "slot_servers")):
+        if name.startswith(prefix):
+            return role
+    return "registry" if name.startswith("ray::Registry") else "ray_system"
+
+
 class TreeMemory:
-    """Peak of the summed Pss of this process and all its descendants (Linux), sampled in a thread."""
+    """Peak of the summed Pss of this process and all its descendants (Linux), sampled in a thread.
+
+    Also the CPU seconds the tree spends while it runs, by role (:data:`CPU_ROLES`): each process's
+    CPU time at its last sample, less what it had spent when first seen at the start.
+    """
 
     def __init__(self, interval: float = 0.5) -> None:
         self.peak_kb, self.interval = 0, interval
         self.available = os.path.exists(f"/proc/{os.getpid()}/smaps_rollup")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._cpu: dict[int, tuple[str, float, float]] = {}  # pid -> (role, cpu at start, last cpu)
+        self._first = True
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds spent since the start, by role."""
+        out = dict.fromkeys(CPU_ROLES, 0.0)
+        for role, start, last in self._cpu.values():
+            out[role] += last - start
+        return out
+
+    def _sample_cpu(self, pid: int) -> None:
+        seen = _name_and_cpu_s(pid)
+        if seen is None:
+            return
+        name, cpu = seen
+        role, start, _ = self._cpu.get(pid, ("ray_system", cpu if self._first else 0.0, 0.0))
+        # A Ray worker is "ray::IDLE" until it runs an actor: its role is the last specific one seen.
+        self._cpu[pid] = (role if _role(pid, name) == "ray_system" else _role(pid, name), start, cpu)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pids, total = [os.getpid()], 0
-            while pids:
-                pid = pids.pop()
-                total += _pss_kb(pid)
-                pids.extend(_children(pid))
-            self.peak_kb = max(self.peak_kb, total)
+            self._sample()
             self._stop.wait(self.interval)
+        self._sample()
+
+    def _sample(self) -> None:
+        pids, total = [os.getpid()], 0
+        while pids:
+            pid = pids.pop()
+            total += _pss_kb(pid)
+            self._sample_cpu(pid)
+            pids.extend(_children(pid))
+        self._first = False
+        self.peak_kb = max(self.peak_kb, total)
 
     def __enter__(self) -> TreeMemory:
         if self.available:
@@ -210,6 +264,7 @@ def run_tune_side(side: str, configs: list[dict[str, Any]], args: argparse.Names
     ray.shutdown()
     trials = analysis.trials
     row["peak_mb"] = memory.peak_kb / 1024 if memory.available else None
+    row["cpu_s"] = memory.cpu_s() if memory.available else None
     row["epochs_trained"] = sum(t.last_result.get("training_iteration", 0) for t in trials)
     row["errored"] = sum(t.status == "ERROR" for t in trials)
     frames = [f for f in analysis.trial_dataframes.values() if not f.empty]
@@ -231,6 +286,7 @@ def run_fit_side(configs: list[dict[str, Any]], args: argparse.Namespace) -> dic
     return {
         "wall_s": wall,
         "peak_mb": memory.peak_kb / 1024 if memory.available else None,
+        "cpu_s": memory.cpu_s() if memory.available else None,
         "epochs_trained": int(history.groupby("member")["training_iteration"].max().sum()),
         "errored": int(history.groupby("member")["status"].last().str.startswith("errored").sum()),
         "best_val_loss": float(best["val_loss"]),
@@ -349,6 +405,7 @@ def main() -> None:
     report = {"machine": machine(), "config": config, "command": " ".join(sys.argv), "rows": rows}
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(table(rows))
+    print(cpu_table(rows))
     print(f"results: {out}")
 
 
@@ -374,6 +431,25 @@ def table(rows: list[dict[str, Any]]) -> str:
         speedup = row.get("speedup_modelbatch_vs_tune")
         if speedup is not None and math.isfinite(speedup):
             lines.append(f"| {row['configs']} | **modelbatch vs tune** | **{speedup:.2f}x** | | | | | |")
+    return "\n".join(lines)
+
+
+def cpu_table(rows: list[dict[str, Any]]) -> str:
+    """Where the CPU went: seconds by role (:data:`CPU_ROLES`) per side, and the 2-core wall it fills."""
+    lines = [
+        "| configs | side | " + " | ".join(f"{r} CPU s" for r in CPU_ROLES) + " | total CPU s | wall s |",
+        "|---:|---|" + "---:|" * (len(CPU_ROLES) + 2),
+    ]
+    for row in rows:
+        for side in ("tune", "modelbatch", "fit"):
+            cpu = row.get(f"{side}_cpu_s")
+            if not cpu:
+                continue
+            cells = [f"{cpu[r]:.1f}" for r in CPU_ROLES]
+            total = f"{sum(cpu.values()):.1f}"
+            lines.append(
+                f"| {row['configs']} | {side} | {' | '.join(cells)} | {total} | {row[f'{side}_wall_s']:.1f} |"
+            )
     return "\n".join(lines)
 
 
