@@ -206,3 +206,27 @@ def test_val_subset_validates_each_member_on_its_own_samples() -> None:
     for i, cfg in enumerate(configs):
         own = recipe(val_data=(XV[subsets[cfg["part"]]], YV[subsets[cfg["part"]]]))
         _assert_same_history(packed[i], _by_member(mb.fit(own, [cfg], reports=3, progress=False))[0])
+
+
+def test_a_mostly_empty_pack_trains_its_live_member_as_a_pack_of_one() -> None:
+    """Empty and stopped slots are not computed (NaN in evaluate) and do not change the live member."""
+    big = mb.PackTrainer(recipe(backend="loop"), capacity=4, example_config=CONFIGS[0])
+    one = mb.PackTrainer(recipe(backend="loop"), capacity=1, example_config=CONFIGS[0])
+    big.add("live", CONFIGS[1])
+    big.add("stopped", CONFIGS[2])
+    one.add("live", CONFIGS[1])
+    big.train_report()
+    big.stop("stopped", "finished")
+    stopped = {k: v[big.slot_of("stopped")].clone() for k, v in big.batch.stacked_parameters().items()}
+    one.train_report()
+    for _ in range(2):
+        rb, ro = big.train_report(), one.train_report()
+        assert set(rb) == {"live"}
+        for key in ("loss", "val_loss", "val_acc"):
+            torch.testing.assert_close(
+                torch.tensor(rb["live"][key]), torch.tensor(ro["live"][key]), rtol=1e-12, atol=0
+            )
+    values = big.evaluate()["val_loss"]
+    assert [v != v for v in values] == [False, True, True, True]  # NaN but for the live slot
+    for name, value in big.batch.stacked_parameters().items():
+        assert torch.equal(value[big.slot_of("stopped")], stopped[name]), name
