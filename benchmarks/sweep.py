@@ -79,6 +79,9 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
 def _name_and_cpu_s(pid: int) -> tuple[str, float] | None:
     """The process's name (``ray::SlotServer``, ``raylet``, ...) and its user + system CPU seconds."""
     try:
@@ -87,7 +90,7 @@ def _name_and_cpu_s(pid: int) -> tuple[str, float] | None:
     except OSError:
         return None
     name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
-    return name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 CPU_ROLES = ("driver", "trials", "slot_servers", "registry", "ray_system")
@@ -104,7 +107,7 @@ def _role(pid: int, name: str) -> str:
     return "registry" if name.startswith("ray::Registry") else "ray_system"
 
 
-class TreeMemory:
+class TreeUsage:
     """Peak of the summed Pss of this process and all its descendants (Linux), sampled in a thread.
 
     Also the CPU seconds the tree spends while it runs, by role (:data:`CPU_ROLES`): each process's
@@ -133,7 +136,8 @@ class TreeMemory:
         name, cpu = seen
         role, start, _ = self._cpu.get(pid, ("ray_system", cpu if self._first else 0.0, 0.0))
         # A Ray worker is "ray::IDLE" until it runs an actor: its role is the last specific one seen.
-        self._cpu[pid] = (role if _role(pid, name) == "ray_system" else _role(pid, name), start, cpu)
+        now = _role(pid, name)
+        self._cpu[pid] = (role if now == "ray_system" else now, start, cpu)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -151,7 +155,7 @@ class TreeMemory:
         self._first = False
         self.peak_kb = max(self.peak_kb, total)
 
-    def __enter__(self) -> TreeMemory:
+    def __enter__(self) -> TreeUsage:
         if self.available:
             self._thread.start()
         return self
@@ -242,7 +246,7 @@ def run_tune_side(side: str, configs: list[dict[str, Any]], args: argparse.Names
         trainable, search_alg = searcher.trainable(), searcher
     else:
         trainable, search_alg = tune.with_resources(plain_trainable, {"cpu": args.trial_cpus}), inner
-    with TreeMemory() as memory:
+    with TreeUsage() as memory:
         start = time.perf_counter()
         analysis = tune.run(
             trainable,
@@ -278,7 +282,7 @@ def run_fit_side(configs: list[dict[str, Any]], args: argparse.Namespace) -> dic
     import modelbatch as mb
 
     example = load_example()
-    with TreeMemory() as memory:
+    with TreeUsage() as memory:
         start = time.perf_counter()
         history = mb.fit(example.make_recipe(device="cpu"), configs, reports=args.epochs, progress=False)
         wall = time.perf_counter() - start
@@ -435,7 +439,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def cpu_table(rows: list[dict[str, Any]]) -> str:
-    """Where the CPU went: seconds by role (:data:`CPU_ROLES`) per side, and the 2-core wall it fills."""
+    """Where the CPU went: seconds by role (:data:`CPU_ROLES`) per side, with the side's wall time."""
     lines = [
         "| configs | side | " + " | ".join(f"{r} CPU s" for r in CPU_ROLES) + " | total CPU s | wall s |",
         "|---:|---|" + "---:|" * (len(CPU_ROLES) + 2),

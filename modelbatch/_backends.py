@@ -168,7 +168,7 @@ class Executor:
         # The members given: all of the pack, or those ModelBatch.forward picked (see _members).
         n = _members(params, self.n)
         if choice.name == "loop" or n == 1:  # one member has nothing to vectorize
-            return self._loop(params, buffers, args, dims, kwargs)
+            return self._loop(n, params, buffers, args, dims, kwargs)
         size = choice.chunk_size or n
         ids = torch.arange(n)
         if size >= n:
@@ -190,7 +190,7 @@ class Executor:
         p_chunks = {k: v.split(size) for k, v in params.items()}
         a_chunks = [a.split(size) if d == 0 else None for a, d in zip(args, dims)]
         outputs = []
-        n = _members(params, self.n)
+        n = len(ids)
         for j, start in enumerate(range(0, n, size)):
             stop = min(start + size, n)
             p = {k: v[j] for k, v in p_chunks.items()}
@@ -199,10 +199,9 @@ class Executor:
             outputs.append(fn(p, b, ids[start:stop], a, kwargs))
         return _combine(outputs, torch.cat)
 
-    def _loop(self, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict) -> Any:
+    def _loop(self, n: int, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict) -> Any:
         # One unbind per tensor: its backward writes every member's gradient into one [N, ...] tensor.
         # A single member is a squeeze, whose backward is a view (no copy).
-        n = _members(params, self.n)
         split = _unbind if n > 1 else _squeeze
         members = {k: split(v) for k, v in params.items()}
         members |= {k: [v[i] for i in range(n)] for k, v in buffers.items()}  # views: updated in place

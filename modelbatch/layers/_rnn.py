@@ -10,6 +10,8 @@ pack of them is exact to round-off against the fused kernels.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -180,11 +182,12 @@ class VmapLSTMCell(nn.LSTMCell):
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
-class _PlainCell(nn.RNNCellBase):
+class _PlainCell(nn.RNNCellBase, abc.ABC):
     """Shared input handling of GRUCell/RNNCell: 1-D or 2-D input, optional ``hx``."""
 
+    @abc.abstractmethod
     def _step(self, gates_x: Tensor, h: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The next hidden state from the input's gate pre-activations and the current one."""
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         if input.dim() not in (1, 2):
