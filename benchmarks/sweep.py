@@ -2,7 +2,8 @@
 
 The search space, configs and epochs are those of the main job (``examples/sweep.py``: MLPs on
 scikit-learn's digits, AdamW, batch 64, one report per epoch). For each number of configs, the
-same configs in the same order (a fixed list fed by one Tune ``Searcher``) are trained by:
+same configs (a fixed list fed by one Tune ``Searcher``; ModelBatchSearcher may take them out of
+order to group architectures, drawing ``4 * slots`` ahead as when it samples the space) are trained by:
 
 - ``tune``: plain ``tune.run`` of a function trainable that trains one config with plain torch
   (its own seeded shuffling DataLoader and ``torch.optim.AdamW``); ``--trial-cpus`` CPUs per trial
@@ -242,6 +243,7 @@ def run_tune_side(side: str, configs: list[dict[str, Any]], args: argparse.Names
             searcher=inner,
             slots_per_gpu=args.slots,
             checkpoint_every=args.checkpoint_every,
+            group_ahead=4 * args.slots,  # what it draws ahead when sampling the space (not adaptive)
         )
         trainable, search_alg = searcher.trainable(), searcher
     else:

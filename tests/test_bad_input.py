@@ -702,6 +702,12 @@ BAD = [
         r"^ModelBatchSearcher: checkpoint_every must be a positive int or None",
     ),
     (
+        "searcher: group_ahead -1",
+        lambda ctx: ModelBatchSearcher(recipe(), group_ahead=-1),
+        ValueError,
+        r"^ModelBatchSearcher: group_ahead must be an int >= 0 or None",
+    ),
+    (
         "searcher: recipe closes over a lock",
         searcher_recipe_with_lock,
         TypeError,

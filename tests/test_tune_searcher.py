@@ -13,6 +13,7 @@ from ray.tune.search import ConcurrencyLimiter
 from tune_recipes import recipe
 
 from tune_integration import ModelBatchSearcher
+from tune_integration._lookahead import GroupingLookahead
 from tune_integration._sampler import SpaceSampler
 
 SPACE = {"lr": tune.loguniform(1e-3, 1e-1), "hidden": tune.grid_search([8, 16]), "seed": tune.randint(0, 99)}
@@ -27,10 +28,20 @@ def test_relay_side_modules_import_without_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_the_searcher_chain_ends_in_a_concurrency_limiter_around_the_inner_searcher():
+def test_the_searcher_chain_is_a_concurrency_limiter_around_the_grouping_lookahead_and_inner_searcher():
     inner = SpaceSampler()
     searcher = ModelBatchSearcher(recipe(), searcher=inner, slots_per_gpu=4)
-    assert isinstance(searcher.searcher, ConcurrencyLimiter) and searcher.searcher.searcher is inner
+    assert isinstance(searcher.searcher, ConcurrencyLimiter)
+    lookahead = searcher.searcher.searcher
+    assert isinstance(lookahead, GroupingLookahead) and lookahead.searcher is inner
+
+
+def test_architecture_keys_group_configs_by_pack_without_building_real_weights():
+    searcher = ModelBatchSearcher(recipe(), slots_per_gpu=4)
+    key = searcher._architecture_key
+    assert key({"lr": 0.1, "hidden": 8}) == key({"lr": 0.01, "hidden": 8, "seed": 3}) is not None
+    assert key({"hidden": 8}) != key({"hidden": 16})
+    assert key({"hidden": 8, "seed": "x"}) is None  # a bad config: its member reports why
 
 
 def test_space_sampler_cycles_the_grid_and_restores(tmp_path):

@@ -132,6 +132,8 @@ def test_mixed_architectures_train_in_separate_packs_with_auto_slots(tmp_path):
     assert len(df) == 6 and (df["training_iteration"] == 2).all()
     hidden_by_pack = df.groupby("pack")["config/hidden"].unique()
     assert len(hidden_by_pack) == 2 and sorted(h for (h,) in hidden_by_pack) == [8, 16]
+    # the grid alternates 8, 16, ...; free slots went to the architecture of the live members
+    assert [t.config["hidden"] for t in analysis.trials][:3] == [8, 8, 8]
 
 
 def test_a_member_with_nan_results_ends_and_the_others_stay_exact(tmp_path):

@@ -60,7 +60,9 @@ class Registry:
     """Assigns member trials to slot servers and frees their slots (an asyncio Ray actor).
 
     A server takes at most its ``slots`` live members (of all its packs together). A member
-    goes to the server with the most free slots; when every slot is taken it waits for one.
+    goes to a server with a free slot: the one hosting most live members of its architecture
+    (the searcher tells each member's architecture key beforehand, :meth:`expect`), then the
+    one with most free slots. When every slot is taken it waits for one.
 
     A member that joins again (its relay lost its server, or Tune restarted the trial) gives
     up its old slot first. Calls to a restarting server are retried until it is back (up to
@@ -74,6 +76,7 @@ class Registry:
         self.slots: list[int] | None = None  # asked when the first member joins (servers may still start)
         self.live = [0] * len(servers)
         self.assigned: dict[str, int] = {}
+        self.keys: dict[str, str] = {}  # member -> architecture key, when the searcher told it
         self.last_reported: dict[str, int] = {}
         self.changed = asyncio.Condition()
 
@@ -89,7 +92,7 @@ class Registry:
         while True:
             async with self.changed:
                 await self.changed.wait_for(self._has_free_slot)
-                index = max(range(len(self.servers)), key=lambda i: (self.slots[i] - self.live[i], -i))
+                index = self._server_for(trial_id)
                 self.live[index] += 1
                 self.assigned[trial_id] = index
             try:
@@ -105,6 +108,20 @@ class Registry:
             await self._call(index, "leave", trial_id)
         return self.servers[index], self.last_reported.get(trial_id, 0)
 
+    def expect(self, trial_id: str, key: str) -> None:
+        """The architecture key of a member about to join (members of one key share a pack)."""
+        self.keys[trial_id] = key
+
+    def _server_for(self, trial_id: str) -> int:
+        """A server with a free slot: most live members of the member's architecture, then most free slots."""
+        key = self.keys.get(trial_id)
+        same = [0] * len(self.servers)
+        if key is not None:
+            for member, index in self.assigned.items():
+                same[index] += self.keys.get(member) == key
+        free = [i for i in range(len(self.servers)) if self.live[i] < self.slots[i]]
+        return max(free, key=lambda i: (same[i], self.slots[i] - self.live[i], -i))
+
     def reported(self, iterations: dict[str, int]) -> None:
         """The searcher's note of the last ``training_iteration`` Tune processed, per member trial."""
         for trial_id, iteration in iterations.items():
@@ -113,6 +130,7 @@ class Registry:
     async def release(self, trial_id: str) -> None:
         """Free the slot of a member that is done (idempotent)."""
         self.last_reported.pop(trial_id, None)
+        self.keys.pop(trial_id, None)
         await self._free(trial_id)
 
     async def stats(self) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -14,10 +15,11 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
 
 import modelbatch as mb
-from modelbatch._trainer import build_model, member_seed
+from modelbatch._trainer import architecture_signature, build_model, member_seed
 
 from . import _relay
 from ._launch import Fleet, server_placements, start_fleet
+from ._lookahead import GroupingLookahead
 from ._packs import PackFactory, load_member_state
 from ._sampler import SpaceSampler
 
@@ -66,6 +68,13 @@ class ModelBatchSearcher(Searcher):
             e.g. ``stop={"training_iteration": 20}`` or a scheduler's ``max_t``).
         checkpoint_every: a Tune checkpoint every this many reports and at a member's last
             report (``None``: none; then resume restarts members from scratch).
+        group_ahead: configs drawn ahead from ``searcher`` to group members by architecture
+            (``None``: 4x the sweep's slots when sampling the space, as many as its slots with
+            an inner ``searcher``; ``0``: suggest in the inner searcher's order). When the space
+            holds several architectures (e.g. ``width`` or ``dropout`` is searched), each free
+            slot goes to the waiting config whose architecture most live members share, so that
+            packs fill; an adaptive inner searcher then suggests up to this many configs before
+            it sees their results. A space of one architecture is never drawn ahead.
         park_after_s: a member that keeps the rest of its pack waiting this long (Tune paused
             it, as HyperBand does, or its process died) is parked outside the pack with its
             state until it asks again: the others train on, and it continues exactly.
@@ -104,17 +113,24 @@ class ModelBatchSearcher(Searcher):
         *,
         reports: int | None = None,
         checkpoint_every: int | None = 1,
+        group_ahead: int | None = None,
         park_after_s: float = 30.0,
         random_state: Any = None,
     ) -> None:
         _check_args(recipe, searcher, slots_per_gpu, reports, checkpoint_every, park_after_s)
+        if group_ahead is not None and (
+            isinstance(group_ahead, bool) or not isinstance(group_ahead, int) or group_ahead < 0
+        ):
+            raise ValueError(f"{API}: group_ahead must be an int >= 0 or None, got {group_ahead!r}.")
         _check_picklable(recipe)
         self.park_after_s = float(park_after_s)
         self.recipe = recipe
         self.slots_per_gpu = slots_per_gpu
         self.reports, self.checkpoint_every = reports, checkpoint_every
+        self.group_ahead = group_ahead
         self._inner = searcher if searcher is not None else SpaceSampler(random_state)
-        self._limiter = SlotLimiter(self._inner, max_concurrent=1)
+        self._ahead = GroupingLookahead(self._inner, self._architecture_key)
+        self._limiter = SlotLimiter(self._ahead, max_concurrent=1)
         super().__init__()
         self._fleet: Fleet | None = None
         self._space: dict[str, Any] | None = None
@@ -133,7 +149,10 @@ class ModelBatchSearcher(Searcher):
 
     @property
     def searcher(self) -> ConcurrencyLimiter:
-        """The inner searcher behind a ConcurrencyLimiter at the slot capacity (read by Tune)."""
+        """The inner searcher behind the grouping lookahead and a ConcurrencyLimiter at the slot capacity.
+
+        Tune reads the limiter's ``max_concurrent`` to start members in parallel.
+        """
         if self._fleet is None and isinstance(self.slots_per_gpu, int) and ray.is_initialized():
             self._limiter.set_max_concurrency(self.slots_per_gpu * len(server_placements()))
         return self._limiter
@@ -195,7 +214,11 @@ class ModelBatchSearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict | None:
         self._start()
-        return self._limiter.suggest(trial_id)
+        config = self._limiter.suggest(trial_id)
+        key = self._ahead.live_keys.get(trial_id)
+        if isinstance(config, dict) and key is not None and self._fleet is not None:
+            self._fleet.registry.expect.remote(trial_id, key)  # its server: one hosting its architecture
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         iteration = result.get("training_iteration")
@@ -243,7 +266,12 @@ class ModelBatchSearcher(Searcher):
             self._inner.save(inner_path)
             with open(inner_path, "rb") as f:
                 inner = f.read()
-        state = {"searcher": self.get_state(), "limiter": self._limiter.get_state(), "inner": inner}
+        state = {
+            "searcher": self.get_state(),
+            "limiter": self._limiter.get_state(),
+            "lookahead": self._ahead.get_state(),
+            "inner": inner,
+        }
         with open(checkpoint_path, "wb") as f:
             cloudpickle.dump(state, f)
 
@@ -256,6 +284,7 @@ class ModelBatchSearcher(Searcher):
                 f.write(state["inner"])
             self._inner.restore(inner_path)
         self._limiter.set_state(state["limiter"])
+        self._ahead.set_state(state["lookahead"])
         self.set_state(state["searcher"])
 
     def __getstate__(self) -> dict[str, Any]:
@@ -276,10 +305,32 @@ class ModelBatchSearcher(Searcher):
             reports=self.reports,
             park_after_s=self.park_after_s,
         )
+        self._ahead.ahead = self._group_ahead(self._fleet.capacity)
         self._limiter.set_max_concurrency(self._fleet.capacity)
         self._limiter._set_searcher_max_concurrency()
         slots = [i["slots"] for i in self._fleet.info]
         logger.info(f"{API}: {len(slots)} slot servers with {slots} slots ({self._fleet.info[0]['device']}).")
+
+    def _group_ahead(self, capacity: int) -> int:
+        if self.group_ahead is not None:
+            return self.group_ahead
+        # sampling the space is not adaptive: configs drawn ahead lose nothing
+        return (4 if isinstance(self._inner, SpaceSampler) else 1) * capacity
+
+    def _architecture_key(self, config: dict[str, Any]) -> str | None:
+        """A short key equal for configs whose members share a pack (``None``: unknown)."""
+        if not isinstance(self.recipe, mb.Recipe):
+            return None  # a pack factory decides itself which configs share a pack
+        try:
+            seed = member_seed(config, 0)
+            try:
+                with torch.device("meta"):  # shapes and settings without allocating the weights
+                    model = build_model(self.recipe, config, seed)
+            except Exception:  # a factory that needs real tensors (e.g. an init reading values)
+                model = build_model(self.recipe, config, seed)
+            return hashlib.sha1(architecture_signature(model).encode()).hexdigest()[:12]
+        except Exception:  # a bad config: its member trial reports why when it joins a server
+            return None
 
     def _example_configs(self) -> list[dict[str, Any]]:
         sampler = SpaceSampler()
