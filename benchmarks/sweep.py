@@ -11,8 +11,10 @@ order to group architectures, drawing ``4 * slots`` ahead as when it samples the
 - ``modelbatch``: ``tune.run`` with ``ModelBatchSearcher`` (same ASHA, ``reuse_actors``).
 - ``fit``: ``mb.fit`` of every config for every epoch (no early stopping, no Ray).
 
-Each (side, configs) runs in a fresh process. Reported: wall time (from the start of the sweep to
-its end, after ``ray.init``; ``ray_init_s`` apart), configs/hour, peak memory of the run's
+Each (side, configs) runs in a fresh process, ``--repeat`` times with the sides interleaved; a row
+holds the run with the median wall time of each side (every run's wall time in ``<side>_wall_s_runs``),
+since repeated runs on a shared machine vary by up to 1.5x. Reported: wall time (from the start of
+the sweep to its end, after ``ray.init``; ``ray_init_s`` apart), configs/hour, peak memory of the run's
 process tree (the sum of its processes' proportional set sizes, ``Pss`` in
 ``/proc/<pid>/smaps_rollup``, sampled every 0.5 s: Ray's processes are children of the run's),
 the best validation loss/accuracy, the trained epochs, and where the CPU went: CPU seconds of the
@@ -21,6 +23,7 @@ process tree during the sweep by role (driver, Tune trial processes, slot server
     python benchmarks/sweep.py                        # 16, 64, 256 configs x 3 sides (~15 min on 2 idle CPUs)
     python benchmarks/sweep.py --configs 64 --sides tune modelbatch
     python benchmarks/sweep.py --quick                # 8 configs, 3 epochs
+    python benchmarks/sweep.py --repeat 3             # each side 3 times, median (~45 min)
 """
 
 from __future__ import annotations
@@ -360,6 +363,9 @@ def main() -> None:
     )
     parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each side per size (sides interleaved; median kept)"
+    )
     parser.add_argument("--quick", action="store_true", help="8 configs, 3 epochs")
     parser.add_argument(
         "--out", type=Path, default=None, help="results JSON (default benchmarks/results/...)"
@@ -373,34 +379,17 @@ def main() -> None:
         return
     if args.quick:
         args.configs, args.epochs = [8], 3
-    import tempfile
-
     rows = []
     for n in args.configs:
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
+        for _ in range(args.repeat):
+            for side in args.sides:
+                runs[side].append(run_side(side, n, args))
         row: dict[str, Any] = {"configs": n}
-        for side in args.sides:
-            with tempfile.TemporaryDirectory() as storage:
-                command = [
-                    sys.executable,
-                    __file__,
-                    "--one",
-                    side,
-                    "--one-configs",
-                    str(n),
-                    "--storage",
-                    storage,
-                ]
-                command += ["--epochs", str(args.epochs), "--trial-cpus", str(args.trial_cpus)]
-                command += ["--slots", str(args.slots), "--seed", str(args.seed)]
-                command += ["--checkpoint-every", str(args.checkpoint_every).lower()]
-                command += ["--cpus", str(args.cpus)] if args.cpus else []
-                print(f"{n} configs, {side} ...", flush=True)
-                done = subprocess.run(command, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise SystemExit(f"benchmarks/sweep.py: {side} at {n} configs failed:\n{done.stderr[-4000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            row.update({f"{side}_{k}": v for k, v in result.items()})
-            print(f"  {result['wall_s']:.1f} s, best val_loss {result['best_val_loss']:.4f}", flush=True)
+        for side, results in runs.items():
+            median = sorted(results, key=lambda r: r["wall_s"])[(len(results) - 1) // 2]
+            row.update({f"{side}_{k}": v for k, v in median.items()})
+            row[f"{side}_wall_s_runs"] = [r["wall_s"] for r in results]
         if "tune_wall_s" in row and "modelbatch_wall_s" in row:
             row["speedup_modelbatch_vs_tune"] = row["tune_wall_s"] / row["modelbatch_wall_s"]
         rows.append(row)
@@ -415,6 +404,25 @@ def main() -> None:
     print(f"results: {out}")
 
 
+def run_side(side: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One side at ``n`` configs in a fresh process (its own Ray and Tune storage); its result row."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as storage:
+        command = [sys.executable, __file__, "--one", side, "--one-configs", str(n), "--storage", storage]
+        command += ["--epochs", str(args.epochs), "--trial-cpus", str(args.trial_cpus)]
+        command += ["--slots", str(args.slots), "--seed", str(args.seed)]
+        command += ["--checkpoint-every", str(args.checkpoint_every).lower()]
+        command += ["--cpus", str(args.cpus)] if args.cpus else []
+        print(f"{n} configs, {side} ...", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"benchmarks/sweep.py: {side} at {n} configs failed:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {result['wall_s']:.1f} s, best val_loss {result['best_val_loss']:.4f}", flush=True)
+    return result
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     header = ["configs", "side", "wall s", "configs/hour", "peak MB", "epochs trained", "best val_loss"]
     lines = ["| " + " | ".join([*header, "best val_acc"]) + " |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -426,7 +434,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             cells = [
                 row["configs"],
                 side,
-                f"{row[f'{side}_wall_s']:.1f}",
+                wall_cell(row, side),
                 f"{row[f'{side}_configs_per_hour']:.0f}",
                 "n/a" if peak is None else f"{peak:.0f}",
                 row[f"{side}_epochs_trained"],
@@ -438,6 +446,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         if speedup is not None and math.isfinite(speedup):
             lines.append(f"| {row['configs']} | **modelbatch vs tune** | **{speedup:.2f}x** | | | | | |")
     return "\n".join(lines)
+
+
+def wall_cell(row: dict[str, Any], side: str) -> str:
+    """The median wall time, and every run's in brackets when there were several."""
+    runs = row.get(f"{side}_wall_s_runs", [])
+    cell = f"{row[f'{side}_wall_s']:.1f}"
+    return cell + (f" ({' / '.join(f'{w:.1f}' for w in runs)})" if len(runs) > 1 else "")
 
 
 def cpu_table(rows: list[dict[str, Any]]) -> str:
