@@ -14,6 +14,7 @@ from tune_recipes import recipe
 
 from tune_integration import ModelBatchSearcher
 from tune_integration._lookahead import GroupingLookahead
+from tune_integration._registry import Registry
 from tune_integration._sampler import SpaceSampler
 
 SPACE = {"lr": tune.loguniform(1e-3, 1e-1), "hidden": tune.grid_search([8, 16]), "seed": tune.randint(0, 99)}
@@ -74,3 +75,30 @@ def test_searcher_state_saves_restores_and_pickles(tmp_path):
     assert config["hidden"] == 8 and restored._inner.suggest("t2")["hidden"] in (8, 16)
     clone = cloudpickle.loads(cloudpickle.dumps(restored))  # Tuner pickles its search_alg
     assert clone._fleet is None and clone.get_state() == restored.get_state()
+
+
+def test_configs_drawn_ahead_and_their_inner_ids_survive_save_and_restore(tmp_path):
+    searcher = ModelBatchSearcher(recipe(), slots_per_gpu=2, random_state=0)
+    searcher.searcher.searcher.set_search_properties("val_loss", "min", SPACE, num_samples=8)
+    searcher._limiter.set_max_concurrency(2)
+    searcher._ahead.ahead = 2  # set when the servers start
+    given = [searcher._limiter.suggest(t)["hidden"] for t in ("t1", "t2")]
+    assert given == [8, 8]  # the grid alternates 8, 16: the second went to the live member's architecture
+    searcher.save(str(tmp_path / "searcher.pkl"))
+
+    restored = ModelBatchSearcher(recipe(), slots_per_gpu=2)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert [e["config"]["hidden"] for e in restored._ahead.waiting] == [16, 16]
+    assert restored._ahead.inner_ids == searcher._ahead.inner_ids and restored._inner.suggested == 4
+
+
+def test_the_registry_puts_a_member_on_a_server_hosting_its_architecture():
+    registry = Registry(["server 0", "server 1"])
+    registry.slots, registry.live = [4, 4], [0, 1]
+    registry.assigned, registry.keys = {"a": 1}, {"a": "k1"}
+    registry.expect("b", "k1")
+    registry.expect("c", "k2")
+    assert registry._server_for("b") == 1  # with "a", though server 0 has more free slots
+    assert registry._server_for("c") == 0 and registry._server_for("told nothing") == 0
+    registry.live = [0, 4]
+    assert registry._server_for("b") == 0  # server 1 is full
