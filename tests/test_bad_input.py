@@ -427,6 +427,12 @@ BAD = [
         r"^mb.data.MemberSampler: batch_size must be a positive int, got 0",
     ),
     (
+        "bootstrap: n_members 0",
+        lambda ctx: mb.data.bootstrap(100, n_members=0),
+        ValueError,
+        r"^mb.data.bootstrap: n_members must be a positive int, got 0",
+    ),
+    (
         "kfold: k 1",
         lambda ctx: mb.data.kfold(100, 1),
         ValueError,

@@ -19,6 +19,7 @@ IndexLike = torch.Tensor | Sequence[int]
 
 def member_seeds(api: str, seeds: Seeds, n_members: int) -> list[int]:
     """Return one int seed per member: ``seeds + i`` for an int, the list itself otherwise."""
+    _check_positive(api, "n_members", n_members)
     if isinstance(seeds, bool):
         raise TypeError(f"{api}: seeds must be an int or one int per member, got a bool.")
     if isinstance(seeds, int):
