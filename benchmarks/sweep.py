@@ -20,10 +20,10 @@ process tree (the sum of its processes' proportional set sizes, ``Pss`` in
 the best validation loss/accuracy, the trained epochs, and where the CPU went: CPU seconds of the
 process tree during the sweep by role (driver, Tune trial processes, slot servers, registry, the rest of Ray).
 
-    python benchmarks/sweep.py                        # 16, 64, 256 configs x 3 sides (~15 min on 2 idle CPUs)
+    python benchmarks/sweep.py                        # 16, 64, 256 configs x 3 sides (~6 min on 2 idle CPUs)
     python benchmarks/sweep.py --configs 64 --sides tune modelbatch
     python benchmarks/sweep.py --quick                # 8 configs, 3 epochs
-    python benchmarks/sweep.py --repeat 3             # each side 3 times, median (~45 min)
+    python benchmarks/sweep.py --repeat 3             # each side 3 times, median (~18 min)
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -406,8 +407,6 @@ def main() -> None:
 
 def run_side(side: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """One side at ``n`` configs in a fresh process (its own Ray and Tune storage); its result row."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as storage:
         command = [sys.executable, __file__, "--one", side, "--one-configs", str(n), "--storage", storage]
         command += ["--epochs", str(args.epochs), "--trial-cpus", str(args.trial_cpus)]

@@ -112,7 +112,7 @@ class Packs:
         (``"non-finite loss (nan) at report 3"``).
         """
         pack = self.packs[pid]
-        label = hashlib.sha1(str(getattr(pack, "signature", pid)).encode()).hexdigest()[:8]
+        label = pack_label(str(getattr(pack, "signature", pid)))
         replies = {}
         for member, report in pack.train_report().items():
             result = {**report, "slot": pack.slot_of(member), "pack": label, **where}
@@ -146,6 +146,11 @@ class Packs:
         else:
             self.packs[pid] = self.recipe(self.slots, config)
         return pid
+
+
+def pack_label(signature: str) -> str:
+    """A short name of an architecture signature: the results' ``pack`` and the searcher's grouping key."""
+    return hashlib.sha1(signature.encode()).hexdigest()[:8]
 
 
 def _dumps(state: Mapping[str, Any]) -> bytes:

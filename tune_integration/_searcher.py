@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -20,7 +19,7 @@ from modelbatch._trainer import architecture_signature, build_model, member_seed
 from . import _relay
 from ._launch import Fleet, server_placements, start_fleet
 from ._lookahead import GroupingLookahead
-from ._packs import PackFactory, load_member_state
+from ._packs import PackFactory, load_member_state, pack_label
 from ._sampler import SpaceSampler
 
 logger = logging.getLogger(__name__)
@@ -117,11 +116,7 @@ class ModelBatchSearcher(Searcher):
         park_after_s: float = 30.0,
         random_state: Any = None,
     ) -> None:
-        _check_args(recipe, searcher, slots_per_gpu, reports, checkpoint_every, park_after_s)
-        if group_ahead is not None and (
-            isinstance(group_ahead, bool) or not isinstance(group_ahead, int) or group_ahead < 0
-        ):
-            raise ValueError(f"{API}: group_ahead must be an int >= 0 or None, got {group_ahead!r}.")
+        _check_args(recipe, searcher, slots_per_gpu, reports, checkpoint_every, group_ahead, park_after_s)
         _check_picklable(recipe)
         self.park_after_s = float(park_after_s)
         self.recipe = recipe
@@ -318,19 +313,22 @@ class ModelBatchSearcher(Searcher):
         return (4 if isinstance(self._inner, SpaceSampler) else 1) * capacity
 
     def _architecture_key(self, config: dict[str, Any]) -> str | None:
-        """A short key equal for configs whose members share a pack (``None``: unknown)."""
+        """The ``pack`` label members of this config train under (``None``: unknown)."""
         if not isinstance(self.recipe, mb.Recipe):
             return None  # a pack factory decides itself which configs share a pack
         try:
-            seed = member_seed(config, 0)
-            try:
-                with torch.device("meta"):  # shapes and settings without allocating the weights
-                    model = build_model(self.recipe, config, seed)
-            except Exception:  # a factory that needs real tensors (e.g. an init reading values)
-                model = build_model(self.recipe, config, seed)
-            return hashlib.sha1(architecture_signature(model).encode()).hexdigest()[:12]
+            return pack_label(architecture_signature(self._model_shapes(config)))
         except Exception:  # a bad config: its member trial reports why when it joins a server
             return None
+
+    def _model_shapes(self, config: dict[str, Any]) -> torch.nn.Module:
+        """The config's model on the meta device (shapes and settings, no weights) where it builds there."""
+        seed = member_seed(config, 0)
+        try:
+            with torch.device("meta"):
+                return build_model(self.recipe, config, seed)
+        except Exception:  # a factory that needs real tensors (e.g. an init reading values)
+            return build_model(self.recipe, config, seed)
 
     def _example_configs(self) -> list[dict[str, Any]]:
         sampler = SpaceSampler()
@@ -341,7 +339,13 @@ class ModelBatchSearcher(Searcher):
 
 
 def _check_args(
-    recipe: Any, searcher: Any, slots_per_gpu: Any, reports: Any, checkpoint_every: Any, park_after_s: Any
+    recipe: Any,
+    searcher: Any,
+    slots_per_gpu: Any,
+    reports: Any,
+    checkpoint_every: Any,
+    group_ahead: Any,
+    park_after_s: Any,
 ) -> None:
     if isinstance(recipe, torch.nn.Module) or not (isinstance(recipe, mb.Recipe) or callable(recipe)):
         raise TypeError(
@@ -367,6 +371,10 @@ def _check_args(
     for name, value in (("reports", reports), ("checkpoint_every", checkpoint_every)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{API}: {name} must be a positive int or None, got {value!r}.")
+    if group_ahead is not None and (
+        isinstance(group_ahead, bool) or not isinstance(group_ahead, int) or group_ahead < 0
+    ):
+        raise ValueError(f"{API}: group_ahead must be an int >= 0 or None, got {group_ahead!r}.")
     if isinstance(park_after_s, bool) or not isinstance(park_after_s, (int, float)) or not park_after_s > 0:
         raise ValueError(f"{API}: park_after_s must be a positive number of seconds, got {park_after_s!r}.")
 
