@@ -18,7 +18,8 @@ the sweep to its end, after ``ray.init``; ``ray_init_s`` apart), configs/hour, p
 process tree (the sum of its processes' proportional set sizes, ``Pss`` in
 ``/proc/<pid>/smaps_rollup``, sampled every 0.5 s: Ray's processes are children of the run's),
 the best validation loss/accuracy, the trained epochs, and where the CPU went: CPU seconds of the
-process tree during the sweep by role (driver, Tune trial processes, slot servers, registry, the rest of Ray).
+process tree during the sweep by role (driver, Tune trial processes, slot servers, the packing
+service, the rest of Ray).
 
     python benchmarks/sweep.py                        # 16, 64, 256 configs x 3 sides (~6 min on 2 idle CPUs)
     python benchmarks/sweep.py --configs 64 --sides tune modelbatch
@@ -98,9 +99,10 @@ def _name_and_cpu_s(pid: int) -> tuple[str, float] | None:
     return name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-CPU_ROLES = ("driver", "trials", "slot_servers", "registry", "ray_system")
+CPU_ROLES = ("driver", "trials", "slot_servers", "service", "ray_system")
 """Who spends the CPU: the ``tune.run`` process, the Tune trial processes (plain trainables or member
-relays), the slot servers, the slot registry, and everything else of Ray (raylet, GCS, idle workers...)."""
+relays), the slot servers, the packing service's scheduler, and everything else of Ray (raylet, GCS,
+idle workers...)."""
 
 
 def _role(pid: int, name: str) -> str:
@@ -109,7 +111,7 @@ def _role(pid: int, name: str) -> str:
     for prefix, role in (("ray::ImplicitFu", "trials"), ("ray::SlotServer", "slot_servers")):
         if name.startswith(prefix):
             return role
-    return "registry" if name.startswith("ray::Registry") else "ray_system"
+    return "service" if name.startswith("ray::Service") else "ray_system"
 
 
 class TreeUsage:

@@ -3,8 +3,8 @@
 One table: ``(id, call, exception type, regex of the message)``. ``call(ctx)`` gets a per-case
 scratch directory (the working directory too) and raises. After each case the test checks that
 nothing was left half-started: no file in the scratch directory but those the case made on
-purpose (no MLflow store, no half-written checkpoint) and, once Ray runs, no slot server or
-registry actor in the ``modelbatch`` namespace.
+purpose (no MLflow store, no half-written checkpoint) and, once Ray runs, no sweep left open in
+the packing service.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from ray import tune
 from torch import nn
-from tune_recipes import XV, YV, Net, X, Y, recipe
+from tune_recipes import XV, YV, Net, X, Y, open_sweeps, recipe
 
 import modelbatch as mb
 from tune_integration import MLflowCallback, ModelBatchSearcher
@@ -714,6 +714,30 @@ BAD = [
         r"^ModelBatchSearcher: group_ahead must be an int >= 0 or None",
     ),
     (
+        "searcher: tenant ''",
+        lambda ctx: ModelBatchSearcher(recipe(), tenant=""),
+        ValueError,
+        r"^ModelBatchSearcher: tenant must be a non-empty str or None",
+    ),
+    (
+        "searcher: weight 0",
+        lambda ctx: ModelBatchSearcher(recipe(), weight=0),
+        ValueError,
+        r"^ModelBatchSearcher: weight must be a positive number",
+    ),
+    (
+        "searcher: max_slots True",
+        lambda ctx: ModelBatchSearcher(recipe(), max_slots=True),
+        ValueError,
+        r"^ModelBatchSearcher: max_slots must be a positive int or None",
+    ),
+    (
+        "searcher: priority 1.5",
+        lambda ctx: ModelBatchSearcher(recipe(), priority=1.5),
+        ValueError,
+        r"^ModelBatchSearcher: priority must be an int",
+    ),
+    (
         "searcher: recipe closes over a lock",
         searcher_recipe_with_lock,
         TypeError,
@@ -793,16 +817,6 @@ def _left_behind(tmp: Path, keep: set[str]) -> list[str]:
     return left
 
 
-def _modelbatch_actors() -> list[str]:
-    import ray
-
-    if not ray.is_initialized():
-        return []
-    return [
-        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "modelbatch"
-    ]
-
-
 @pytest.fixture(scope="module")
 def ray_session():
     import ray
@@ -821,4 +835,4 @@ def test_bad_input(case, call, exc, message, tmp_path, monkeypatch, request) -> 
     with pytest.raises(exc, match=message):
         call(ctx)
     assert _left_behind(tmp_path, ctx.keep) == []
-    assert _modelbatch_actors() == []
+    assert open_sweeps() == {}  # a sweep that failed to start left the packing service

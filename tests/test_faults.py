@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from ray import cloudpickle
 from torch import nn
-from tune_recipes import XV, YV, X, Y, assert_matches_fit, recipe
+from tune_recipes import XV, YV, X, Y, assert_matches_fit, open_sweeps, recipe
 
 import modelbatch as mb
 from tune_integration import ModelBatchSearcher
-from tune_integration._registry import NAMESPACE, server_name
+from tune_integration._service import NAMESPACE, server_name
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import the tests folder
 
@@ -192,14 +192,16 @@ def test_a_server_running_out_of_memory_keeps_every_member_exactly():
         return trainer
 
     with local_ray():
-        server = ray.remote(SlotServer).remote(factory, 3, 0, checkpoint_every=None, reports=2)
-        ray.get([server.join.remote(str(m), c, None) for m, c in enumerate(CONFIGS[:3])])
+        server = ray.remote(SlotServer).remote(0)
+        options = {"checkpoint_every": None, "reports": 2}
+        ray.get(server.add_sweep.remote("s", "tenant", cloudpickle.dumps(factory), 3, options))
+        ray.get([server.join.remote("s", str(m), c, None) for m, c in enumerate(CONFIGS[:3])])
         results = {m: [] for m in range(3)}
         for _ in range(2):  # one report: every member asks for its result
-            replies = ray.get([server.next_result.remote(str(m)) for m in range(3)], timeout=120)
+            replies = ray.get([server.next_result.remote("s", str(m)) for m in range(3)], timeout=120)
             for m, reply in enumerate(replies):
                 results[m].append(reply["result"])
-        assert ray.get(server.stats.remote())["live"] == 3
+        assert ray.get(server.stats.remote("s"))["live"] == 3
         ray.kill(server)
     for m, config in enumerate(CONFIGS[:3]):
         assert_matches_fit(rec, config, pd.DataFrame(results[m]))
@@ -274,10 +276,10 @@ def test_a_killed_slot_server_restarts_and_its_members_continue_from_their_check
     rec = recipe()
     # checkpoints every 2 reports: members re-train up to one report, which their relays skip
     searcher = ModelBatchSearcher(rec, slots_per_gpu=3, reports=5, checkpoint_every=2)
-    with local_ray() as ray:
+    with local_ray():
         kill = KillServer(after=5)
         analysis = sweep(searcher, tmp_path, grid(4), 4, [kill])
-        assert ray.util.list_named_actors(all_namespaces=True) == []  # servers stopped at the end
+        assert open_sweeps() == {}  # the sweep left the service at the end
     assert kill.seen >= 4 * 5 and len(analysis.trials) == 4
     (stats,) = searcher.server_stats()
     assert stats["restarted"]  # the sweep went on on a restarted server
@@ -303,10 +305,10 @@ def test_a_killed_member_process_is_retried_from_its_checkpoint_once_per_iterati
     rec = recipe()
     # its last checkpoint is from report 2: the retry re-trains report 3, which Tune already has
     searcher = ModelBatchSearcher(rec, slots_per_gpu=3, reports=5, checkpoint_every=2, park_after_s=3)
-    with local_ray() as ray:
+    with local_ray():
         kill = KillRelay()
         analysis = sweep(searcher, tmp_path, grid(3), 3, [kill], max_failures=1)
-        assert ray.util.list_named_actors(all_namespaces=True) == []
+        assert open_sweeps() == {}
     (killed,) = [t for t in analysis.trials if t.trial_id == kill.killed]
     assert killed.num_failures == 1
     assert all(t.num_failures == 0 for t in analysis.trials if t is not killed)

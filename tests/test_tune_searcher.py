@@ -14,7 +14,6 @@ from tune_recipes import recipe
 
 from tune_integration import ModelBatchSearcher
 from tune_integration._lookahead import GroupingLookahead
-from tune_integration._registry import Registry
 from tune_integration._sampler import SpaceSampler
 
 SPACE = {"lr": tune.loguniform(1e-3, 1e-1), "hidden": tune.grid_search([8, 16]), "seed": tune.randint(0, 99)}
@@ -23,7 +22,8 @@ SPACE = {"lr": tune.loguniform(1e-3, 1e-1), "hidden": tune.grid_search([8, 16]),
 def test_relay_side_modules_import_without_torch():
     code = (
         "import sys, tune_integration, tune_integration._relay, tune_integration._server, "
-        "tune_integration._registry; print(sorted(m for m in ('torch', 'modelbatch') if m in sys.modules))"
+        "tune_integration._service, tune_integration._policy; "
+        "print(sorted(m for m in ('torch', 'modelbatch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -74,7 +74,7 @@ def test_searcher_state_saves_restores_and_pickles(tmp_path):
     assert restored._limiter.live_trials == {"t1"} and restored._inner.suggested == 1
     assert config["hidden"] == 8 and restored._inner.suggest("t2")["hidden"] in (8, 16)
     clone = cloudpickle.loads(cloudpickle.dumps(restored))  # Tuner pickles its search_alg
-    assert clone._fleet is None and clone.get_state() == restored.get_state()
+    assert clone._sweep is None and clone.get_state() == restored.get_state()
 
 
 def test_configs_drawn_ahead_and_their_inner_ids_survive_save_and_restore(tmp_path):
@@ -90,15 +90,3 @@ def test_configs_drawn_ahead_and_their_inner_ids_survive_save_and_restore(tmp_pa
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert [e["config"]["hidden"] for e in restored._ahead.waiting] == [16, 16]
     assert restored._ahead.inner_ids == searcher._ahead.inner_ids and restored._inner.suggested == 4
-
-
-def test_the_registry_puts_a_member_on_a_server_hosting_its_architecture():
-    registry = Registry(["server 0", "server 1"])
-    registry.slots, registry.live = [4, 4], [0, 1]
-    registry.assigned, registry.keys = {"a": 1}, {"a": "k1"}
-    registry.expect("b", "k1")
-    registry.expect("c", "k2")
-    assert registry._server_for("b") == 1  # with "a", though server 0 has more free slots
-    assert registry._server_for("c") == 0 and registry._server_for("told nothing") == 0
-    registry.live = [0, 4]
-    assert registry._server_for("b") == 0  # server 1 is full

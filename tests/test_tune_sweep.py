@@ -12,11 +12,19 @@ import pandas as pd
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray import tune  # noqa: E402
+from ray import cloudpickle, tune  # noqa: E402
 from ray.tune.execution.tune_controller import _get_max_pending_trials  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import SearchGenerator  # noqa: E402
-from tune_recipes import XV, YV, assert_matches_fit, history, member_without_torch, recipe  # noqa: E402
+from tune_recipes import (  # noqa: E402
+    XV,
+    YV,
+    assert_matches_fit,
+    history,
+    member_without_torch,
+    open_sweeps,
+    recipe,
+)
 
 from tune_integration import ModelBatchSearcher  # noqa: E402
 
@@ -68,7 +76,7 @@ def test_tune_run_one_trial_per_member_each_exact(tmp_path):
     import torch.nn.functional as F
 
     assert math.isclose(F.cross_entropy(model(XV), YV).item(), best.last_result["val_loss"], rel_tol=1e-12)
-    assert ray.util.list_named_actors(all_namespaces=True) == []  # servers stopped at the end
+    assert open_sweeps() == {}  # the sweep left the service at the end
 
 
 def test_tuner_with_asha_stops_members_early_and_reuses_their_slots(tmp_path):
@@ -188,7 +196,7 @@ def test_resume_after_interruption_completes_every_member_exactly(tmp_path):
         # no iteration missing; one logged before the interruption may repeat after the resume
         assert sorted(set(frames[trial.trial_id]["training_iteration"])) == [1, 2, 3, 4]
         assert_matches_fit(rec, trial.config, history(frames[trial.trial_id]))
-    assert ray.util.list_named_actors(all_namespaces=True) == []
+    assert open_sweeps() == {}
 
 
 def test_tuner_restore_after_interruption_completes_every_member_exactly(tmp_path):
@@ -214,7 +222,7 @@ def test_tuner_restore_after_interruption_completes_every_member_exactly(tmp_pat
         assert result.metrics["training_iteration"] == 3
         assert sorted(set(result.metrics_dataframe["training_iteration"])) == [1, 2, 3]  # no gap
         assert_matches_fit(rec, result.config, history(result.metrics_dataframe))
-    assert ray.util.list_named_actors(all_namespaces=True) == []
+    assert open_sweeps() == {}
 
 
 def test_a_member_that_stops_asking_is_parked_and_continues_exactly_when_back():
@@ -223,15 +231,17 @@ def test_a_member_that_stops_asking_is_parked_and_continues_exactly_when_back():
 
     rec = recipe()
     configs = {"a": {"lr": 0.01, "seed": 1}, "b": {"lr": 0.02, "seed": 2}}
-    server = ray.remote(SlotServer).remote(rec, 2, 0, checkpoint_every=None, reports=3, park_after_s=0.3)
-    ray.get([server.join.remote(m, c, None) for m, c in configs.items()])
+    server = ray.remote(SlotServer).remote(0)
+    options = {"checkpoint_every": None, "reports": 3, "park_after_s": 0.3}
+    ray.get(server.add_sweep.remote("s", "tenant", cloudpickle.dumps(rec), 2, options))
+    ray.get([server.join.remote("s", m, c, None) for m, c in configs.items()])
     results = {m: [] for m in configs}
     for _ in range(3):  # "b" does not ask: "a" trains on alone once "b" is parked
-        results["a"].append(ray.get(server.next_result.remote("a"), timeout=60)["result"])
-    assert ray.get(server.stats.remote())["parked"] == 1
+        results["a"].append(ray.get(server.next_result.remote("s", "a"), timeout=60)["result"])
+    assert ray.get(server.stats.remote("s"))["parked"] == 1
     for _ in range(3):  # "b" comes back where it stopped
-        results["b"].append(ray.get(server.next_result.remote("b"), timeout=60)["result"])
-    stats = ray.get(server.stats.remote())
+        results["b"].append(ray.get(server.next_result.remote("s", "b"), timeout=60)["result"])
+    stats = ray.get(server.stats.remote("s"))
     assert stats["parks"] == 1 and stats["parked"] == 0
     ray.kill(server)
     for member, config in configs.items():
@@ -249,10 +259,12 @@ def test_a_pack_factory_replaces_the_recipe_on_a_server():
         def train_report(self):
             return {m: {**r, "custom": 1.0} for m, r in super().train_report().items()}
 
-    server = ray.remote(SlotServer).remote(lambda capacity, config: Trainer(rec, capacity, config), 2, 0)
+    server = ray.remote(SlotServer).remote(0)
+    factory = cloudpickle.dumps(lambda capacity, config: Trainer(rec, capacity, config))
+    ray.get(server.add_sweep.remote("s", "tenant", factory, 2, {}))
     config = {"lr": 0.01, "seed": 3}
-    ray.get(server.join.remote("m", config, None))
-    results = [ray.get(server.next_result.remote("m"), timeout=60)["result"] for _ in range(2)]
+    ray.get(server.join.remote("s", "m", config, None))
+    results = [ray.get(server.next_result.remote("s", "m"), timeout=60)["result"] for _ in range(2)]
     ray.kill(server)
     assert [r["custom"] for r in results] == [1.0, 1.0]
     assert_matches_fit(rec, config, pd.DataFrame(results))

@@ -83,3 +83,16 @@ def member_without_torch(config: dict) -> None:
     modelbatch_member(config)
     if "torch" in sys.modules:
         raise AssertionError("the relay trial process imported torch")
+
+
+def open_sweeps() -> dict:
+    """The packing service's open sweeps (``{}`` when no service runs): what a sweep may leave behind."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    try:
+        service = ray.get_actor("service", namespace="modelbatch")
+        return ray.get(service.status.remote())["sweeps"]
+    except (ValueError, ray.exceptions.RayActorError):  # none, or it stopped meanwhile
+        return {}

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from ._registry import SlotLost, find_registry
+from ._service import SlotLost, find_service
 
 CHECKPOINT_FILE = "member.pt"
 RESOURCES = {"cpu": 0.01}
@@ -33,17 +33,23 @@ def modelbatch_member(config: dict[str, Any]) -> None:
     it received (kept in memory; none: from the start) and skips the results it re-trains up to
     the last ``training_iteration`` it reported, so Tune sees every iteration once. A trial
     that Tune restarts in the same run (``max_failures``) skips the results Tune processed after
-    its checkpoint the same way (the searcher tells the registry each member's last iteration).
+    its checkpoint the same way (the searcher tells the service each member's last iteration).
     After a driver restart (resume) a result logged after a member's last checkpoint may repeat.
     """
-    registry = find_registry()
+    service = find_service()
+    context = ray.get_runtime_context()
     trial_id = tune.get_context().get_trial_id()
     state = read_checkpoint(tune.get_checkpoint())
-    server, reported = ray.get(registry.join.remote(trial_id, config, state))
+    job = context.get_job_id()
+    try:
+        relay = context.current_actor  # the service pings the relay while it lives
+    except RuntimeError:  # not in an actor (called by hand): no liveness pings
+        relay = None
+    server, sweep, reported = ray.get(service.join.remote(job, trial_id, config, state, relay))
     lost = 0
     while True:
         try:
-            reply = ray.get(server.next_result.remote(trial_id))
+            reply = ray.get(server.next_result.remote(sweep, trial_id))
         except (ray.exceptions.RayActorError, SlotLost) as exc:
             lost += 1
             if lost > MAX_REJOINS:
@@ -51,7 +57,7 @@ def modelbatch_member(config: dict[str, Any]) -> None:
                     f"ModelBatchSearcher: member {trial_id} lost its slot server {lost} times without a "
                     "result; see the slot servers' logs (ray logs / the dashboard) for why they die."
                 ) from exc
-            server, _ = ray.get(registry.join.remote(trial_id, config, state))
+            server, sweep, _ = ray.get(service.join.remote(job, trial_id, config, state, relay))
             continue
         lost = 0
         if reply["checkpoint"] is not None:
@@ -63,7 +69,7 @@ def modelbatch_member(config: dict[str, Any]) -> None:
         # Tune has a result with the metric by now (a trial ending without one aborts the sweep);
         # a trial whose last result was skipped ends with the last result Tune has of it.
         if reply["final"]:
-            ray.get(registry.release.remote(trial_id))
+            ray.get(service.release.remote(sweep, trial_id))
             return
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from typing import Any
@@ -17,10 +18,17 @@ import modelbatch as mb
 from modelbatch._trainer import architecture_signature, build_model, member_seed
 
 from . import _relay
-from ._launch import Fleet, server_placements, start_fleet
 from ._lookahead import GroupingLookahead
 from ._packs import PackFactory, load_member_state, pack_label
 from ._sampler import SpaceSampler
+from ._service import (
+    ServiceStopping,
+    SweepClient,
+    check_room_for_relays,
+    connect,
+    default_tenant,
+    placements,
+)
 
 logger = logging.getLogger(__name__)
 API = "ModelBatchSearcher"
@@ -81,7 +89,7 @@ class ModelBatchSearcher(Searcher):
 
     Results carry ``loss``, ``val_loss``, ``val_<metric>``, ``training_iteration``,
     ``step``, and where the member trained: ``server``, ``server_node``, ``pack`` (an
-    architecture hash) and ``slot``. A member's seed is ``config["seed"]`` (default 0);
+    architecture hash), ``slot`` and ``tenant``. A member's seed is ``config["seed"]`` (default 0);
     put ``"seed": tune.randint(0, 2**31 - 1)`` into the space for different initial weights.
     A member whose result is NaN or infinite reports it and ends.
 
@@ -90,10 +98,20 @@ class ModelBatchSearcher(Searcher):
     a 12-member sweep took 18 s instead of 44 s). Tune allows no search algorithm with
     ``PopulationBasedTraining``.
 
-    Servers start when Tune starts the sweep and are killed when every sample has completed
-    (Tune tells the searcher ``num_samples`` with the search space of ``tune.run(config=...)``
-    / ``Tuner(param_space=...)``; else call :meth:`shutdown`). Servers left by an interrupted
-    run are replaced by the next sweep of the same driver: run one sweep at a time per driver.
+    Sweeps share the cluster: one packing service per Ray cluster (detached actors in the
+    ``modelbatch`` namespace, started by the first sweep that needs it, or by ``modelbatch
+    service start``) runs the slot servers and hosts every sweep as a tenant. Under contention,
+    each tenant gets slots in proportion to its ``weight`` (higher ``priority`` first; at most
+    ``max_slots``); an idle tenant's share goes to the others. A sweep leaves the service when
+    every sample has completed (Tune tells the searcher ``num_samples`` with the search space
+    of ``tune.run(config=...)`` / ``Tuner(param_space=...)``), on :meth:`shutdown`, or, however
+    it ended (time budget, stopper, error, Ctrl-C, driver killed), within ``LEASE_S`` seconds
+    once none of its member trials lives. A service started by a sweep stops by itself
+    ``IDLE_STOP_S`` seconds after its last sweep left, freeing every CPU and GPU.
+
+    Tenancy: ``tenant`` names who runs the sweep (default ``user@host:pid``; results carry
+    it), ``weight`` its share, ``max_slots`` its cap over the cluster, ``priority`` its order.
+    An operator's settings (``modelbatch service start --tenants tenants.toml``) override them.
 
     Example::
 
@@ -115,9 +133,16 @@ class ModelBatchSearcher(Searcher):
         group_ahead: int | None = None,
         park_after_s: float = 30.0,
         random_state: Any = None,
+        tenant: str | None = None,
+        weight: float = 1.0,
+        max_slots: int | None = None,
+        priority: int = 0,
     ) -> None:
         _check_args(recipe, searcher, slots_per_gpu, reports, checkpoint_every, group_ahead, park_after_s)
+        _check_tenancy(tenant, weight, max_slots, priority)
         _check_picklable(recipe)
+        self.tenant = tenant if tenant is not None else default_tenant()
+        self.weight, self.max_slots, self.priority = float(weight), max_slots, int(priority)
         self.park_after_s = float(park_after_s)
         self.recipe = recipe
         self.slots_per_gpu = slots_per_gpu
@@ -127,7 +152,7 @@ class ModelBatchSearcher(Searcher):
         self._ahead = GroupingLookahead(self._inner, self._architecture_key)
         self._limiter = SlotLimiter(self._ahead, max_concurrent=1)
         super().__init__()
-        self._fleet: Fleet | None = None
+        self._sweep: SweepClient | None = None
         self._space: dict[str, Any] | None = None
         self._num_samples: int | None = None
         self._completed: set[str] = set()
@@ -136,6 +161,7 @@ class ModelBatchSearcher(Searcher):
         self._reported: dict[str, int] = {}
         self._last_stats: list[dict[str, Any]] = []
         self._releases: list[Any] = []
+        self._capacity_ref: Any = None
 
     # ------------------------------------------------------------------ public helpers
     def trainable(self) -> Any:
@@ -148,35 +174,43 @@ class ModelBatchSearcher(Searcher):
 
         Tune reads the limiter's ``max_concurrent`` to start members in parallel.
         """
-        if self._fleet is None and isinstance(self.slots_per_gpu, int) and ray.is_initialized():
-            self._limiter.set_max_concurrency(self.slots_per_gpu * len(server_placements()))
+        if self._sweep is None and isinstance(self.slots_per_gpu, int) and ray.is_initialized():
+            capacity = self.slots_per_gpu * max(len(placements()), 1)
+            self._limiter.set_max_concurrency(min(capacity, self.max_slots or capacity))
         return self._limiter
 
     @property
     def capacity(self) -> int | None:
-        """Members training at once over all servers (``None`` before the servers start)."""
-        return None if self._fleet is None else self._fleet.capacity
+        """Members of this sweep training at once over all servers (``None`` before its sweep opens)."""
+        return None if self._sweep is None else self._sweep.capacity
 
     def server_stats(self) -> list[dict[str, Any]]:
-        """One dict per server: its ``slots``, ``live`` and ``parked`` members, ``members_hosted``, ...
+        """One dict per server, as this sweep sees it: its ``slots`` there, ``live`` and ``parked`` members,
+        ``members_hosted``, ...
 
-        Also ``parks``, ``packs``, ``device``, ``server`` (its index) and ``server_node``. Live
-        while the sweep runs; afterwards the last numbers seen before the servers stopped.
+        Also ``parks``, ``packs``, ``device``, ``server`` (its index), ``server_node`` and ``tenants``
+        (live members per tenant on that server). Live while the sweep runs; afterwards the last
+        numbers seen before the sweep closed.
         """
-        if self._fleet is not None:
-            self._last_stats = self._fleet.stats()
+        if self._sweep is not None:
+            self._last_stats = self._sweep.stats()
         return self._last_stats
 
     def shutdown(self) -> None:
-        """Kill the slot servers and the registry (done by itself when every sample completed)."""
-        if self._fleet is None:
+        """Close this sweep in the packing service: its members' slots are freed at once.
+
+        Done by itself when every sample completed and when another sweep starts; a sweep that
+        ends otherwise (time budget, stopper, error, Ctrl-C, its driver killed) is closed by the
+        service within ``LEASE_S`` seconds. The service stops when its last sweep closed.
+        """
+        if self._sweep is None:
             return
         try:
             ray.wait(self._releases, num_returns=len(self._releases), timeout=10)
-            self._last_stats = self._fleet.stats()
+            self._last_stats = self._sweep.stats()
         finally:
-            self._fleet.shutdown()
-            self._fleet, self._releases = None, []
+            self._sweep.close()
+            self._sweep, self._releases = None, []
 
     def model_from_checkpoint(self, checkpoint: Any) -> torch.nn.Module:
         """The trained model of a member from its Tune checkpoint (needs a Recipe)."""
@@ -203,29 +237,32 @@ class ModelBatchSearcher(Searcher):
         _check_sweep(self.recipe, metric, mode, config, spec.get("num_samples"))  # before any server starts
         self._space = config or self._space
         self._num_samples = spec.get("num_samples", self._num_samples)
-        self.shutdown()  # a new sweep: fresh servers
+        self.shutdown()  # a new sweep: the previous one's members leave
         self._start()
         return self._limiter.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str) -> dict | None:
         self._start()
+        self._renew()
         config = self._limiter.suggest(trial_id)
         key = self._ahead.live_keys.get(trial_id)
-        if isinstance(config, dict) and key is not None and self._fleet is not None:
-            self._fleet.registry.expect.remote(trial_id, key)  # its server: one hosting its architecture
+        if isinstance(config, dict) and key is not None and self._sweep is not None:
+            # its server: one hosting its architecture
+            self._sweep.service.expect.remote(self._sweep.id, trial_id, key)
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._renew()
         iteration = result.get("training_iteration")
         if isinstance(iteration, int):  # a restarted member's relay skips what Tune already has
             self._reported[trial_id] = iteration
-            if self._fleet is not None:
-                self._fleet.registry.reported.remote({trial_id: iteration})
+            if self._sweep is not None:
+                self._sweep.service.reported.remote(self._sweep.id, {trial_id: iteration})
         self._limiter.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if self._fleet is not None:
-            self._releases.append(self._fleet.registry.release.remote(trial_id))
+        if self._sweep is not None:
+            self._releases.append(self._sweep.service.release.remote(self._sweep.id, trial_id))
         self._limiter.on_trial_complete(trial_id, result=result, error=error)
         self._completed.add(trial_id)
         self._reported.pop(trial_id, None)
@@ -284,27 +321,75 @@ class ModelBatchSearcher(Searcher):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_fleet"], state["_releases"] = None, []  # actors belong to the run that started them
+        # the open sweep belongs to the run that opened it
+        state["_sweep"], state["_releases"], state["_capacity_ref"] = None, [], None
         return state
 
     # ------------------------------------------------------------------ servers
     def _start(self) -> None:
-        if self._fleet is not None:
+        """Open this sweep in the cluster's packing service (started if there is none)."""
+        if self._sweep is not None:
             return
+        check_room_for_relays()
         examples = self._example_configs() if self.slots_per_gpu == "auto" else []
-        self._fleet = start_fleet(
-            self.recipe,
-            self.slots_per_gpu,
-            example_configs=examples,
-            checkpoint_every=self.checkpoint_every,
-            reports=self.reports,
-            park_after_s=self.park_after_s,
+        spec = {
+            "job_id": ray.get_runtime_context().get_job_id(),
+            "tenant": self.tenant,
+            "weight": self.weight,
+            "max_slots": self.max_slots,
+            "priority": self.priority,
+            "recipe": cloudpickle.dumps(self.recipe),
+            "slots": self.slots_per_gpu,
+            "options": {
+                "example_configs": examples,
+                "checkpoint_every": self.checkpoint_every,
+                "reports": self.reports,
+                "park_after_s": self.park_after_s,
+            },
+        }
+        for attempt in range(3):
+            service = connect()
+            try:
+                opened = ray.get(service.open_sweep.remote(spec))  # raises what a server raised
+                break
+            except (ServiceStopping, ray.exceptions.RayActorError):  # it went idle just now: a new one
+                if attempt == 2:
+                    raise
+        self._sweep = SweepClient(service, opened["sweep"], opened["servers"], self.max_slots)
+        self._set_capacity(self._sweep.capacity)
+        slots = [s["slots"] for s in opened["servers"]]
+        logger.info(
+            f"{API}: sweep {self._sweep.id} of tenant {self.tenant!r} has {slots} slots on "
+            f"{len(slots)} slot servers ({opened['servers'][0]['device'] if slots else '-'})."
         )
-        self._ahead.ahead = self._group_ahead(self._fleet.capacity)
-        self._limiter.set_max_concurrency(self._fleet.capacity)
+
+    def _set_capacity(self, capacity: int) -> None:
+        self._ahead.ahead = self._group_ahead(capacity)
+        self._limiter.set_max_concurrency(capacity)
         self._limiter._set_searcher_max_concurrency()
-        slots = [i["slots"] for i in self._fleet.info]
-        logger.info(f"{API}: {len(slots)} slot servers with {slots} slots ({self._fleet.info[0]['device']}).")
+
+    def _renew(self) -> None:
+        """Tell the service this sweep's driver is alive; follow its capacity (servers join and leave)."""
+        if self._sweep is None:
+            return
+        ref = self._capacity_ref
+        if ref is not None and ray.wait([ref], timeout=0)[0]:
+            self._capacity_ref = None
+            try:
+                total = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                self._sweep = None
+                raise RuntimeError(
+                    f"{API}: the packing service stopped while this sweep ran (`modelbatch service stop`, "
+                    "or its process died); run the sweep again (tune.run(resume=True) / Tuner.restore "
+                    "continues it from the members' checkpoints)."
+                ) from exc
+            if total is not None:
+                capacity = min(total, self.max_slots or total)
+                if capacity and capacity != self._limiter.max_concurrent:
+                    self._set_capacity(capacity)
+        if self._capacity_ref is None:
+            self._capacity_ref = self._sweep.renew()
 
     def _group_ahead(self, capacity: int) -> int:
         if self.group_ahead is not None:
@@ -397,8 +482,25 @@ def _check_picklable(recipe: Any) -> None:
         ) from exc
 
 
+def _check_tenancy(tenant: Any, weight: Any, max_slots: Any, priority: Any) -> None:
+    if tenant is not None and (not isinstance(tenant, str) or not tenant):
+        raise ValueError(f"{API}: tenant must be a non-empty str or None (user@host:pid), got {tenant!r}.")
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not (weight > 0 and math.isfinite(weight))
+    ):
+        raise ValueError(f"{API}: weight must be a positive number (the tenant's share), got {weight!r}.")
+    if max_slots is not None and (
+        isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots <= 0
+    ):
+        raise ValueError(f"{API}: max_slots must be a positive int or None, got {max_slots!r}.")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"{API}: priority must be an int (higher goes first), got {priority!r}.")
+
+
 def _reported_metrics(recipe: mb.Recipe) -> set[str]:
-    keys = {"loss", "step", "slot", "pack", "server", "server_node", *AUTO_RESULT_KEYS}
+    keys = {"loss", "step", "slot", "pack", "server", "server_node", "tenant", *AUTO_RESULT_KEYS}
     if recipe.val_data is not None:
         keys |= {"val_loss", *(f"val_{name}" for name in recipe.metrics)}
     return keys

@@ -1,0 +1,143 @@
+"""The packing service's slot policy (pure Python): weighted fair shares, caps, priority, packing.
+
+Driven with a fake clock, as the cluster simulator drives it: members hold a slot for a fixed
+time, then leave, and their tenant asks again at once (every tenant always has work queued).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from tune_integration._policy import FairShare
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Contention:
+    """Simulated sweeps on ``policy``: each member holds its slot ``hold`` seconds, then leaves and
+    its sweep queues a new one at once (a sweep keeps the members it was given queued)."""
+
+    def __init__(self, policy: FairShare, clock: Clock, hold: float = 1.0) -> None:
+        self.policy, self.clock, self.hold = policy, clock, hold
+        self.ids = itertools.count()
+        self.started: dict[str, float] = {}
+
+    def queue(self, sweep: str, members: int) -> None:
+        for _ in range(members):
+            self.policy.request(f"{sweep}/{next(self.ids)}", sweep)
+        self._assign()
+
+    def run(self, seconds: float) -> None:
+        end = self.clock.now + seconds
+        while self.clock.now < end:
+            self.clock.now += 0.25 * self.hold
+            for member in [m for m, t in self.started.items() if self.clock.now - t >= self.hold]:
+                del self.started[member]
+                self.policy.release(member)
+                self.policy.request(f"{member.split('/')[0]}/{next(self.ids)}", member.split("/")[0])
+            self._assign()
+
+    def _assign(self) -> None:
+        for member, _ in self.policy.assign():
+            self.started[member] = self.clock.now
+
+
+def contended(policy: FairShare, clock: Clock, sweeps: dict[str, int], seconds: float) -> Contention:
+    sim = Contention(policy, clock)
+    for sweep, members in sweeps.items():
+        sim.queue(sweep, members)
+    sim.run(seconds)
+    return sim
+
+
+def two_tenants(weights=(1.0, 3.0), capacity=8, **kw):
+    clock = Clock()
+    policy = FairShare(clock=clock)
+    for server in range(2):
+        policy.add_server(server, capacity)
+    policy.add_sweep("a", "alice", caps={0: capacity, 1: capacity}, weight=weights[0], **kw.get("a", {}))
+    policy.add_sweep("b", "bob", caps={0: capacity, 1: capacity}, weight=weights[1], **kw.get("b", {}))
+    return policy, clock
+
+
+def test_weights_one_to_three_give_slot_seconds_one_to_three():
+    policy, clock = two_tenants()
+    contended(policy, clock, {"a": 20, "b": 20}, seconds=50)
+    shares = policy.shares(window_s=60)
+    assert shares["bob"] / shares["alice"] == pytest.approx(3.0, rel=0.2)
+    assert policy.live() == 16  # every slot used
+
+
+def test_an_idle_tenant_leaves_its_share_to_the_others():
+    policy, clock = two_tenants()
+    contended(policy, clock, {"a": 20, "b": 0}, seconds=10)
+    assert policy.live(tenant="alice") == 16 and policy.shares()["alice"] == pytest.approx(1.0)
+
+
+def test_a_late_tenant_reaches_its_share_once_slots_turn_over():
+    policy, clock = two_tenants(weights=(1.0, 1.0))
+    sim = contended(policy, clock, {"a": 20}, seconds=5)
+    assert policy.live(tenant="alice") == 16
+    sim.queue("b", 20)
+    sim.run(1.0)  # one hold time after bob arrives
+    assert policy.live(tenant="bob") == 8 and policy.live(tenant="alice") == 8
+
+
+def test_max_slots_is_never_exceeded_and_the_rest_goes_to_others():
+    policy, clock = two_tenants(weights=(1.0, 1.0), b={"max_slots": 3})
+    contended(policy, clock, {"a": 20, "b": 20}, seconds=10)
+    assert policy.live(tenant="bob") == 3 and policy.live(tenant="alice") == 13
+
+
+def test_a_higher_priority_takes_free_slots_first():
+    policy, clock = two_tenants(weights=(1.0, 1.0), a={"priority": 1})
+    contended(policy, clock, {"a": 20, "b": 20}, seconds=10)
+    assert policy.live(tenant="alice") == 16 and policy.live(tenant="bob") == 0
+
+
+def test_a_sweep_holds_at_most_its_slots_on_each_server():
+    policy = FairShare(clock=Clock())
+    policy.add_server(0, None)  # sized for its sweeps
+    policy.add_sweep("a", "alice", caps={0: 2})
+    policy.add_sweep("b", "bob", caps={0: 3})
+    for i in range(5):
+        policy.request(f"a{i}", "a")
+        policy.request(f"b{i}", "b")
+    policy.assign()
+    assert policy.server_capacity(0) == 3 and policy.live() == 3
+    assert policy.live(sweep="a") <= 2
+
+
+def test_members_go_to_the_server_training_their_architecture():
+    policy = FairShare(clock=Clock())
+    for server in range(2):
+        policy.add_server(server, 4)
+    policy.add_sweep("s", "t", caps={0: 4, 1: 4})
+    policy.request("x", "s", key="k1")
+    policy.request("y", "s", key="k2")
+    assert dict(policy.assign()) == {"x": 0, "y": 1}  # most free slots first
+    policy.request("x2", "s", key="k1")
+    policy.request("y2", "s", key="k2")
+    assert dict(policy.assign()) == {"x2": 0, "y2": 1}  # then with their architecture
+
+
+def test_closing_a_sweep_or_losing_a_server_frees_its_slots():
+    policy, _ = two_tenants(capacity=2)
+    for i in range(4):
+        policy.request(f"a{i}", "a")
+    policy.assign()
+    assert policy.live(sweep="a") == 4
+    assert sorted(policy.remove_server(1)) == ["a1", "a3"]
+    assert policy.live() == 2
+    assert sorted(policy.remove_sweep("a")) == ["a0", "a2"]
+    assert policy.live() == 0 and policy.queued() == 0
+    with pytest.raises(KeyError, match="no open sweep"):
+        policy.request("late", "a")

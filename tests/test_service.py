@@ -1,0 +1,204 @@
+"""The packing service shared by several drivers' sweeps on one Ray cluster (drivers as subprocesses).
+
+One node of 2 CPUs (``ray.cluster_utils.Cluster``), no GPU: the service runs one CPU slot server
+that every sweep shares; member trials take 0.01 CPU each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+from tune_recipes import assert_matches_fit, open_sweeps, recipe  # noqa: E402
+
+from tune_integration._service import IDLE_STOP_S, LEASE_S, NAMESPACE, SERVICE_NAME  # noqa: E402
+
+pytestmark = pytest.mark.slow
+DRIVER = Path(__file__).with_name("service_driver.py")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def start_driver(cluster, out: Path, tenant: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(DRIVER), cluster.address, str(out), tenant, *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(driver: subprocess.Popen, timeout: float = 400) -> str:
+    try:
+        output, _ = driver.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        output, _ = driver.communicate()
+        raise AssertionError(f"the driver did not finish:\n{output[-3000:]}") from None
+    assert driver.returncode == 0, output[-3000:]
+    return output
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.5):
+    """Poll ``condition()`` until it is truthy; returns it and the seconds it took."""
+    start = time.monotonic()
+    while True:
+        value = condition()
+        if value:
+            return value, time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
+
+
+def service_status() -> dict | None:
+    try:
+        return ray.get(ray.get_actor(SERVICE_NAME, namespace=NAMESPACE).status.remote())
+    except (ValueError, ray.exceptions.RayActorError):
+        return None
+
+
+def live_members(tenant: str) -> int:
+    status = service_status() or {"tenants": {}}
+    return status["tenants"].get(tenant, {}).get("live", 0)
+
+
+def read(out: Path) -> dict:
+    return json.loads(out.read_text())
+
+
+def cli(cluster, *argv: str) -> str:
+    command = [sys.executable, "-m", "tune_integration", "service", *argv, "--address", cluster.address]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_the_service_command_starts_shows_and_stops_a_long_lived_service(cluster):
+    started = cli(cluster, "start", "--slots-per-gpu", "3", "--weight", "alice=3")
+    assert "started; it runs until `modelbatch service stop`" in started
+    status = cli(cluster, "status")
+    assert "cpu  up  slots 3" in status and "alice  weight 3" in status
+    assert json.loads(cli(cluster, "status", "--json"))["settings"]["idle_stop_s"] is None  # long-lived
+    assert "stopped" in cli(cluster, "stop")
+    assert service_status() is None and "no packing service runs" in cli(cluster, "status")
+    total = ray.cluster_resources()["CPU"]
+    wait_for(lambda: ray.available_resources().get("CPU") == total, 30, "every CPU free again")
+
+
+def test_two_drivers_share_one_server_at_the_same_time_and_every_member_is_exact(cluster, tmp_path):
+    outs = {t: tmp_path / f"{t}.json" for t in ("alice", "bob")}
+    drivers = [start_driver(cluster, out, t, "--samples", "4", "--reports", "3") for t, out in outs.items()]
+    for driver in drivers:
+        finish(driver)
+    rec = recipe()
+    spans = {}
+    for tenant, out in outs.items():
+        trials = read(out)
+        assert len(trials) == 4 and all(t["status"] == "TERMINATED" for t in trials.values())
+        times = []
+        for trial in trials.values():
+            frame = pd.DataFrame(trial["results"])
+            assert set(frame["tenant"]) == {tenant} and set(frame["server"]) == {0}  # one shared server
+            assert_matches_fit(rec, trial["config"], frame)
+            times += frame["timestamp"].tolist()
+        spans[tenant] = (min(times), max(times))
+    (a0, a1), (b0, b1) = spans.values()
+    assert a0 <= b1 and b0 <= a1  # both sweeps trained at the same time
+    assert open_sweeps() == {}
+
+
+def test_a_killed_driver_frees_its_slots_and_the_idle_service_then_frees_its_cpu(cluster, tmp_path):
+    driver = start_driver(cluster, tmp_path / "k.json", "killed", "--samples", "2", "--reports", "1000")
+    wait_for(lambda: live_members("killed") >= 1, 300, "the sweep's members training")
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate()
+    _, freed_after = wait_for(lambda: open_sweeps() == {}, 60, "the killed driver's sweep closed")
+    assert freed_after <= 30
+    # nothing holds a CPU once the service has been idle IDLE_STOP_S
+    _, gone_after = wait_for(lambda: service_status() is None, IDLE_STOP_S + 60, "the idle service stopped")
+    total = ray.cluster_resources()["CPU"]
+    wait_for(lambda: ray.available_resources().get("CPU") == total, 30, "every CPU free again")
+    assert freed_after + gone_after <= 60 + LEASE_S
+
+
+@pytest.mark.parametrize("ending", ["ctrl-c", "time budget"])
+def test_a_sweep_ended_in_a_live_driver_leaves_the_service_within_30_s(cluster, tmp_path, ending):
+    args = ["--samples", "2", "--reports", "1000", "--linger", "120"]
+    if ending == "time budget":
+        args += ["--time-budget", "15"]
+    driver = start_driver(cluster, tmp_path / "e.json", "ended", *args)
+    try:
+        wait_for(lambda: live_members("ended") >= 1, 300, "the sweep's members training")
+        if ending == "ctrl-c":
+            driver.send_signal(signal.SIGINT)
+        wait_for(lambda: (tmp_path / "e.json").exists(), 120, "Tune returned")
+        _, after = wait_for(lambda: open_sweeps() == {}, 60, "the ended sweep closed")
+        assert after <= 30 and driver.poll() is None  # the driver (and its searcher) still live
+    finally:
+        driver.kill()
+        driver.communicate()
+
+
+def test_a_cluster_without_a_cpu_left_for_member_trials_says_so_at_once(tmp_path):
+    code = f"""
+import sys; sys.path.insert(0, {str(DRIVER.parent)!r})
+import ray
+from ray import tune
+from tune_recipes import recipe
+from tune_integration import ModelBatchSearcher
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+searcher = ModelBatchSearcher(recipe(), slots_per_gpu=2)
+tune.run(searcher.trainable(), config={{"lr": 0.01}}, search_alg=searcher, metric="val_loss", mode="min",
+         storage_path={str(tmp_path)!r}, verbose=0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "the cluster's 1 CPUs all go to slot servers" in out.stderr, out.stderr[-3000:]
+
+
+def test_weights_one_to_three_share_a_full_server_one_to_three(cluster, tmp_path):
+    """4 slots for both sweeps together, each with more members in flight than its share (3 and 7):
+    slot-seconds measured over the times when both have members waiting."""
+    from tune_integration._service import connect
+
+    wait_for(lambda: service_status() is None, IDLE_STOP_S + 60, "the previous test's service stopped")
+    service = connect({"slots_per_gpu": 4, "idle_stop_s": None})  # as `modelbatch service start` does
+    args = ["--samples", "14", "--reports", "2"]
+    drivers = [
+        start_driver(cluster, tmp_path / f"{t}.json", t, *args, "--weight", w, "--slots", slots)
+        for t, w, slots in (("light", "1", "3"), ("heavy", "3", "7"))
+    ]
+    contended = {"light": 0.0, "heavy": 0.0}
+    last = None
+    try:
+        while any(d.poll() is None for d in drivers):
+            status = service_status()
+            if status is not None and {"light", "heavy"} <= set(status["tenants"]):
+                now = {t: status["tenants"][t] for t in contended}
+                both_wait = last and all(last[t]["queued"] and now[t]["queued"] for t in contended)
+                if both_wait:
+                    for t in contended:  # both kept members waiting for a slot over this interval
+                        contended[t] += now[t]["slot_seconds"] - last[t]["slot_seconds"]
+                last = now
+            time.sleep(0.5)
+        for driver in drivers:
+            finish(driver)
+    finally:
+        ray.get(service.stop.remote())
+    assert contended["light"] > 0
+    assert contended["heavy"] / contended["light"] == pytest.approx(3.0, rel=0.2)
