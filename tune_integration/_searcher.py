@@ -70,8 +70,8 @@ class ModelBatchSearcher(Searcher):
             ``(capacity, example_config) -> trainer`` with :class:`modelbatch.PackTrainer`'s
             slot API (e.g. a ``PackTrainer`` subclass with its own ``_train_step``).
         searcher: an inner Tune ``Searcher`` (``OptunaSearch(...)``, ...) that suggests the
-            configs and receives every member's results; ``None`` samples the search space
-            (``grid_search`` values are cycled: ``num_samples`` trials in all).
+            configs and receives every member's results; ``None`` samples the search space as
+            plain Tune does (every ``grid_search`` point ``num_samples`` times).
         slots_per_gpu: members per server, or ``"auto"``: as many as fit in 80 % of the
             device's free memory, measured on a sample of the search space (at most 64 per
             GPU; on a CPU server at most 16 and 2 per core).
@@ -106,6 +106,13 @@ class ModelBatchSearcher(Searcher):
     (Tune tells the searcher ``num_samples`` with the search space of ``tune.run(config=...)``
     / ``Tuner(param_space=...)``; else call :meth:`shutdown`). Servers left by an interrupted
     run are replaced by the next sweep of the same driver: run one sweep at a time per driver.
+    A second sweep with the same searcher starts afresh (with an inner ``searcher``, which keeps
+    its first space as Tune's searchers do, it raises: create new ones).
+
+    The space may hold what plain Tune's does: ``tune.sample_from``, classes and other objects
+    (resolved in each member's config as Tune resolves them), optimizer hyperparameters nested
+    under ``"optim"`` (see :class:`modelbatch.Recipe`). ``tune.with_parameters`` around
+    :meth:`trainable` is refused: the data belongs in the Recipe.
 
     Example::
 
