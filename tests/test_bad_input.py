@@ -580,6 +580,12 @@ BAD = [
         r"^mb.fit: configs must be a list of config dicts.*\[\{'lr': 0.1\}\]",
     ),
     (
+        "fit: lr at the top level and under optim",
+        lambda ctx: _fit(recipe(), [{"lr": 0.1}, {"lr": 0.1, "optim": {"lr": 0.2}}]),
+        ValueError,
+        r"^mb.fit: config 1: lr is set in config and config\['optim'\]; set it in one place",
+    ),
+    (
         "fit: reports 0",
         lambda ctx: mb.fit(recipe(), CONFIGS, reports=0),
         ValueError,
