@@ -36,7 +36,9 @@ class Recipe:
     hyperparameters from its config (optimizer hyperparameters by name — ``lr``,
     ``weight_decay``, ``momentum``, ``beta1``/``beta2`` or ``betas``, ``eps``, ``alpha``,
     ``dampening`` — plus ``seed``), so that a member trained in a pack equals the same config
-    trained alone.
+    trained alone. Optimizer hyperparameters sit at the top level of the config or in a nested
+    dict under ``"optimizer"`` or ``"optim"`` (``{"optim": {"lr": 0.01}}``); one set in both
+    places raises.
 
     Args:
         model: ``config -> nn.Module``. Called under ``torch.manual_seed(config["seed"])``.
@@ -178,7 +180,7 @@ class Recipe:
         defaults = _constructor_defaults(cls)
         out = {}
         for name in self.hparam_names():
-            value, source = _lookup(config, name), ""
+            value, source = _lookup_config(api, config, name), ""
             if value is None:
                 value, source = _lookup(self.optimizer_defaults, name), " from optimizer_defaults"
             if value is None:
@@ -199,6 +201,23 @@ class Recipe:
         if self.device is not None:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+OPTIMIZER_KEYS = ("optimizer", "optim")
+"""Config keys of a nested dict of optimizer hyperparameters (``{"optim": {"lr": 0.01}}``)."""
+
+
+def _lookup_config(api: str, config: Mapping[str, Any], name: str) -> Any:
+    """``name`` from the top level of ``config`` or its dict under an ``OPTIMIZER_KEYS`` key (one of them)."""
+    places = {
+        "": config,
+        **{f"[{k!r}]": config[k] for k in OPTIMIZER_KEYS if isinstance(config.get(k), Mapping)},
+    }
+    found = {where: value for where, sub in places.items() if (value := _lookup(sub, name)) is not None}
+    if len(found) > 1:
+        where = " and ".join(f"config{w}" for w in found)
+        raise ValueError(f"{api}: {name} is set in {where}; set it in one place.")
+    return next(iter(found.values()), None)
 
 
 def _lookup(config: Mapping[str, Any], name: str) -> Any:

@@ -173,6 +173,48 @@ def tune_negative_lr_in_space(ctx: Ctx) -> None:
 
 
 @_ray
+def tune_negative_lr_from_sample_from(ctx: Ctx) -> None:
+    space = {**SPACE, "lr": tune.sample_from(lambda config: -0.5 if config["hidden"] == 16 else 0.01)}
+    _tune_run(ctx, ModelBatchSearcher(recipe(), slots_per_gpu=2), config=space)
+
+
+@_ray
+def tune_lr_nested_where_not_read(ctx: Ctx) -> None:
+    space = {**SPACE, "train": {"lr": tune.loguniform(1e-3, 1e-1)}}
+    del space["lr"]
+    _tune_run(ctx, ModelBatchSearcher(recipe(), slots_per_gpu=2), config=space)
+
+
+@_ray
+def tune_lr_at_top_level_and_under_optim(ctx: Ctx) -> None:
+    space = {**SPACE, "optim": {"lr": tune.grid_search([1e-3, 1e-2])}}
+    _tune_run(ctx, ModelBatchSearcher(recipe(), slots_per_gpu=2), config=space)
+
+
+@_ray
+def tune_with_parameters_around_the_relay(ctx: Ctx) -> None:
+    searcher = ModelBatchSearcher(recipe(), slots_per_gpu=2)
+    trainable = tune.with_parameters(searcher.trainable(), data=X, labels=Y)
+    tune.run(
+        trainable,
+        config=SPACE,
+        search_alg=searcher,
+        metric="val_loss",
+        mode="min",
+        verbose=0,
+        storage_path=str(ctx.tmp / "ray_results"),
+    )
+
+
+@_ray
+def tune_auto_slots_with_a_searcher_owned_space(ctx: Ctx) -> None:
+    from ray.tune.search.optuna import OptunaSearch
+
+    inner = OptunaSearch({"lr": tune.loguniform(1e-3, 1e-1)}, metric="val_loss", mode="min")
+    _tune_run(ctx, ModelBatchSearcher(recipe(), searcher=inner, slots_per_gpu="auto"), config=None)
+
+
+@_ray
 def searcher_mode_directly(ctx: Ctx) -> None:
     ModelBatchSearcher(recipe(), slots_per_gpu=2).set_search_properties("val_loss", "best", SPACE)
 
@@ -538,6 +580,12 @@ BAD = [
         r"^mb.fit: configs must be a list of config dicts.*\[\{'lr': 0.1\}\]",
     ),
     (
+        "fit: lr at the top level and under optim",
+        lambda ctx: _fit(recipe(), [{"lr": 0.1}, {"lr": 0.1, "optim": {"lr": 0.2}}]),
+        ValueError,
+        r"^mb.fit: config 1: lr is set in config and config\['optim'\]; set it in one place",
+    ),
+    (
         "fit: reports 0",
         lambda ctx: mb.fit(recipe(), CONFIGS, reports=0),
         ValueError,
@@ -793,6 +841,39 @@ BAD = [
         tune_negative_lr_in_space,
         ValueError,
         r"^ModelBatchSearcher: config .*: lr = -0\.\d+ is out of range; mb.optim.AdamW needs lr >= 0",
+    ),
+    (
+        "tune: sample_from gives a negative lr",  # checked as resolved in the trial
+        tune_negative_lr_from_sample_from,
+        ValueError,
+        r"^ModelBatchSearcher: config .*'hidden': 16.*: lr = -0\.5 is out of range",
+    ),
+    (
+        "tune: lr nested where the Recipe does not read it",
+        tune_lr_nested_where_not_read,
+        ValueError,
+        r"^ModelBatchSearcher: the search space sets config\['train'\]\['lr'\], but mb.Recipe reads .*"
+        r"'optimizer' or 'optim'.*write it as \{'lr': ...\} or \{'optim': \{'lr': ...\}\}",
+    ),
+    (
+        "tune: lr at the top level and under optim",
+        tune_lr_at_top_level_and_under_optim,
+        ValueError,
+        r"^ModelBatchSearcher: config .*: lr is set in config and config\['optim'\]; set it in one place",
+    ),
+    (
+        "tune: with_parameters around the member trial",
+        tune_with_parameters_around_the_relay,
+        ValueError,
+        r"^ModelBatchSearcher: tune.with_parameters\(searcher.trainable\(\), data=..., labels=...\) "
+        r".*Put the data into the Recipe",
+    ),
+    (
+        "tune: auto slots with a searcher-owned space",
+        tune_auto_slots_with_a_searcher_owned_space,
+        ValueError,
+        r"^ModelBatchSearcher: slots_per_gpu='auto' .*the inner searcher holds its own space.*"
+        r"Pass an int slots_per_gpu, or give the space to Tune",
     ),
 ]
 

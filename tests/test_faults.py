@@ -278,7 +278,7 @@ def test_a_killed_slot_server_restarts_and_its_members_continue_from_their_check
     searcher = ModelBatchSearcher(rec, slots_per_gpu=3, reports=5, checkpoint_every=2)
     with local_ray():
         kill = KillServer(after=5)
-        analysis = sweep(searcher, tmp_path, grid(4), 4, [kill])
+        analysis = sweep(searcher, tmp_path, grid(4), 1, [kill])
         assert open_sweeps() == {}  # the sweep left the service at the end
     assert kill.seen >= 4 * 5 and len(analysis.trials) == 4
     (stats,) = searcher.server_stats()
@@ -307,7 +307,7 @@ def test_a_killed_member_process_is_retried_from_its_checkpoint_once_per_iterati
     searcher = ModelBatchSearcher(rec, slots_per_gpu=3, reports=5, checkpoint_every=2, park_after_s=3)
     with local_ray():
         kill = KillRelay()
-        analysis = sweep(searcher, tmp_path, grid(3), 3, [kill], max_failures=1)
+        analysis = sweep(searcher, tmp_path, grid(3), 1, [kill], max_failures=1)
         assert open_sweeps() == {}
     (killed,) = [t for t in analysis.trials if t.trial_id == kill.killed]
     assert killed.num_failures == 1

@@ -90,3 +90,21 @@ def test_configs_drawn_ahead_and_their_inner_ids_survive_save_and_restore(tmp_pa
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert [e["config"]["hidden"] for e in restored._ahead.waiting] == [16, 16]
     assert restored._ahead.inner_ids == searcher._ahead.inner_ids and restored._inner.suggested == 4
+
+
+def test_architecture_keys_of_configs_with_tune_placeholders_use_the_resolved_objects():
+    from ray.tune.impl.placeholder import create_resolvers_map, inject_placeholders
+    from ray.tune.search.variant_generator import generate_variants
+    from torch import nn
+
+    space = {"act": tune.grid_search([nn.Tanh, nn.ReLU]), "hidden": tune.sample_from(lambda: 8)}
+    resolvers = create_resolvers_map()
+    injected = inject_placeholders(space, resolvers)  # what tune.run hands a searcher
+    tanh, relu = (config for _, config in generate_variants(injected))
+    searcher = ModelBatchSearcher(recipe(), slots_per_gpu=4)
+    key = searcher._architecture_key
+    assert key(tanh) is None  # placeholders, and no tune.run to resolve them
+    searcher._resolvers = resolvers
+    assert key(tanh) is None  # hidden is drawn in the trial: its architecture is unknown here
+    tanh, relu = ({**c, "hidden": 8} for c in (tanh, relu))
+    assert key(tanh) == key({"act": nn.Tanh, "hidden": 8}) != key(relu) == key({"act": nn.ReLU, "hidden": 8})

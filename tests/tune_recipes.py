@@ -24,11 +24,14 @@ XV, YV = X[:48] + 0.1, Y[:48]
 
 
 class Net(nn.Module):
-    """An MLP whose output is multiplied by ``scale`` (a buffer): ``scale=nan`` makes a diverging member."""
+    """An MLP whose output is multiplied by ``scale`` (a buffer): ``scale=nan`` makes a diverging member.
 
-    def __init__(self, hidden: int = 8, scale: float = 1.0) -> None:
+    ``act``: the activation's class (a search space may hold classes).
+    """
+
+    def __init__(self, hidden: int = 8, scale: float = 1.0, act: type[nn.Module] = nn.Tanh) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+        self.body = nn.Sequential(nn.Linear(6, hidden), act(), nn.Linear(hidden, 3))
         self.register_buffer("scale", torch.tensor(scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +39,7 @@ class Net(nn.Module):
 
 
 def make_model(cfg: dict) -> nn.Module:
-    return Net(cfg.get("hidden", 8), cfg.get("scale", 1.0))
+    return Net(cfg.get("hidden", 8), cfg.get("scale", 1.0), cfg.get("act", nn.Tanh))
 
 
 def recipe(**kw) -> mb.Recipe:

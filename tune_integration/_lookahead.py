@@ -62,6 +62,11 @@ class GroupingLookahead(Searcher):
         except TypeError:  # a searcher written before Tune passed ``**spec``
             return self.searcher.set_search_properties(metric, mode, config)
 
+    def reset(self) -> None:
+        """Forget the configs and trials of an earlier sweep (the inner searcher keeps its own state)."""
+        self.waiting, self.inner_ids, self.live_keys = [], {}, {}
+        self.keys_seen, self.drawn, self.exhausted = set(), 0, False
+
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         """The inner searcher may hold the waiting configs too; the ConcurrencyLimiter above limits Tune's."""
         self.searcher.set_max_concurrency(max_concurrent + self.ahead)

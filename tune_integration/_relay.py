@@ -22,8 +22,11 @@ MAX_REJOINS = 5
 """Times in a row a relay joins again after losing its server without getting a result."""
 
 
-def modelbatch_member(config: dict[str, Any]) -> None:
+def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
     """Train one member in a slot of a server: join lazily, then report each of its results to Tune.
+
+    ``parameters`` (what ``tune.with_parameters`` passes) are refused: the servers train from the
+    Recipe, which carries the data (the searcher refuses them before the sweep where it can).
 
     Joining happens here rather than in ``Searcher.suggest`` because trials restored by
     ``tune.run(resume=...)`` / ``Tuner.restore`` never pass ``suggest``; they bring their
@@ -36,6 +39,12 @@ def modelbatch_member(config: dict[str, Any]) -> None:
     its checkpoint the same way (the searcher tells the service each member's last iteration).
     After a driver restart (resume) a result logged after a member's last checkpoint may repeat.
     """
+    if parameters:
+        raise TypeError(
+            f"ModelBatchSearcher: the member trial got {sorted(parameters)} from tune.with_parameters, but "
+            "it trains nothing itself: put the data into the mb.Recipe (train_data=..., val_data=...) and "
+            "pass searcher.trainable() without tune.with_parameters."
+        )
     service = find_service()
     context = ray.get_runtime_context()
     trial_id = tune.get_context().get_trial_id()

@@ -15,8 +15,8 @@ from ray.tune.search.variant_generator import generate_variants
 class SpaceSampler(Searcher):
     """Suggests configs sampled from the Tune search space, like Tune's default generator.
 
-    ``grid_search`` values are cycled: a sweep runs ``num_samples`` trials in all (Tune's
-    default generator runs ``num_samples`` per grid point).
+    ``grid_search`` values are cycled, one pass of the grid after another as Tune's default
+    generator runs them (ModelBatchSearcher has Tune run grid points x ``num_samples`` trials).
     """
 
     def __init__(self, random_state: Any = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -13,8 +14,10 @@ import torch
 from ray import cloudpickle
 from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
+from ray.tune.search.sample import Domain
 
 import modelbatch as mb
+from modelbatch._recipe import OPTIMIZER_KEYS
 from modelbatch._trainer import architecture_signature, build_model, member_seed
 
 from . import _relay
@@ -28,6 +31,15 @@ from ._service import (
     connect,
     default_tenant,
     placements,
+)
+from ._space import (
+    Resolvers,
+    grid_points,
+    is_placeholder,
+    resolve,
+    tune_resolvers,
+    tune_run_locals,
+    tune_search_generator,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,8 +78,8 @@ class ModelBatchSearcher(Searcher):
             ``(capacity, example_config) -> trainer`` with :class:`modelbatch.PackTrainer`'s
             slot API (e.g. a ``PackTrainer`` subclass with its own ``_train_step``).
         searcher: an inner Tune ``Searcher`` (``OptunaSearch(...)``, ...) that suggests the
-            configs and receives every member's results; ``None`` samples the search space
-            (``grid_search`` values are cycled: ``num_samples`` trials in all).
+            configs and receives every member's results; ``None`` samples the search space as
+            plain Tune does (every ``grid_search`` point ``num_samples`` times).
         slots_per_gpu: members per server, or ``"auto"``: as many as fit in 80 % of the
             device's free memory, measured on a sample of the search space (at most 64 per
             GPU; on a CPU server at most 16 and 2 per core).
@@ -112,6 +124,14 @@ class ModelBatchSearcher(Searcher):
     Tenancy: ``tenant`` names who runs the sweep (default ``user@host:pid``; results carry
     it), ``weight`` its share, ``max_slots`` its cap over the cluster, ``priority`` its order.
     An operator's settings (``modelbatch service start --tenants tenants.toml``) override them.
+
+    A second sweep with the same searcher starts afresh (with an inner ``searcher``, which keeps
+    its first space as Tune's searchers do, it raises: create new ones).
+
+    The space may hold what plain Tune's does: ``tune.sample_from``, classes and other objects
+    (resolved in each member's config as Tune resolves them), optimizer hyperparameters nested
+    under ``"optim"`` (see :class:`modelbatch.Recipe`). ``tune.with_parameters`` around
+    :meth:`trainable` is refused: the data belongs in the Recipe.
 
     Example::
 
@@ -162,6 +182,8 @@ class ModelBatchSearcher(Searcher):
         self._last_stats: list[dict[str, Any]] = []
         self._releases: list[Any] = []
         self._capacity_ref: Any = None
+        self._resolvers: Resolvers | None = None  # Tune's placeholder resolvers of the running sweep
+        self._tune_total: int | None = None  # trials Tune is to create, told at the first suggest
 
     # ------------------------------------------------------------------ public helpers
     def trainable(self) -> Any:
@@ -234,7 +256,7 @@ class ModelBatchSearcher(Searcher):
         return self._inner.mode
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
-        _check_sweep(self.recipe, metric, mode, config, spec.get("num_samples"))  # before any server starts
+        spec = self._begin_sweep(metric, mode, config, spec)  # before any server starts
         self._space = config or self._space
         self._num_samples = spec.get("num_samples", self._num_samples)
         self.shutdown()  # a new sweep: the previous one's members leave
@@ -242,6 +264,9 @@ class ModelBatchSearcher(Searcher):
         return self._limiter.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str) -> dict | None:
+        if self._sweep is None:
+            self._begin_sweep_without_space()
+        self._tell_tune_total()
         self._start()
         self._renew()
         config = self._limiter.suggest(trial_id)
@@ -323,7 +348,77 @@ class ModelBatchSearcher(Searcher):
         state = self.__dict__.copy()
         # the open sweep belongs to the run that opened it
         state["_sweep"], state["_releases"], state["_capacity_ref"] = None, [], None
+        state["_resolvers"] = None  # and Tune's placeholders to its tune.run call
         return state
+
+    # ------------------------------------------------------------------ sweep start
+    def _begin_sweep(self, metric: str | None, mode: str | None, config: dict, spec: dict) -> dict:
+        """A new sweep (a reused searcher starts afresh); its checks; ``spec`` with Tune's trial count.
+
+        Without an inner searcher, ``num_samples`` counts trials per ``grid_search`` point as in
+        plain Tune: the spec passed on (and Tune's SearchGenerator, at the first suggestion)
+        gets grid points x ``num_samples``.
+        """
+        if self._ahead.drawn or self._completed:  # this searcher ran a sweep before
+            if not isinstance(self._inner, SpaceSampler):
+                raise ValueError(
+                    f"{API}: this searcher ran a sweep before, and its inner {type(self._inner).__name__} "
+                    "keeps the search space of its first one (Tune's searchers take one sweep each: a "
+                    "second tune.run with config= raises); create a new inner searcher and "
+                    "ModelBatchSearcher for each sweep."
+                )
+            self._new_sweep()
+        self._resolvers = tune_resolvers()
+        _check_trainable(tune_run_locals().get("run_or_experiment"))
+        num_samples = spec.get("num_samples")
+        _check_sweep(self.recipe, metric, mode, config, num_samples, self._resolvers)
+        if (
+            isinstance(self._inner, SpaceSampler)
+            and config
+            and isinstance(num_samples, int)
+            and num_samples > 0
+        ):
+            total = num_samples * grid_points(config)
+            if total != num_samples:
+                self._tune_total = total
+                spec = {**spec, "num_samples": total}
+        return spec
+
+    def _begin_sweep_without_space(self) -> None:
+        """The first suggestion of a sweep Tune gave no space (the inner searcher owns it)."""
+        if self._num_samples is not None and 0 < self._num_samples <= len(self._completed):
+            self._new_sweep()  # a second fit of this searcher
+        _check_trainable(tune_run_locals().get("run_or_experiment"))
+        if self.slots_per_gpu == "auto" and not self._space:
+            raise ValueError(
+                f"{API}: slots_per_gpu='auto' measures members on a sample of the search space, and "
+                "Tune gave the searcher none: the inner searcher holds its own space (Tune then allows "
+                "no config= / param_space). Pass an int slots_per_gpu, or give the space to Tune "
+                "instead: the inner searcher without one (e.g. OptunaSearch()) and "
+                "tune.run(config=space) / Tuner(param_space=space)."
+            )
+
+    def _new_sweep(self) -> None:
+        """Forget the trials of an earlier sweep of this searcher (Tune's searchers restore after this)."""
+        self._completed.clear()
+        self._reported.clear()
+        self._tune_total = None
+        self._limiter.live_trials.clear()
+        self._limiter.num_unfinished_live_trials = 0
+        self._limiter.cached_results.clear()
+        self._ahead.reset()
+
+    def _tell_tune_total(self) -> None:
+        """Tune's SearchGenerator creates ``num_samples`` trials: tell it grid points x num_samples."""
+        if self._tune_total is None:
+            return
+        generator = tune_search_generator(self)
+        if generator is None:  # not driven by tune.run / Tuner.fit: its driver decides
+            logger.warning(f"{API}: found no Tune SearchGenerator to run {self._tune_total} trials.")
+            self._tune_total = None
+            return
+        generator._total_samples = max(generator._total_samples, self._tune_total)
+        self._tune_total = None
 
     # ------------------------------------------------------------------ servers
     def _start(self) -> None:
@@ -401,6 +496,9 @@ class ModelBatchSearcher(Searcher):
         """The ``pack`` label members of this config train under (``None``: unknown)."""
         if not isinstance(self.recipe, mb.Recipe):
             return None  # a pack factory decides itself which configs share a pack
+        config = resolve(config, self._resolvers, sample=False)
+        if config is None:  # a sample_from value: Tune draws it in the trial
+            return None
         try:
             return pack_label(architecture_signature(self._model_shapes(config)))
         except Exception:  # a bad config: its member trial reports why when it joins a server
@@ -420,7 +518,15 @@ class ModelBatchSearcher(Searcher):
         sampler.set_search_properties(None, None, self._space or {})
         if isinstance(self._inner, SpaceSampler):
             sampler.rng = self._inner.rng
-        return sampler.samples(AUTO_SAMPLES)
+        samples = sampler.samples(AUTO_SAMPLES)
+        resolved = _resolved(samples, self._resolvers)
+        if samples and not resolved:
+            raise ValueError(
+                f"{API}: slots_per_gpu='auto' measures members on configs of the search space, but "
+                "Tune's placeholders in them (tune.sample_from, objects) could not be resolved outside "
+                "tune.run / Tuner.fit; pass an int slots_per_gpu."
+            )
+        return resolved
 
 
 def _check_args(
@@ -506,8 +612,65 @@ def _reported_metrics(recipe: mb.Recipe) -> set[str]:
     return keys
 
 
-def _check_sweep(recipe: Any, metric: Any, mode: Any, space: dict | None, num_samples: Any) -> None:
-    """What Tune tells the searcher at the start of a sweep, and a sample of the space's configs."""
+def _check_trainable(trainable: Any) -> None:
+    """Refuse ``tune.with_parameters(searcher.trainable(), ...)`` before any trial starts."""
+    if getattr(trainable, "__qualname__", None) != "with_parameters.<locals>.inner":
+        return
+    closure = inspect.getclosurevars(trainable).nonlocals
+    if closure.get("trainable") is not _relay.modelbatch_member:
+        return
+    names = ", ".join(f"{k}=..." for k in sorted(closure.get("keys", ())))
+    raise ValueError(
+        f"{API}: tune.with_parameters(searcher.trainable(), {names}) hands these objects to the member "
+        "trials, which only relay results: the slot servers train every member from the mb.Recipe. Put "
+        "the data into the Recipe (train_data=..., val_data=...; Ray sends it to each server once, and "
+        "closures of its model factory, loss or metrics travel with it) and pass searcher.trainable() "
+        "itself."
+    )
+
+
+def _misplaced_hparams(recipe: mb.Recipe, space: Any, path: tuple = ()) -> None:
+    """A searched optimizer hyperparameter nested where the Recipe does not read it raises."""
+    if not isinstance(space, dict) or "grid_search" in space:
+        return
+    names = {*recipe.hparam_names(), "betas"}
+    for key, value in space.items():
+        where = (*path, key)
+        searched = (
+            isinstance(value, Domain)
+            or is_placeholder(value)
+            or (isinstance(value, dict) and "grid_search" in value)
+        )
+        read = len(where) == 1 or (len(where) == 2 and where[0] in OPTIMIZER_KEYS)
+        if searched and key in names and not read:
+            at = "".join(f"[{k!r}]" for k in where)
+            raise ValueError(
+                f"{API}: the search space sets config{at}, but mb.Recipe reads the optimizer "
+                f"hyperparameter {key!r} only at the top level of a config or in its dict under "
+                f"{' or '.join(map(repr, OPTIMIZER_KEYS))}, so it would be ignored; write it as "
+                f"{{{key!r}: ...}} or {{'optim': {{{key!r}: ...}}}}."
+            )
+        _misplaced_hparams(recipe, value, where)
+
+
+def _resolved(configs: list[dict[str, Any]], resolvers: Resolvers | None) -> list[dict[str, Any]]:
+    """``configs`` with Tune's placeholders resolved as in their trials, less those that cannot be."""
+    return [c for c in (resolve(config, resolvers) for config in configs) if c is not None]
+
+
+def _check_sweep(
+    recipe: Any,
+    metric: Any,
+    mode: Any,
+    space: dict | None,
+    num_samples: Any,
+    resolvers: Resolvers | None = None,
+) -> None:
+    """What Tune tells the searcher at the start of a sweep, and a sample of the space's configs.
+
+    The sample is checked as its trials will see it (Tune's placeholders resolved); a config
+    whose placeholders cannot be resolved here is left to its member's server.
+    """
     if mode is not None and mode not in ("min", "max"):
         raise ValueError(
             f"{API}: mode must be 'min' or 'max', got {mode!r}; pass it as tune.run(mode=...) or "
@@ -520,6 +683,7 @@ def _check_sweep(recipe: Any, metric: Any, mode: Any, space: dict | None, num_sa
         )
     if not isinstance(recipe, mb.Recipe):
         return  # a pack factory: its results and configs are its own
+    _misplaced_hparams(recipe, space or {})
     reported = _reported_metrics(recipe)
     if isinstance(metric, str) and metric not in reported:
         named = sorted(k for k in reported if k in ("loss", "val_loss") or k.startswith("val_"))
@@ -531,7 +695,7 @@ def _check_sweep(recipe: Any, metric: Any, mode: Any, space: dict | None, num_sa
     try:
         sampler = SpaceSampler()
         sampler.set_search_properties(None, None, space or {})
-        samples = sampler.samples(AUTO_SAMPLES)
+        samples = _resolved(sampler.samples(AUTO_SAMPLES), resolvers)
     except Exception:  # a space only the inner searcher understands: it is checked by the servers
         samples = []
     for config in samples:
