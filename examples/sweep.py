@@ -11,11 +11,14 @@ the command to open the UI, and writes into ``--out`` (default ``sweep_results/`
 ``history.parquet`` (one row per member per report), ``learning_curves.png`` (every member's
 validation curves, the best highlighted) and ``best.json``.
 
-Run from the repository root after ``pip install -e ".[dev]"`` (about 2-3 min on 2 CPU cores):
+Run from the repository root after ``pip install -e ".[dev]"`` (about 80 CPU-seconds over all its processes):
     python examples/sweep.py
-    python examples/sweep.py --num-samples 256 --epochs 30 --searcher optuna
+    python examples/sweep.py --num-samples 8 --epochs 3          # a quick first look
+    python examples/sweep.py --num-samples 256 --epochs 30 --searcher optuna --name big
     python examples/sweep.py --address auto --tracking-uri http://mlflow-host:5000   # a running cluster
-Ctrl-C stops cleanly (Tune saves the experiment); ``python examples/sweep.py --resume`` continues it.
+Ctrl-C stops cleanly at any moment and prints the command that continues the sweep. The sweep's
+arguments are kept in ``--out/--name/sweep_args.json``: ``--resume`` reuses them (flags given again
+must match) and continues the same MLflow runs; a new run into a folder holding a sweep is refused.
 """
 
 from __future__ import annotations
@@ -24,25 +27,133 @@ import argparse
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
-
-import pandas as pd
-import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from torch import nn
-
-import modelbatch as mb
 
 EXPERIMENT = "modelbatch-digits"
 METRIC, MODE = "val_loss", "min"
 BATCH_SIZE = 64
 VAL_FRACTION = 0.2
+ARGS_FILE = "sweep_args.json"  # in the Tune experiment folder: the arguments a --resume reuses
+SWEEP_FLAGS = ("num_samples", "epochs", "searcher", "seed", "slots", "tracking_uri")  # what makes the sweep
+PLACE_FLAGS = ("cpus", "gpus", "address")  # where it runs: may differ on resume
+DEFAULTS = {
+    "num_samples": 64,
+    "epochs": 20,
+    "searcher": "random",
+    "seed": 0,
+    "slots": "auto",
+    "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; with ``--resume``, the sweep's own arguments read from its folder."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--num-samples", type=int, help="configs to try (default 64)")
+    parser.add_argument("--epochs", type=int, help="most epochs per member (ASHA max_t, default 20)")
+    parser.add_argument(
+        "--gpus", type=int, default=None, help="GPUs for the local Ray (default: all it finds; 0: CPU only)"
+    )
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="join a running Ray cluster ('auto' or host:port) instead of a local one",
+    )
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    parser.add_argument("--searcher", choices=["random", "optuna"], help="config suggester (default random)")
+    parser.add_argument("--slots", help="members per server: an int or 'auto' (default)")
+    parser.add_argument("--out", type=Path, default=Path("sweep_results"), help="output folder")
+    parser.add_argument("--name", default="digits-sweep", help="Tune experiment name (a folder under --out)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted sweep in --out/--name with the arguments it started with",
+    )
+    parser.add_argument("--seed", type=int, help="seed of the config sampling (default 0)")
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    folder = args.out / args.name
+    stored_path = folder / ARGS_FILE
+    if args.resume:
+        if not stored_path.exists():
+            parser.error(f"--resume: no sweep to continue in {folder}; run without --resume first")
+        stored = json.loads(stored_path.read_text())
+        for flag in SWEEP_FLAGS:
+            given = getattr(args, flag)
+            if given is not None and str(given) != str(stored[flag]):
+                option = "--" + flag.replace("_", "-")
+                parser.error(
+                    f"--resume: {option} {given} differs from the sweep's {option} {stored[flag]} "
+                    f"(stored in {stored_path}); drop {option} to continue that sweep, or start a new "
+                    "one with another --name or --out"
+                )
+            setattr(args, flag, stored[flag])
+    elif folder.exists() and any(folder.iterdir()):
+        parser.error(
+            f"{folder} already holds a sweep; continue it with --resume, or start a new one with "
+            "another --name or --out"
+        )
+    for flag in SWEEP_FLAGS:
+        if getattr(args, flag) is None:
+            setattr(args, flag, DEFAULTS[flag])
+    if args.num_samples < 1 or args.epochs < 1:
+        parser.error("--num-samples and --epochs must be at least 1")
+    if args.slots != "auto":
+        if not str(args.slots).isdigit() or int(args.slots) < 1:
+            parser.error(f"--slots must be a positive int or 'auto', got {args.slots!r}")
+        args.slots = int(args.slots)
+    return args
+
+
+def save_args(args: argparse.Namespace) -> None:
+    """Write the sweep's arguments into its folder (before anything runs, so any Ctrl-C can resume)."""
+    folder = args.out / args.name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ARGS_FILE
+    key = (json.loads(path.read_text()) if path.exists() else {}).get("mlflow_key") or uuid.uuid4().hex
+    stored = {**{flag: getattr(args, flag) for flag in SWEEP_FLAGS}, "mlflow_key": key}
+    path.write_text(json.dumps(stored, indent=2) + "\n")
+    args.mlflow_key = key  # the sweep's MLflow runs are found again by it, whenever Ctrl-C came
+
+
+def continue_command(args: argparse.Namespace) -> str:
+    """The command that resumes this sweep: every flag of it, so it also reads well in a log."""
+    words = ["python", sys.argv[0], "--resume", "--out", str(args.out), "--name", args.name]
+    for flag in (*SWEEP_FLAGS, *PLACE_FLAGS):
+        value = getattr(args, flag)
+        if value is not None:
+            words += ["--" + flag.replace("_", "-"), str(value)]
+    return shlex.join(words)
+
+
+def interrupted_message(args: argparse.Namespace, what: str) -> int:
+    """Say what a Ctrl-C stopped and how to continue; the exit code of an interrupt (130)."""
+    print(f"\nInterrupted {what}.\nContinue with: {continue_command(args)}", flush=True)
+    return 130
+
+
+if __name__ == "__main__":  # --help and bad flags answer before torch, pandas and Ray are imported
+    ARGS = parse_args()
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from torch import nn  # noqa: E402
+
+import modelbatch as mb  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -111,49 +222,6 @@ def search_space() -> dict[str, Any]:
     }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--num-samples", type=int, default=64, help="configs to try (default 64)")
-    parser.add_argument(
-        "--epochs", type=int, default=20, help="most epochs per member (ASHA max_t, default 20)"
-    )
-    parser.add_argument(
-        "--gpus", type=int, default=None, help="GPUs for the local Ray (default: all it finds; 0: CPU only)"
-    )
-    parser.add_argument("--cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="join a running Ray cluster ('auto' or host:port) instead of a local one",
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
-        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
-    )
-    parser.add_argument("--searcher", choices=["random", "optuna"], default="random", help="config suggester")
-    parser.add_argument("--slots", default="auto", help="members per server: an int or 'auto' (default)")
-    parser.add_argument("--out", type=Path, default=Path("sweep_results"), help="output folder")
-    parser.add_argument("--name", default="digits-sweep", help="Tune experiment name (under --out)")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue an interrupted sweep of the same --out/--name"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the config sampling (default 0)")
-    args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.epochs < 1:
-        parser.error("--num-samples and --epochs must be at least 1")
-    if args.slots != "auto":
-        if not args.slots.isdigit() or int(args.slots) < 1:
-            parser.error(f"--slots must be a positive int or 'auto', got {args.slots!r}")
-        args.slots = int(args.slots)
-    args.out = args.out.resolve()
-    if args.resume and not (args.out / args.name).exists():
-        parser.error(f"--resume: no sweep to continue in {args.out / args.name}; run without --resume first")
-    return args
-
-
 def make_progress(total: int, max_t: int) -> Any:
     """A Tune callback showing members running / stopped early / finished / errored and the best so far."""
     from ray import tune
@@ -198,16 +266,8 @@ def make_progress(total: int, max_t: int) -> Any:
         def refresh(self, trials: list) -> None:
             counts = {"pending": 0, "running": 0, "stopped": 0, "finished": 0, "errored": 0}
             for trial in trials:
-                status, result = trial.status, trial.last_result or {}
-                if status == "TERMINATED":
-                    done = result.get("training_iteration", 0) >= max_t
-                    counts["finished" if done else "stopped"] += 1
-                elif status == "ERROR":
-                    counts["errored"] += 1
-                elif status in ("RUNNING", "PAUSED"):
-                    counts["running"] += 1
-                else:
-                    counts["pending"] += 1
+                status = member_status(trial, max_t)
+                counts[{"stopped early": "stopped", "paused": "running"}.get(status, status)] += 1
             if self.bar is None:
                 self.bar = tqdm(
                     total=total, unit="member", desc="members done", dynamic_ncols=True, mininterval=1
@@ -222,16 +282,26 @@ def make_progress(total: int, max_t: int) -> Any:
     return LiveProgress()
 
 
-def run_sweep(args: argparse.Namespace) -> tuple[Any, bool]:
-    """Start or join Ray and run the Tune sweep with ModelBatchSearcher: (ExperimentAnalysis, interrupted)."""
+def quiet_ray() -> None:
+    """Ray's start-up notices and INFO lines off (they break the progress bar); warnings and errors stay."""
+    import logging
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # CSV, JSON added back; no TensorBoard
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then prints no experiment banner
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # "Token authentication is enabled for this Ray cluster": a notice of a default, not a problem
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
+def start_ray(args: argparse.Namespace) -> None:
+    import logging
+
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    from tune_integration import MLflowCallback, ModelBatchSearcher
-
+    quiet_ray()
     if args.address:
-        ray.init(address=args.address, log_to_driver=False)
+        ray.init(address=args.address, log_to_driver=False, logging_level=logging.WARNING)
     else:
         ray.init(  # "local": a fresh Ray even where an older one's address file is left in /tmp/ray
             address="local",
@@ -239,7 +309,66 @@ def run_sweep(args: argparse.Namespace) -> tuple[Any, bool]:
             num_gpus=args.gpus,
             include_dashboard=False,
             log_to_driver=False,
+            logging_level=logging.WARNING,
         )
+
+
+def describe_space(space: dict[str, Any]) -> dict[str, str]:
+    """The search space as MLflow params of the sweep's run: ``{"space/lr": "loguniform(0.0001, 0.03)"}``."""
+    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
+
+    out = {}
+    for key, domain in space.items():
+        if isinstance(domain, Categorical):
+            text = f"choice({domain.categories})"
+        elif isinstance(domain, (Float, Integer)):
+            kind = "loguniform" if isinstance(domain.get_sampler(), LogUniform) else "uniform"
+            kind = kind if isinstance(domain, Float) else "randint"
+            text = f"{kind}({domain.lower!r}, {domain.upper!r})"
+        else:
+            text = str(domain)
+        out[f"space/{key}"] = text
+    return out
+
+
+def member_name(trial: Any) -> str:
+    """A member's MLflow run name, its number and searched values: ``m007 lr=3.1e-03 wd=2e-05 w=64 p=0.2``."""
+    from tune_integration.mlflow import trial_number
+
+    number, c = trial_number(trial), trial.config
+    head = trial.trial_id if number is None else f"m{number:03d}"
+    return f"{head} lr={c['lr']:.1e} wd={c['weight_decay']:.0e} w={c['width']} p={c['dropout']}"
+
+
+def keep_scheduler_state(scheduler: Any) -> Any:
+    """A Tune callback that saves the scheduler's state with the experiment and restores it on resume.
+
+    Tune saves the searcher and the callbacks but not the scheduler: a resumed sweep would start ASHA
+    with empty rungs, so a member in flight at the interrupt passed every later rung unchallenged.
+    """
+    from ray import tune
+
+    class SchedulerState(tune.Callback):
+        def get_state(self) -> dict[str, Any]:
+            return {"scheduler": dict(scheduler.__dict__)}  # pickled whole: shared objects stay shared
+
+        def set_state(self, state: dict[str, Any]) -> None:
+            scheduler.__dict__.update(state["scheduler"])
+
+    return SchedulerState()
+
+
+def run_sweep(args: argparse.Namespace, stage: dict[str, str]) -> tuple[Any, bool]:
+    """Start or join Ray and run the Tune sweep with ModelBatchSearcher: (ExperimentAnalysis, interrupted)."""
+    start_ray(args)
+    import ray
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+
+    from tune_integration import MLflowCallback, ModelBatchSearcher
+
+    stage["now"] = "while the sweep was starting"
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     servers = f"{gpus} slot servers, one per GPU" if gpus else "one CPU slot server per node"
@@ -251,14 +380,40 @@ def run_sweep(args: argparse.Namespace) -> tuple[Any, bool]:
         inner = OptunaSearch(seed=args.seed)
     recipe = make_recipe(device="cpu" if gpus == 0 else None)
     searcher = ModelBatchSearcher(recipe, searcher=inner, slots_per_gpu=args.slots, random_state=args.seed)
+    scheduler = ASHAScheduler(max_t=args.epochs, grace_period=2, reduction_factor=3)
+    params = {
+        **describe_space(search_space()),
+        "searcher": args.searcher,
+        "scheduler": "ASHA(grace_period=2, reduction_factor=3)",
+        "num_samples": args.num_samples,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "slots": args.slots,
+    }
     callbacks = [
         make_progress(args.num_samples, args.epochs),
-        MLflowCallback(tracking_uri=args.tracking_uri, experiment_name=EXPERIMENT, metric=METRIC, mode=MODE),
+        MLflowCallback(
+            tracking_uri=args.tracking_uri,
+            experiment_name=EXPERIMENT,
+            metric=METRIC,
+            mode=MODE,
+            run_name=f"{args.name} ({args.searcher}, {args.num_samples} configs)",
+            params=params,
+            member_name=member_name,
+            max_iterations=args.epochs,
+            sweep_key=args.mlflow_key,
+        ),
+        CSVLoggerCallback(),
+        JsonLoggerCallback(),
+        keep_scheduler_state(scheduler),
     ]
+    experiment = args.out / args.name
+    resume = any(experiment.glob("experiment_state-*.json"))  # none yet: interrupted before Tune saved one
     print(
         f"sweep: {args.num_samples} configs of {sorted(search_space())}, ASHA up to {args.epochs} epochs, "
-        f"searcher {args.searcher}; Ctrl-C stops cleanly, then --resume continues"
+        f"searcher {args.searcher}{' (resumed)' if resume else ''}; Ctrl-C stops cleanly, --resume continues"
     )
+    stage["now"] = "during the sweep (--resume continues from Tune's last save)"
     try:
         analysis = tune.run(
             searcher.trainable(),
@@ -267,13 +422,13 @@ def run_sweep(args: argparse.Namespace) -> tuple[Any, bool]:
             config=search_space(),
             num_samples=args.num_samples,
             search_alg=searcher,
-            scheduler=ASHAScheduler(max_t=args.epochs, grace_period=2, reduction_factor=3),
+            scheduler=scheduler,
             metric=METRIC,
             mode=MODE,
             stop={"training_iteration": args.epochs},
             reuse_actors=True,
             callbacks=callbacks,
-            resume=args.resume,
+            resume=resume,
             verbose=0,
             raise_on_failed_trial=False,
         )
@@ -284,7 +439,17 @@ def run_sweep(args: argparse.Namespace) -> tuple[Any, bool]:
         searcher.shutdown()
 
 
-def history_frame(analysis: Any) -> pd.DataFrame:
+def member_status(trial: Any, epochs: int) -> str:
+    """``finished`` (all epochs), ``stopped early`` (by ASHA), ``errored``, or Tune's status in lower case."""
+    result = trial.last_result or {}
+    if trial.status == "ERROR" or result.get("error"):
+        return "errored"
+    if trial.status == "TERMINATED":
+        return "finished" if result.get("training_iteration", 0) >= epochs else "stopped early"
+    return trial.status.lower()
+
+
+def history_frame(analysis: Any, epochs: int) -> pd.DataFrame:
     """One row per member per report: trial id, config, metrics (a resumed report counted once)."""
     frames = analysis.trial_dataframes
     rows = []
@@ -294,7 +459,7 @@ def history_frame(analysis: Any) -> pd.DataFrame:
             continue
         frame = frame.drop_duplicates("training_iteration", keep="last").copy()
         frame["trial_id"] = trial.trial_id
-        frame["status"] = trial.status
+        frame["status"] = member_status(trial, epochs)
         rows.append(frame)
     if not rows:
         return pd.DataFrame()
@@ -339,21 +504,16 @@ def plot_curves(history: pd.DataFrame, best_id: str, path: Path) -> None:
     plt.close(fig)
 
 
-def summarize(analysis: Any, interrupted: bool, args: argparse.Namespace, seconds: float) -> int:
+def summarize(analysis: Any, args: argparse.Namespace, seconds: float) -> int:
     """Print the outcome and write history.parquet, learning_curves.png and best.json; the exit code."""
     trials = analysis.trials
-    if interrupted:
-        print(f"\nInterrupted after {seconds:.0f} s; Tune saved the sweep's state.")
-        same = f"--num-samples {args.num_samples} --epochs {args.epochs} --out {args.out} --name {args.name}"
-        print(f"Continue with: python {sys.argv[0]} --resume {same}")
-        return 130
-    history = history_frame(analysis)
+    history = history_frame(analysis, args.epochs)
     if history.empty:
         print(f"\nNo member reported a result; see the errors under {args.out / args.name}.")
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     history.to_parquet(args.out / "history.parquet", index=False)
-    errored = [t for t in trials if t.status == "ERROR"]
+    statuses = [member_status(t, args.epochs) for t in trials]
     best = analysis.get_best_trial(METRIC, MODE, scope="all")
     if best is None:
         print(f"\nNo member reported a finite {METRIC}; see the errors under {args.out / args.name}.")
@@ -370,13 +530,10 @@ def summarize(analysis: Any, interrupted: bool, args: argparse.Namespace, second
         "val_acc": float(at["val_acc"]),
     }
     (args.out / "best.json").write_text(json.dumps(summary, indent=2) + "\n")
-    stopped = sum(
-        t.status == "TERMINATED" and t.last_result["training_iteration"] < args.epochs for t in trials
-    )
-    finished = len(trials) - stopped - len(errored)
     print(
         f"\n{len(trials)} members in {seconds:.0f} s ({len(trials) / seconds * 3600:.0f} configs/hour): "
-        f"{finished} finished, {stopped} stopped early by ASHA, {len(errored)} errored"
+        f"{statuses.count('finished')} finished, {statuses.count('stopped early')} stopped early by ASHA, "
+        f"{statuses.count('errored')} errored"
     )
     print(f"best config: {json.dumps(config)}")
     print(f"  {METRIC} {summary[METRIC]:.4f}, val_acc {summary['val_acc']:.4f} at epoch {summary['epoch']}")
@@ -395,17 +552,25 @@ def summarize(analysis: Any, interrupted: bool, args: argparse.Namespace, second
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import ray
-
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    """Run the sweep and write its results; 130 after a Ctrl-C, with the command that continues it."""
+    args = args or parse_args(argv)
+    save_args(args)
+    stage = {"now": "while Ray was starting (nothing ran yet)"}
     start = time.monotonic()
     try:
-        analysis, interrupted = run_sweep(args)
-        return summarize(analysis, interrupted, args, time.monotonic() - start)
+        analysis, interrupted = run_sweep(args, stage)
+        if interrupted:
+            return interrupted_message(args, f"after {time.monotonic() - start:.0f} s; Tune saved the sweep")
+        stage["now"] = "while writing the results (the sweep itself had ended)"
+        return summarize(analysis, args, time.monotonic() - start)
+    except KeyboardInterrupt:
+        return interrupted_message(args, stage["now"])
     finally:
-        ray.shutdown()
+        ray = sys.modules.get("ray")  # not imported again here: a Ctrl-C may have cut its import short
+        if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+            ray.shutdown()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(args=ARGS))

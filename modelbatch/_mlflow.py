@@ -9,12 +9,14 @@ writes what is left to a JSON-lines spill file and warns with the command that r
 
     python -m tune_integration.mlflow replay mlflow-spill-<id>.jsonl --tracking-uri http://host:5000
 
-Runs: the parent run (one per sweep) carries the sweep tags; each member's child run
-(tag ``mlflow.parentRunId``) has the member's config as params (nested keys flattened with ``/``,
-truncated to MLflow's limits), every report as metrics at ``step=training_iteration`` and the tags
-``status`` (``finished``, ``stopped early``, ``errored`` or ``interrupted``), ``status_reason``,
-``best_<metric>``, ``best_iteration`` and the member tags it was given (``pack``, ``slot``, ``node``,
-``signature``).
+Runs: the parent run (one per sweep) carries the sweep's params and tags and, at the end, the
+metrics ``members`` and ``best_<metric>`` (tag ``best_member``); each member's child run (tag
+``mlflow.parentRunId``) has the member's config as params (nested keys flattened with ``/``,
+truncated to MLflow's limits), every report as metrics at ``step=training_iteration``, the metrics
+``best_<metric>`` and ``best_iteration`` (sortable in the runs table) and the tags ``status``
+(``finished``, ``stopped early``, ``errored`` or ``interrupted``), ``status_reason`` and the member
+tags it was given (``pack``, ``slot``, ``node``, ``signature``). A logger given the ``sweep_key`` of
+an earlier one continues its runs (a resumed sweep: one parent run, one child run per member).
 
 Example:
     >>> import tempfile, torch, modelbatch as mb
@@ -163,6 +165,7 @@ class _Run:
     run_id: str | None = None
     owned: bool = True  # False for a parent run given by the user: never created nor terminated here
     create_attempted: bool = False
+    reopen: bool = False  # a resumed sweep's run: found by its key tag and set RUNNING again
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # key, value, ms, step
@@ -352,6 +355,16 @@ class _Writer:
             run_id, run_status=RunStatus.from_string(status), end_time=end_time, run_name=None
         )
 
+    def _reopen(self, run_id: str) -> None:
+        """A run ended by an interrupted session back to RUNNING (no end time) for the resumed one."""
+        store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
+        if store is None or not hasattr(store, "update_run_info"):  # pragma: no cover - other MLflow versions
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        from mlflow.entities import RunStatus
+
+        store.update_run_info(run_id, run_status=RunStatus.RUNNING, end_time=None, run_name=None)
+
     def _send(self, run: _Run, metrics: list, params: list, tags: list) -> bool:
         """One log_batch call; a refusal that no retry can fix puts the chunk aside (spilled at close)."""
         from mlflow.entities import Metric, Param, RunTag
@@ -409,12 +422,14 @@ class _Writer:
 
     def _create(self, run: _Run) -> None:
         experiment_id = self.resolve_experiment()
-        if run.create_attempted:  # a lost answer may have created it: find it by its key tag
+        if run.create_attempted:  # a lost answer, or an earlier session, may have created it
             found = self.client.search_runs(
                 [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run.key}'", max_results=1
             )
             if found:
                 run.run_id = found[0].info.run_id
+                if run.reopen and found[0].info.status != "RUNNING":
+                    self._reopen(run.run_id)
                 return
         tags = {RUN_KEY_TAG: run.key}
         if run.parent is not None:
@@ -474,7 +489,10 @@ class MLflowLogger:
         run_name: name of the parent run (default ``"<experiment>-<date>"``).
         parent_run_id: nest the members under this existing run instead of a new parent run.
         tags: extra tags of the parent run.
-        metric, mode: the metric whose best value is tagged on each member (``best_<metric>``).
+        params: params of the parent run (e.g. the search space, the searcher); flattened like configs.
+        metric, mode: the metric whose best value each member and the parent log (``best_<metric>``).
+        sweep_key: continue the sweep of an earlier logger (its :attr:`sweep_key`): its parent run and
+            the child run of each member started again are found and reopened instead of created.
         log_artifacts: log per-member artifacts (``mb.fit``: the final state_dict; Tune: last checkpoint).
         flush_interval: seconds between background writes.
         close_timeout: seconds :meth:`close` waits for an unreachable server before spilling.
@@ -493,8 +511,8 @@ class MLflowLogger:
         >>> logger.end_member("a", "stopped early", reason="patience")
         >>> logger.close()
         >>> run = MlflowClient(uri).get_run(logger.run_id("a"))
-        >>> run.data.params, run.data.tags["best_loss"], run.data.tags["status"], run.info.status
-        ({'lr': '0.1', 'net/width': '8'}, '0.5', 'stopped early', 'FINISHED')
+        >>> run.data.params, run.data.metrics["best_loss"], run.data.tags["status"], run.info.status
+        ({'lr': '0.1', 'net/width': '8'}, 0.5, 'stopped early', 'FINISHED')
     """
 
     def __init__(
@@ -505,6 +523,7 @@ class MLflowLogger:
         run_name: str | None = None,
         parent_run_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
         metric: str | None = None,
         mode: str = "min",
         log_artifacts: bool = False,
@@ -512,6 +531,7 @@ class MLflowLogger:
         close_timeout: float = 60.0,
         spill_path: str | os.PathLike | None = None,
         artifact_location: str | None = None,
+        sweep_key: str | None = None,
     ) -> None:
         api = "MLflowLogger"
         if mode not in ("min", "max"):
@@ -523,10 +543,12 @@ class MLflowLogger:
         self.run_name = run_name
         self.parent_run_id = parent_run_id
         self.tags = dict(tags or {})
+        self.params = dict(params or {})
         self.metric, self.mode = metric, mode
         self.log_artifacts = log_artifacts
         self.flush_interval, self.close_timeout = flush_interval, close_timeout
-        self.sweep_key = uuid.uuid4().hex
+        self.resumed = sweep_key is not None
+        self.sweep_key = sweep_key or uuid.uuid4().hex
         self.spill_path = (
             Path(spill_path) if spill_path else Path.cwd() / f"mlflow-spill-{self.sweep_key[:8]}.jsonl"
         )
@@ -555,9 +577,12 @@ class MLflowLogger:
         self.tracking_uri = self.tracking_uri or mlflow.get_tracking_uri()
         self._writer = _Writer(self.tracking_uri, self.experiment_name, self.artifact_location)
         name = self.run_name or f"{self.experiment_name or 'sweep'}-{time.strftime('%Y%m%d-%H%M%S')}"
-        parent = _Run(key=self.sweep_key, name=name)
+        parent = _Run(key=self.sweep_key, name=name, create_attempted=self.resumed, reopen=self.resumed)
         if self.parent_run_id is not None:
             parent.run_id, parent.owned = self.parent_run_id, False
+        parent.params = {
+            clean_key(k): _truncate(v, MAX_PARAM_VALUE_LENGTH) for k, v in flatten(self.params).items()
+        }
         parent.tags = {
             clean_key(k): _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in {**self.tags, **(tags or {})}.items()
         }
@@ -576,12 +601,19 @@ class MLflowLogger:
         *,
         name: str | None = None,
         tags: Mapping[str, Any] | None = None,
+        best: tuple[float, int] | None = None,
     ) -> None:
-        """Open the child run of ``member_id`` with its config as params (flattened, truncated)."""
+        """Open the child run of ``member_id`` with its config as params (flattened, truncated).
+
+        ``best``: the ``(value, step)`` of its best ``metric`` logged before (a resumed member).
+        """
         self._check_running("start_member")
         if member_id in self._members:
             return
-        member = self._members[member_id] = _Member(key=f"{self.sweep_key}-{len(self._members)}")
+        digest = hashlib.sha1(repr(member_id).encode()).hexdigest()[:16]  # the same in a resumed sweep
+        member = self._members[member_id] = _Member(key=f"{self.sweep_key}-{digest}")
+        if best is not None:
+            member.best, member.best_step = float(best[0]), int(best[1])
         params = {
             clean_key(k): _truncate(v, MAX_PARAM_VALUE_LENGTH) for k, v in flatten(config or {}).items()
         }
@@ -662,8 +694,10 @@ class MLflowLogger:
         member.ended = True
         final = {"status": status, "status_reason": reason or status, **(tags or {})}
         if member.best is not None:
-            final[f"best_{self.metric}"] = repr(member.best)
-            final["best_iteration"] = member.best_step
+            best = {f"best_{self.metric}": member.best, "best_iteration": member.best_step}
+            self._inbox.append(
+                ("metrics", member.key, [(k, float(v), _now_ms(), member.best_step) for k, v in best.items()])
+            )
             better = self._best is None or (
                 member.best < self._best[0] if self.mode == "min" else member.best > self._best[0]
             )
@@ -684,9 +718,22 @@ class MLflowLogger:
         self._put(("flush", done))
         return done.wait(timeout)
 
-    def close(self, status: str = "finished", timeout: float | None = None) -> Path | None:
+    def best(self, member_id: Any) -> tuple[float, int] | None:
+        """``(value, step)`` of ``member_id``'s best ``metric`` so far (``None``: none yet)."""
+        member = self._members.get(member_id)
+        return None if member is None or member.best is None else (member.best, member.best_step)
+
+    def close(
+        self,
+        status: str = "finished",
+        timeout: float | None = None,
+        *,
+        summary: Mapping[str, Any] | None = None,
+    ) -> Path | None:
         """End the sweep: members still open end with ``status``; flush; spill what the server did not take.
 
+        The parent run gets the metrics ``members`` and ``best_<metric>``, the tag ``best_member``,
+        and ``summary`` (numbers as metrics, anything else as tags; they replace those computed here).
         Returns the spill file's path if one was written, else ``None``.
         """
         if status not in RUN_STATUS:
@@ -698,11 +745,16 @@ class MLflowLogger:
         for member_id, member in self._members.items():
             if not member.ended:
                 self.end_member(member_id, status)
-        final = {"members": len(self._members), "status": status}
+        final: dict[str, Any] = {"members": len(self._members), "status": status}
         if self._best is not None:
-            final[f"best_{self.metric}"] = repr(self._best[0])
+            final[f"best_{self.metric}"] = self._best[0]
             final["best_member"] = str(self._best[1])
-        self._put(("tags", self.sweep_key, {k: _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in final.items()}))
+        final.update(summary or {})
+        ts = _now_ms()
+        points = [(_key(k), float(v), ts, 0) for k, v in final.items() if is_number(v)]
+        tags = {_key(k): _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in final.items() if not is_number(v)}
+        self._put(("metrics", self.sweep_key, points))
+        self._put(("tags", self.sweep_key, tags))
         self._put(("end", self.sweep_key, RUN_STATUS[status], _now_ms()))
         ok = self.flush(self.close_timeout if timeout is None else timeout)
         self._stop = True
@@ -750,7 +802,14 @@ class MLflowLogger:
                     writer.runs[item[1]].tags.update(item[2])
                 elif kind == "start":
                     _, key, name, params, tags, ts = item
-                    writer.runs[key] = _Run(key=key, name=name, parent=self.sweep_key, start_time=ts)
+                    writer.runs[key] = _Run(
+                        key=key,
+                        name=name,
+                        parent=self.sweep_key,
+                        start_time=ts,
+                        create_attempted=self.resumed,
+                        reopen=self.resumed,
+                    )
                     writer.runs[key].params.update(params)
                     writer.runs[key].tags.update(tags)
                 elif kind == "artifact":
@@ -916,7 +975,7 @@ class MLflowFitCallback(Callback):
                 )
             logger.log_member(
                 member_id,
-                {k: v for k, v in report.items() if k != "training_iteration"},
+                {k: v for k, v in report.items() if k not in ("training_iteration", "step")},
                 step=report.get("training_iteration", 0),
             )
 

@@ -102,8 +102,9 @@ def test_unreachable_server_spills_and_replay_restores_everything(tmp_path, monk
         for it in range(1, 6):
             logger.log_member(m, {"loss": 1.0 / (it + m), "nan": math.nan}, step=it)
         logger.end_member(m, ["finished", "stopped early", "errored"][m], reason=f"r{m}")
+    # 30 reports, best_loss and best_iteration of each member, members and best_loss of the parent
     with pytest.warns(
-        RuntimeWarning, match=r"MLflowLogger: 30 metric points of 4 runs .*spill\.jsonl.*replay"
+        RuntimeWarning, match=r"MLflowLogger: 38 metric points of 4 runs .*spill\.jsonl.*replay"
     ):
         spill = logger.close()
     assert spill == tmp_path / "spill.jsonl"
@@ -123,7 +124,7 @@ def test_unreachable_server_spills_and_replay_restores_everything(tmp_path, monk
         assert len(client.get_metric_history(run.info.run_id, "nan")) == 5
         assert run.data.tags["status"] == ["finished", "stopped early", "errored"][m]
         assert run.info.status == ["FINISHED", "FINISHED", "FAILED"][m]
-        assert float(run.data.tags["best_loss"]) == 1.0 / (5 + m)
+        assert run.data.metrics["best_loss"] == 1.0 / (5 + m)
     assert parents[0].data.tags["best_member"] == "2" and parents[0].info.status == "FINISHED"
 
 
@@ -199,14 +200,15 @@ def test_fit_logs_members_as_child_runs(sqlite_uri, tmp_path) -> None:
     )
     client, parents, children = _runs(sqlite_uri, "fit")
     assert len(parents) == 1 and len(children) == 5
-    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["members"] == "5"
+    assert parents[0].info.status == "FINISHED" and parents[0].data.metrics["members"] == 5
     runs = {r.info.run_name: r for r in children}
     assert set(runs) == {f"member-{i}" for i in range(5)}
     for member, rows in history.groupby("member"):
         run = runs[f"member-{member}"]
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert run.data.params["lr"] == str(configs[member]["lr"]) and run.data.params["seed"] == str(member)
-        for key in ("loss", "val_loss", "val_acc", "step"):
+        assert "step" not in run.data.metrics  # the x axis of every chart, not a metric
+        for key in ("loss", "val_loss", "val_acc"):
             expected = [(int(i), float(v)) for i, v in zip(rows["training_iteration"], rows[key])]
             got = _history(client, run.info.run_id, key)
             assert [s for s, _ in got] == [s for s, _ in expected]
@@ -228,7 +230,7 @@ def test_fit_logs_members_as_child_runs(sqlite_uri, tmp_path) -> None:
         and "non-finite" in runs["member-4"].data.tags["status_reason"]
     )
     best = history[history.member == 0]["val_loss"].min()
-    assert float(runs["member-0"].data.tags["best_val_loss"]) == best
+    assert runs["member-0"].data.metrics["best_val_loss"] == best
     path = client.download_artifacts(runs["member-1"].info.run_id, "model/state_dict.pt", str(tmp_path))
     assert set(torch.load(path)) == {"body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"}
 
@@ -333,3 +335,36 @@ def test_tune_callback_statuses_without_a_cluster(sqlite_uri) -> None:
     assert parents[0].info.status == "KILLED"
     tags = children[0].data.tags
     assert (tags["slot"], tags["server"], tags["node"]) == ("1", "0", "abc")
+
+
+def test_a_resumed_sweep_continues_its_parent_and_member_runs(sqlite_uri) -> None:
+    """Interrupted, then continued with the first logger's sweep_key: one parent, one child per member."""
+    first = MLflowLogger(sqlite_uri, "resumed", metric="loss", params={"searcher": "random"})
+    first.start()
+    for m in ("a", "b"):
+        first.start_member(m, {"lr": 0.1}, name=f"m-{m}")
+        first.log_member(m, {"loss": 0.5}, step=1)
+    first.log_member("a", {"loss": 0.2}, step=2)
+    first.end_member("b", "stopped early")
+    first.close(status="interrupted")
+    client, parents, children = _runs(sqlite_uri, "resumed")
+    assert [p.info.status for p in parents] == ["KILLED"] and len(children) == 2
+
+    second = MLflowLogger(
+        sqlite_uri, "resumed", metric="loss", params={"searcher": "random"}, sweep_key=first.sweep_key
+    )
+    second.start()
+    second.start_member("a", {"lr": 0.1}, name="m-a", best=first.best("a"))
+    second.log_member("a", {"loss": 0.3}, step=3)  # worse than its best of the first session
+    second.end_member("a", "finished")
+    second.close(summary={"members": 2, "best_member": "a"})
+    client, parents, children = _runs(sqlite_uri, "resumed")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and parents[0].info.end_time
+    assert parents[0].data.params == {"searcher": "random"}
+    assert parents[0].data.metrics == {"members": 2, "best_loss": 0.2}
+    assert parents[0].data.tags["best_member"] == "a"
+    runs = {r.info.run_name: r for r in children}
+    assert set(runs) == {"m-a", "m-b"} and runs["m-a"].info.status == "FINISHED"
+    assert _history(client, runs["m-a"].info.run_id, "loss") == [(1, 0.5), (2, 0.2), (3, 0.3)]
+    assert runs["m-a"].data.metrics["best_loss"] == 0.2 and runs["m-a"].data.metrics["best_iteration"] == 2
+    assert runs["m-b"].data.tags["status"] == "stopped early"

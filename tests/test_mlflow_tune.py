@@ -132,13 +132,13 @@ class Recorder(tune.Callback):
     def __init__(self) -> None:
         self.results = defaultdict(list)
         self.times: list[float] = []
-        self.names, self.configs = {}, {}
+        self.configs, self.tags = {}, {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.results[trial.trial_id].append(
             (result["training_iteration"], result["loss"], result["val"]["acc"], result["done"])
         )
-        self.names[trial.trial_id], self.configs[trial.trial_id] = str(trial), trial.config
+        self.configs[trial.trial_id], self.tags[trial.trial_id] = trial.config, trial.experiment_tag
         self.times.append(time.monotonic())
 
 
@@ -182,14 +182,15 @@ def _check_store(uri: str, experiment: str, rec: Recorder, artifacts: bool = Fal
     children = {r.data.tags["trial_id"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert len(parents) == 1 and len(runs) == 1 + len(rec.results) == 17
     parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.data.tags["members"] == "16"
+    assert parent.info.status == "FINISHED" and parent.data.metrics["members"] == 16
     best_loss = min(loss for points in rec.results.values() for _, loss, _, _ in points)
-    assert float(parent.data.tags["best_loss"]) == best_loss
+    assert parent.data.metrics["best_loss"] == best_loss
     most = max(points[-1][0] for points in rec.results.values())
     for tid, points in rec.results.items():
         run = children[tid]
         config = rec.configs[tid]
-        assert run.info.run_name == rec.names[tid]
+        number = int(rec.tags[tid].split("_", 1)[0])  # readable: Tune's trial number and config values
+        assert run.info.run_name == f"m{number:03d} i={config['i']} sleep={config['sleep']:.2g} net/width=32"
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.params == {"i": str(config["i"]), "sleep": str(config["sleep"]), "net/width": "32"}
         loss = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
@@ -203,8 +204,9 @@ def _check_store(uri: str, experiment: str, rec: Recorder, artifacts: bool = Fal
             "MLP-abc",
         )
         assert tags["node"]
-        assert float(tags["best_loss"]) == min(v for _, v, _, _ in points)
-        assert tags["best_iteration"] == str(min(points, key=lambda p: p[1])[0])
+        assert run.data.metrics["best_loss"] == min(v for _, v, _, _ in points)
+        assert run.data.metrics["best_iteration"] == min(points, key=lambda p: p[1])[0]
+        assert "best_loss" not in tags and "step" not in run.data.metrics
         last_it = points[-1][0]
         if artifacts:
             logged = client.list_artifacts(run.info.run_id, "checkpoint")

@@ -1,8 +1,11 @@
-"""The main job, examples/sweep.py: a real (small) Ray Tune sweep with MLflow, interrupted and resumed."""
+"""The main job, examples/sweep.py: real (small) Ray Tune sweeps with MLflow, interrupted and resumed."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import pytest
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = [sys.executable, str(ROOT / "examples" / "sweep.py"), "--cpus", "2"]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def check_outputs(out: Path, members: int, epochs: int) -> pd.DataFrame:
@@ -25,6 +29,9 @@ def check_outputs(out: Path, members: int, epochs: int) -> pd.DataFrame:
         iterations = rows["training_iteration"].tolist()
         assert iterations == list(range(1, len(iterations) + 1)), (trial_id, iterations)
         assert len(iterations) <= epochs
+        # status: finished = all epochs, stopped early = ASHA ended it before (no member errors here)
+        assert set(rows["status"]) == {"finished" if len(iterations) == epochs else "stopped early"}
+    assert re.fullmatch(r"MLP (64-64|128-128)-10( p=0\.2)? #[0-9a-f]{6}", history["pack"].iloc[0])
     assert {"loss", "val_loss", "val_acc", "config/lr", "config/width", "config/dropout"} <= set(history)
     assert (out / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     best = json.loads((out / "best.json").read_text())
@@ -33,64 +40,117 @@ def check_outputs(out: Path, members: int, epochs: int) -> pd.DataFrame:
     return history
 
 
-def mlflow_runs(tracking_uri: str) -> pd.DataFrame:
-    import mlflow
+def check_mlflow(tracking_uri: str, history: pd.DataFrame, searcher: str) -> None:
+    """One FINISHED parent with the sweep's params and summary; one complete child run per member."""
+    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.search_runs(experiment_names=["modelbatch-digits"], output_format="pandas")
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("modelbatch-digits")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.tags["trial_id"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(parents) == 1, [(r.info.run_name, r.info.status) for r in parents]
+    parent = parents[0]
+    members = history["trial_id"].nunique()
+    assert parent.info.status == "FINISHED" and len(runs) == 1 + members
+    assert parent.data.params["searcher"] == searcher
+    assert parent.data.params["space/lr"] == "loguniform(0.0001, 0.03)"
+    assert parent.data.metrics["members"] == members
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(history["val_loss"].min())
+    for trial_id, rows in history.groupby("trial_id"):
+        run = children[trial_id]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+        assert re.fullmatch(r"m\d{3} lr=\d\.\de-0\d wd=\de-0\d w=(64|128) p=0\.[02]", run.info.run_name)
+        assert run.data.tags["status"] == rows["status"].iloc[0]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert sorted(steps) == rows["training_iteration"].tolist()  # complete, each report once
+        assert run.data.metrics["best_val_loss"] == pytest.approx(rows["val_loss"].min())
+        assert "best_val_loss" not in run.data.tags and "step" not in run.data.metrics
 
 
-def test_sweep_runs_end_to_end_with_mlflow_parquet_and_plot(tmp_path) -> None:
-    result = subprocess.run(
-        [*SWEEP, "--num-samples", "6", "--epochs", "3", "--out", "out"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+class Sweep:
+    """examples/sweep.py in a subprocess; stderr read in the background (the progress bar fills it)."""
+
+    def __init__(self, cwd: Path, args: list[str]) -> None:
+        self.process = subprocess.Popen(
+            [*SWEEP, *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.errors: list[str] = []
+        self.reader = threading.Thread(
+            target=lambda: self.errors.extend(iter(lambda: self.process.stderr.read(256), ""))
+        )
+        self.reader.start()
+
+    def interrupt_when(self, ready, timeout: float = 300) -> tuple[str, str]:
+        """SIGINT (what Ctrl-C sends) once ``ready()``; (stdout, stderr) after it exited."""
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.process.poll() is None and not ready():
+                time.sleep(0.05)
+            assert self.process.poll() is None, "the sweep ended before it could be interrupted"
+            self.process.send_signal(signal.SIGINT)
+            stdout = self.process.stdout.read()
+            self.process.wait(timeout=180)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.reader.join(timeout=30)
+        return stdout, "".join(self.errors)
+
+
+def run_continue_command(stdout: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the printed ``Continue with:`` command as a user would paste it."""
+    command = shlex.split(stdout.split("Continue with: ", 1)[1].splitlines()[0])
+    assert command[0] == "python" and command[1].endswith("examples/sweep.py")
+    return subprocess.run(
+        [sys.executable, *command[1:]], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
     )
+
+
+def test_ctrl_c_while_ray_starts_then_continue_runs_the_sweep_end_to_end(tmp_path) -> None:
+    args = ["--num-samples", "6", "--epochs", "3", "--out", "out"]
+    state = tmp_path / "out" / "digits-sweep" / "sweep_args.json"  # written just before Ray starts
+    stdout, stderr = Sweep(tmp_path, args).interrupt_when(state.exists)
+    assert "Interrupted while" in stdout and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
+
+    result = run_continue_command(stdout, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "best config:" in result.stdout
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in result.stdout
     assert "members done" in result.stderr  # the live progress bar
-    check_outputs(tmp_path / "out", members=6, epochs=3)
-
-    runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    children = runs[runs["tags.mlflow.parentRunId"].notna()]
-    assert len(children) == 6 and len(runs) == 7  # one parent run for the sweep, one child per member
-    assert set(children["status"]) == {"FINISHED"}
+    for noise in ("Token authentication", "tensorboard --logdir", "Configuration for experiment", " INFO "):
+        assert noise not in result.stdout + result.stderr, noise
+    history = check_outputs(tmp_path / "out", members=6, epochs=3)
+    check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", history, "random")
 
 
-def test_ctrl_c_stops_cleanly_and_resume_finishes_every_member_once(tmp_path) -> None:
-    args = ["--num-samples", "8", "--epochs", "6", "--out", "out", "--slots", "4"]
-    process = subprocess.Popen(
-        [*SWEEP, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+def test_ctrl_c_mid_sweep_and_the_printed_command_resumes_that_sweep(tmp_path) -> None:
+    args = ["--num-samples", "8", "--epochs", "6", "--out", "out", "--slots", "4", "--searcher", "optuna"]
+    args += ["--seed", "3", "--tracking-uri", f"sqlite:///{tmp_path / 'runs.db'}"]
+    sweep = Sweep(tmp_path, args)
+    stdout, stderr = sweep.interrupt_when(lambda: "best val_loss" in "".join(sweep.errors))  # a report came
+    assert sweep.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert not (tmp_path / "out" / "history.parquet").exists()
+    line = stdout.split("Continue with: ", 1)[1].splitlines()[0]
+    for flag in ("--resume", "--searcher optuna", "--seed 3", "--slots 4", "--num-samples 8", "--epochs 6"):
+        assert flag in line, (flag, line)
+    assert f"--tracking-uri sqlite:///{tmp_path / 'runs.db'}" in line and "--cpus 2" in line
+
+    again = subprocess.run([*SWEEP, *args], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds a sweep; continue it with --resume" in again.stderr
+    other = subprocess.run(
+        [*SWEEP, "--resume", "--out", "out", "--epochs", "9"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
     )
-    errors: list[str] = []
-    reader = threading.Thread(target=lambda: errors.extend(iter(lambda: process.stderr.read(256), "")))
-    reader.start()
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and process.poll() is None:  # until the first member reported
-            if "best val_loss" in "".join(errors):
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "the sweep ended before it could be interrupted"
-        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        stdout = process.stdout.read()
-        process.wait(timeout=180)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        reader.join(timeout=30)
-    stderr = "".join(errors)
-    assert process.returncode == 130, stdout[-3000:] + stderr[-3000:]
-    assert "--resume" in stdout and not (tmp_path / "out" / "history.parquet").exists()
+    assert other.returncode == 2 and "--epochs 9 differs from the sweep's --epochs 6" in other.stderr
 
-    resumed = subprocess.run(
-        [*SWEEP, *args, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False
-    )
+    resumed = run_continue_command(stdout, tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "(resumed)" in resumed.stdout and "searcher optuna" in resumed.stdout
     history = check_outputs(tmp_path / "out", members=8, epochs=6)
     experiment = tmp_path / "out" / "digits-sweep"
     raw = [pd.read_csv(p) for p in experiment.glob("*/progress.csv")]
@@ -102,3 +162,36 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_every_member_once(tmp_path) ->
         # report in flight at that moment may be made again (the history keeps the last one).
         assert len(iterations) - len(set(iterations)) <= 1
     assert len(history) == sum(frame["training_iteration"].nunique() for frame in raw)
+    check_mlflow(f"sqlite:///{tmp_path / 'runs.db'}", history, "optuna")
+
+
+def test_resumed_asha_decides_as_the_uninterrupted_one() -> None:
+    """Tune does not save the scheduler: the example's callback does, so ASHA keeps its rungs on resume."""
+    import importlib.util
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    spec = importlib.util.spec_from_file_location("sweep_example", ROOT / "examples" / "sweep.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    def asha() -> ASHAScheduler:
+        return ASHAScheduler(metric="val_loss", mode="min", max_t=6, grace_period=2, reduction_factor=3)
+
+    def report(scheduler: ASHAScheduler, tid: str, value: float) -> str:
+        trial = SimpleNamespace(trial_id=tid)
+        if tid not in scheduler._trial_info:
+            scheduler.on_trial_add(None, trial)
+        return scheduler.on_trial_result(None, trial, {"training_iteration": 2, "val_loss": value})
+
+    before = asha()
+    assert [report(before, f"t{i}", v) for i, v in enumerate([0.3, 0.2, 0.1])] == [
+        TrialScheduler.CONTINUE
+    ] * 3
+    state = pickle.loads(pickle.dumps(example.keep_scheduler_state(before).get_state()))  # what Tune saves
+    resumed = asha()
+    example.keep_scheduler_state(resumed).set_state(state)
+    assert report(resumed, "late", 0.9) == report(before, "late", 0.9) == TrialScheduler.STOP
+    assert report(asha(), "late", 0.9) == TrialScheduler.CONTINUE  # what a fresh ASHA did on resume

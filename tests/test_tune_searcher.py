@@ -59,6 +59,17 @@ def test_space_sampler_cycles_the_grid_and_restores(tmp_path):
     assert [c["hidden"] for c in more] == [8, 16] and all(1e-3 <= c["lr"] <= 1e-1 for c in more)
 
 
+def test_space_sampler_refuses_the_state_of_another_searcher(tmp_path):
+    """Resuming an Optuna sweep with the default sampler: a clear error, not ``KeyError: 'space'``."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna = OptunaSearch(space={"lr": tune.loguniform(1e-3, 1e-1)}, metric="val_loss", mode="min", seed=0)
+    optuna.suggest("a")
+    optuna.save(str(tmp_path / "optuna.pkl"))
+    with pytest.raises(ValueError, match="ModelBatchSearcher: the saved searcher state is not a random/grid"):
+        SpaceSampler().restore(str(tmp_path / "optuna.pkl"))
+
+
 def test_searcher_state_saves_restores_and_pickles(tmp_path):
     searcher = ModelBatchSearcher(recipe(), slots_per_gpu=2, random_state=0)
     # what tune.run does, minus starting the servers

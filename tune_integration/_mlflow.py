@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ray.tune import Callback
@@ -47,8 +47,35 @@ _NOT_METRICS = frozenset(
         "checkpoint_dir_name",
         "should_checkpoint",
         "config",
+        "step",  # optimizer steps so far: MLflow's step (training_iteration) is the x axis already
     }
 )
+
+
+def trial_name(trial: Any, limit: int = 60) -> str:
+    """A short readable run name: the trial's number (Tune's count) and its config's values, no seeds.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> trial = SimpleNamespace(trial_id="a1b2", experiment_tag="7_lr=0.0031,width=64",
+        ...                         config={"lr": 0.00312, "width": 64, "seed": 3})
+        >>> trial_name(trial)
+        'm007 lr=0.0031 width=64'
+    """
+    head = trial_number(trial)
+    words = [str(trial.trial_id) if head is None else f"m{head:03d}"]
+    for key, value in flatten(trial.config or {}).items():
+        if key.rsplit("/", 1)[-1] == "seed" or not isinstance(value, (str, int, float)):
+            continue
+        words.append(f"{key}={value:.2g}" if isinstance(value, float) else f"{key}={value}")
+    name = " ".join(words)
+    return name if len(name) <= limit else name[: limit - 3] + "..."
+
+
+def trial_number(trial: Any) -> int | None:
+    """Tune's number of a trial (the start of its ``experiment_tag``, kept on resume); ``None``: none."""
+    number = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(number) if number.isdigit() else None
 
 
 def split_result(result: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -85,13 +112,18 @@ def split_result(result: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
 class MLflowCallback(Callback):
     """Log a Tune sweep to MLflow: one parent run per sweep, one child run per trial.
 
-    Each child run is named after its trial, has the trial's config as params (nested keys flattened
+    Each child run is named by ``member_name(trial)`` (default :func:`trial_name`:
+    ``"m007 lr=0.0031 width=64"``), has the trial's config as params (nested keys flattened
     with ``/``, values truncated to MLflow's limits), every result's numbers as metrics at
     ``step=training_iteration``, and the tags ``trial_id``, the member tags found in results
     (``pack``, ``slot``, ``node``, ``signature``, ``server``, ``server_node``, or a nested
     ``"modelbatch": {...}``), ``status`` (``finished``, ``stopped early``, ``errored`` — also for a
-    last result with a NaN/inf — or ``interrupted``), ``status_reason`` and, with ``metric``,
-    ``best_<metric>`` and ``best_iteration``. A trial stopped by the scheduler counts as
+    last result with a NaN/inf — or ``interrupted``), ``status_reason`` and, with ``metric``, the
+    metrics ``best_<metric>`` and ``best_iteration``. The parent run has ``params`` and, at the end,
+    the metrics ``members``, ``members_finished``, ``members_stopped_early``, ``members_errored`` and
+    ``best_<metric>`` (tag ``best_member``). A resumed sweep (``tune.run(resume=True)``) continues
+    the same parent run and each member's child run: the callback's state, saved by Tune in the
+    experiment folder, holds the runs' key. A trial stopped by the scheduler counts as
     ``finished`` if it met its ``stop`` criteria or reached ``max_iterations`` (default: the most
     iterations any trial of the sweep reached, e.g. ASHA's ``max_t``).
 
@@ -102,8 +134,11 @@ class MLflowCallback(Callback):
         metric, mode: the metric whose best value is tagged on each run and on the parent run.
         max_iterations: iterations after which a trial stopped by the scheduler counts as finished.
         log_artifacts: log each trial's last checkpoint directory as the artifact ``checkpoint``.
+        member_name: a trial's child run name (default :func:`trial_name`).
         **kwargs: more :class:`modelbatch.MLflowLogger` arguments (``run_name``, ``parent_run_id``,
-            ``tags``, ``flush_interval``, ``close_timeout``, ``spill_path``, ``artifact_location``).
+            ``tags``, ``params``, ``flush_interval``, ``close_timeout``, ``spill_path``,
+            ``artifact_location``, ``sweep_key``: a key kept with the experiment, so that even a
+            sweep restarted before Tune saved anything continues the same parent run).
 
     If the server cannot be reached, results stay queued and are retried; at the end of the sweep the
     callback waits ``close_timeout`` seconds, then writes what is left to a spill file and warns with
@@ -120,6 +155,7 @@ class MLflowCallback(Callback):
         mode: str = "min",
         max_iterations: int | None = None,
         log_artifacts: bool = False,
+        member_name: Callable[[Any], str] = trial_name,
         **kwargs: Any,
     ) -> None:
         self.logger_kwargs = dict(
@@ -130,12 +166,16 @@ class MLflowCallback(Callback):
             log_artifacts=log_artifacts,
             **kwargs,
         )
+        self.sweep_key = self.logger_kwargs.pop("sweep_key", None)
         MLflowLogger(**self.logger_kwargs)  # check the arguments now, not when the sweep starts
         self.max_iterations = max_iterations
+        self.member_name = member_name
         self.logger: MLflowLogger | None = None
         self._stopped_by_tune: dict[str, bool] = {}
         self._iterations: dict[str, int] = {}
         self._status: dict[str, str] = {}
+        self._best: dict[str, tuple[float, int]] = {}  # of members ended, or known from a resumed state
+        self._restored: dict[str, Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # Tune may pickle callbacks; the logger holds a thread
         return {**self.__dict__, "logger": None}
@@ -144,6 +184,26 @@ class MLflowCallback(Callback):
     def tracking_uri(self) -> str | None:
         return self.logger.tracking_uri if self.logger else self.logger_kwargs["tracking_uri"]
 
+    def get_state(self) -> dict[str, Any] | None:
+        """What a resumed sweep needs (Tune saves it in the experiment folder): the runs' key, members."""
+        if self.logger is None:
+            return None
+        best = {**self._best}
+        for tid in self._iterations:
+            if self.logger.best(tid) is not None:
+                best[tid] = self.logger.best(tid)
+        return {
+            "sweep_key": self.logger.sweep_key,
+            "iterations": dict(self._iterations),
+            "status": dict(self._status),
+            "stopped_by_tune": dict(self._stopped_by_tune),
+            "best": best,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Called by Tune on resume, before :meth:`setup`."""
+        self._restored = state
+
     def setup(
         self,
         stop: Any = None,
@@ -151,18 +211,32 @@ class MLflowCallback(Callback):
         total_num_samples: int | None = None,
         **info: Any,
     ) -> None:
-        self.logger = MLflowLogger(**self.logger_kwargs)
-        self._stopped_by_tune, self._iterations, self._status = {}, {}, {}
+        state = self._restored or {}
+        self._restored = None
+        self.logger = MLflowLogger(
+            **{**self.logger_kwargs, "sweep_key": state.get("sweep_key", self.sweep_key)}
+        )
+        self._iterations = dict(state.get("iterations", {}))
+        self._status = dict(state.get("status", {}))
+        self._stopped_by_tune = dict(state.get("stopped_by_tune", {}))
+        self._best = dict(state.get("best", {}))
+        self._started: set[str] = set()
         tags = {"num_samples": num_samples, "total_num_samples": total_num_samples}
         if stop is not None:
             tags["stop"] = stop
         self.logger.start(tags={k: v for k, v in tags.items() if v is not None})
 
     def _start(self, trial: Any) -> None:
-        if trial.trial_id not in self._iterations:
-            self._iterations[trial.trial_id] = 0
+        tid = trial.trial_id
+        if tid not in self._started:  # new, or started before a resume: the same child run either way
+            self._started.add(tid)
+            self._iterations.setdefault(tid, 0)
             self.logger.start_member(
-                trial.trial_id, trial.config, name=str(trial), tags={"trial_id": trial.trial_id}
+                tid,
+                trial.config,
+                name=self.member_name(trial),
+                tags={"trial_id": tid},
+                best=self._best.get(tid),
             )
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -170,44 +244,74 @@ class MLflowCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         tid = trial.trial_id
-        if tid not in self._iterations:
-            self._start(trial)
+        self._start(trial)
         step = result.get("training_iteration") or 0
+        self._stopped_by_tune[tid] = bool(result.get("done"))  # Tune sets done when it decides to stop
+        if step and step <= self._iterations[tid]:
+            return  # made again after a restore from an earlier checkpoint: that step is logged already
         metrics, tags = split_result(result)
         self.logger.log_member(tid, metrics, step=step, tags=tags)
         self._iterations[tid] = step
-        self._stopped_by_tune[tid] = bool(result.get("done"))  # Tune sets done when it decides to stop
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._start(trial)
         status, reason = self._completion(trial)
         self._log_checkpoint(trial)
-        self._status[trial.trial_id] = status
-        self.logger.end_member(trial.trial_id, status, reason)
+        self._end(trial.trial_id, status, reason)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._start(trial)
         self._log_checkpoint(trial)
-        reason = _error_reason(trial)
-        self._status[trial.trial_id] = "errored"
-        self.logger.end_member(trial.trial_id, "errored", reason)
+        self._end(trial.trial_id, "errored", _error_reason(trial))
+
+    def _end(self, tid: str, status: str, reason: str) -> None:
+        self._status[tid] = status
+        self.logger.end_member(tid, status, reason)
+        if self.logger.best(tid) is not None:
+            self._best[tid] = self.logger.best(tid)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.logger is None:
             return
         interrupted = [t for t in trials if t.trial_id in self._iterations and t.trial_id not in self._status]
         for trial in interrupted:
+            self._start(trial)  # a member started before a resume and not since: its run ends too
             self.logger.end_member(
                 trial.trial_id, "interrupted", f"sweep ended with the trial {trial.status}"
             )
-        if self.max_iterations is None and self._iterations:  # scheduler stops at its max_t count as finished
-            most = max(self._iterations.values())
-            for tid, status in self._status.items():
-                if status == "stopped early" and self._iterations[tid] >= most:
-                    self.logger.retag_member(
-                        tid, "finished", f"reached {most} iterations, the most of the sweep"
-                    )
-        self.logger.close(status="interrupted" if interrupted else "finished")
+        statuses = self._final_statuses()
+        for tid, status in statuses.items():
+            if status != self._status[tid] and tid in self._started:
+                self.logger.retag_member(tid, status, f"reached {self._iterations[tid]} iterations, the most")
+        summary = self._summary([*statuses.values()])
+        self.logger.close(status="interrupted" if interrupted else "finished", summary=summary)
+
+    def _final_statuses(self) -> dict[str, str]:
+        """Ended members' statuses; without ``max_iterations``, a scheduler's stop at the sweep's most
+        iterations (e.g. ASHA's ``max_t``) counts as finished."""
+        if self.max_iterations is not None or not self._iterations:
+            return dict(self._status)
+        most = max(self._iterations.values())
+        return {
+            tid: "finished" if status == "stopped early" and self._iterations[tid] >= most else status
+            for tid, status in self._status.items()
+        }
+
+    def _summary(self, counts: list[str]) -> dict[str, Any]:
+        """The parent run's metrics over every member of the sweep (those of earlier sessions too)."""
+        summary: dict[str, Any] = {
+            "members": len(self._iterations),
+            "members_finished": counts.count("finished"),
+            "members_stopped_early": counts.count("stopped early"),
+            "members_errored": counts.count("errored"),
+        }
+        metric, mode = self.logger.metric, self.logger.mode
+        if metric is not None and self._best:
+            pick = min if mode == "min" else max
+            tid = pick(self._best, key=lambda t: self._best[t][0])
+            summary[f"best_{metric}"] = self._best[tid][0]
+            summary["best_member"] = tid
+        return summary
 
     def _completion(self, trial: Any) -> tuple[str, str]:
         tid = trial.trial_id

@@ -72,6 +72,12 @@ class SpaceSampler(Searcher):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
+        if "space" not in state or "rng" not in state:
+            raise ValueError(
+                "ModelBatchSearcher: the saved searcher state is not a random/grid sampler's (the sweep "
+                "was started with another inner searcher, e.g. OptunaSearch); resume it with the "
+                "searcher it started with."
+            )
         self.space, self.suggested, self.rng = state["space"], state["suggested"], state["rng"]
         self._metric, self._mode = state["metric"], state["mode"]
         self._variants = None

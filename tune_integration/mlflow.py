@@ -9,9 +9,9 @@ twice is stored once. ``--tracking-uri`` defaults to the URI recorded in the fil
 
 from modelbatch._mlflow import main, replay
 
-from ._mlflow import MLflowCallback, split_result
+from ._mlflow import MLflowCallback, split_result, trial_name, trial_number
 
-__all__ = ["MLflowCallback", "main", "replay", "split_result"]
+__all__ = ["MLflowCallback", "main", "replay", "split_result", "trial_name", "trial_number"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
