@@ -605,7 +605,7 @@ BAD = [
     ),
     (
         "fit: callback not a Callback",
-        lambda ctx: _fit(recipe(), CONFIGS, callbacks=[print]),
+        lambda ctx: _fit(recipe(), CONFIGS, callbacks=[len]),
         TypeError,
         r"^mb.fit: callback 0 \(builtin_function_or_method\) is not a mb.callbacks.Callback",
     ),

@@ -15,7 +15,7 @@ import torch
 ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 from torch import nn  # noqa: E402
-from tune_recipes import assert_matches_fit, recipe  # noqa: E402
+from tune_recipes import assert_matches_fit, open_sweeps, recipe  # noqa: E402
 
 import modelbatch as mb  # noqa: E402
 from tune_integration import ModelBatchSearcher  # noqa: E402
@@ -104,7 +104,7 @@ def test_a_searcher_runs_a_second_sweep_afresh(tmp_path):
         frames = analysis.trial_dataframes
         for trial in analysis.trials:
             assert_matches_fit(rec, trial.config, frames[trial.trial_id])
-    assert ray.util.list_named_actors(all_namespaces=True) == []  # the second sweep's servers stopped too
+    assert open_sweeps() == {}  # the second sweep left the service too
 
 
 def test_tune_with_parameters_around_the_member_trial_is_refused_before_any_trial(tmp_path):
@@ -121,4 +121,4 @@ def test_tune_with_parameters_around_the_member_trial_is_refused_before_any_tria
         r"data=...\).*Put the data into the Recipe",
     ):
         tuner.fit()
-    assert ray.util.list_named_actors(all_namespaces=True) == []
+    assert open_sweeps() == {}

@@ -223,6 +223,7 @@ class Service:
         self.starting: dict[int, asyncio.Future] = {}
         self.opening = 0
         self.joining: set[str] = set()
+        self.member_locks: dict[str, asyncio.Lock] = {}
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     # ------------------------------------------------------------------ tenants' sweeps
@@ -295,6 +296,8 @@ class Service:
             self._forget(member)
         for member in [m for m in self.last_reported if m.startswith(sweep_id + ":")]:
             del self.last_reported[member]
+        for member in [m for m in self.member_locks if m.startswith(sweep_id + ":")]:
+            del self.member_locks[member]
         for member in [m for m in self.keys if m.startswith(sweep_id + ":")]:
             del self.keys[member]
         await asyncio.gather(
@@ -353,17 +356,18 @@ class Service:
                     await self.changed.wait_for(
                         lambda: member in self.policy.placed or self.members.get(member) is not record
                     )
-                if self.members.get(member) is not record:
-                    raise RuntimeError(f"ModelBatchSearcher: member {trial_id} left (or its sweep closed).")
-                index = self.policy.placed[member][1]
-                try:
-                    await self._server_join(index, sweep_id, trial_id, config, state)
-                except ray.exceptions.ActorDiedError:  # gone for good: try another server
-                    continue
-                except BaseException:
-                    self._forget(member)
-                    await self._kick()
-                    raise
+                async with self._lock_of(member):
+                    if self.members.get(member) is not record or member not in self.policy.placed:
+                        raise RuntimeError(f"ModelBatchSearcher: member {trial_id} left (sweep closed?).")
+                    index = self.policy.placed[member][1]
+                    try:
+                        await self._server_join(index, sweep_id, trial_id, config, state)
+                    except ray.exceptions.ActorDiedError:  # gone for good: try another server
+                        continue
+                    except BaseException:
+                        self._forget(member)
+                        await self._kick()
+                        raise
                 sweep = self.sweeps.get(sweep_id)
                 if sweep is not None:
                     sweep.members_hosted[index] = sweep.members_hosted.get(index, 0) + 1
@@ -377,6 +381,7 @@ class Service:
         self.last_reported.pop(member, None)
         self.keys.pop(member, None)
         await self._leave(member)
+        self.member_locks.pop(member, None)
 
     # ------------------------------------------------------------------ status
     async def sweep_stats(self, sweep_id: str) -> list[dict[str, Any]]:
@@ -469,7 +474,7 @@ class Service:
                 await self.stop()
                 return
             with contextlib.suppress(Exception):  # the cluster's nodes may be changing
-                if self.sweeps and len(await asyncio.to_thread(placements)) > len(self.servers):
+                if self.sweeps and len(placements()) > len(self.servers):
                     await self._ensure_servers()
 
     async def _watch(self, member: str) -> None:
@@ -481,7 +486,7 @@ class Service:
             except ray.exceptions.RayActorError:
                 if self.members.get(member) is record:
                     logger.info(f"ModelBatchSearcher: member {member}'s trial died; its slot is free.")
-                    await self._leave(member)
+                    await self._leave(member, record)
                 return
             await asyncio.sleep(PING_S)
 
@@ -535,10 +540,13 @@ class Service:
                 await self._add_sweep_to(index, sweep_id)
         await self._kick()
 
-    async def _add_sweep_to(self, index: int, sweep_id: str) -> None:
-        """Tell a server (that is up) about an open sweep; the sweep's slots there go to the policy."""
+    async def _add_sweep_to(self, index: int, sweep_id: str, again: bool = False) -> None:
+        """Tell a server (that is up) about an open sweep; the sweep's slots there go to the policy.
+
+        ``again``: the server restarted and forgot the sweep.
+        """
         sweep = self.sweeps.get(sweep_id)
-        if sweep is None or not self.servers[index].info or index in sweep.slots:
+        if sweep is None or not self.servers[index].info or (index in sweep.slots and not again):
             return
         spec = sweep.spec
         slots = await self._call(
@@ -554,7 +562,7 @@ class Service:
         try:
             await self._call(index, "join", sweep_id, trial_id, config, state)
         except UnknownSweep:  # the server restarted since the sweep opened: tell it the sweep again
-            await self._add_sweep_to(index, sweep_id)
+            await self._add_sweep_to(index, sweep_id, again=True)
             await self._call(index, "join", sweep_id, trial_id, config, state)
 
     def _server_died(self, index: int) -> None:
@@ -566,14 +574,24 @@ class Service:
             if member not in self.joining:  # a joining member asks for another slot itself
                 self._forget(member)
 
-    async def _leave(self, member: str) -> None:
-        """Free the member's slot on its server and forget it (idempotent)."""
-        placed = self.policy.placed.get(member)
-        self._forget(member)
+    async def _leave(self, member: str, record: _Member | None = None) -> None:
+        """Free the member's slot on its server and forget it (idempotent).
+
+        ``record``: only if the member is still that record (not a restarted trial that joined since).
+        """
+        async with self._lock_of(member):
+            if record is not None and self.members.get(member) is not record:
+                return
+            placed = self.policy.placed.get(member)
+            self._forget(member)
+            if placed is not None:
+                sweep_id, index = placed
+                await self._quiet_call(index, "leave", sweep_id, member.split(":", 1)[1])
         await self._kick()
-        if placed is not None:
-            sweep_id, index = placed
-            await self._quiet_call(index, "leave", sweep_id, member.split(":", 1)[1])
+
+    def _lock_of(self, member: str) -> asyncio.Lock:
+        """Joins and leaves of one member run one at a time (a dead trial's leave vs its retry's join)."""
+        return self.member_locks.setdefault(member, asyncio.Lock())
 
     def _forget(self, member: str) -> None:
         self.policy.release(member)
