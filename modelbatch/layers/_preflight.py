@@ -222,7 +222,9 @@ def _compare(
         if r.is_floating_point():
             err = (g - r).abs().reshape(g.shape[0], -1).amax(1) / max(scales[name], floor, 1e-300)
         else:
-            err = (g != r).reshape(g.shape[0], -1).any(1).double() * float("inf")
+            # Integers (num_batches_tracked, position_ids) compare exactly: 0 or inf, never nan.
+            unequal = (g != r).reshape(g.shape[0], -1).any(1)
+            err = torch.where(unequal, float("inf"), 0.0)
         report.rel_diff[f"{kind} {name}"] = float(err.max())
         members = [i for i, e in enumerate(err.tolist()) if not e <= rtol]
         if members:
