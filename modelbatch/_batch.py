@@ -114,6 +114,7 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
                 f"{type(first).__name__} but model {i} is {type(model).__name__}. "
                 "Build one ModelBatch per architecture."
             )
+        _check_same_ties(model, i, first)
         got = {n: (t.shape, t.dtype) for n, t in _named_tensors(model)}
         if got.keys() != ref.keys():
             diff = sorted(got.keys() ^ ref.keys())
@@ -138,8 +139,8 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
             )
 
 
-def _check_same_training(model: nn.Module, i: int, first: nn.Module) -> None:
-    """Model ``i`` must tie and freeze the same tensors as model 0 (one stacked leaf each)."""
+def _check_same_ties(model: nn.Module, i: int, first: nn.Module) -> None:
+    """Model ``i`` must share (tie) the same tensors as model 0: a pack keeps one leaf per tie."""
     ties, ref_ties = tied_names(model), tied_names(first)
     if ties != ref_ties:
         raise ValueError(
@@ -147,6 +148,10 @@ def _check_same_training(model: nn.Module, i: int, first: nn.Module) -> None:
             f"{ref_ties}. A pack keeps one tensor per tie for every member: build every model with "
             "the same ties (e.g. the same tie_word_embeddings), one ModelBatch per variant."
         )
+
+
+def _check_same_training(model: nn.Module, i: int, first: nn.Module) -> None:
+    """Model ``i`` must freeze the same parameters as model 0 (a stacked leaf trains as a whole)."""
     ref = dict(first.named_parameters())
     for name, param in model.named_parameters():
         if param.requires_grad != ref[name].requires_grad:
