@@ -313,6 +313,19 @@ def test_checkpoint_of_other_non_persistent_buffers_is_refused(tmp_path) -> None
         mb.load(tmp_path / "pack.pt", batch=mb.ModelBatch([Constants(extra=True) for _ in range(2)]))
 
 
+def test_checkpoint_without_non_persistent_buffers_needs_a_batch(tmp_path) -> None:
+    """A file of the older format (no non-persistent buffers) is refused without a pack to load into."""
+    models = [Constants() for _ in range(2)]
+    mb.save(tmp_path / "pack.pt", mb.ModelBatch(models))
+    payload = torch.load(tmp_path / "pack.pt", weights_only=False)
+    del payload["buffers"]
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"mb.load: .*older mb.save.*\['order', 'scale'\].*pass batch="):
+        mb.load(tmp_path / "old.pt")
+    into, _, _ = mb.load(tmp_path / "old.pt", batch=mb.ModelBatch([Constants() for _ in range(2)]))
+    assert torch.equal(into.stack.order, torch.arange(4).expand(2, 4))
+
+
 def test_member_frozen_differently_names_parameter_member_and_fix() -> None:
     models = [_factory("bert")(i) for i in range(3)]
     models[2].bert.embeddings.word_embeddings.weight.requires_grad_(False)
@@ -343,6 +356,8 @@ def test_tied_plain_module_trains_exactly_on_every_backend() -> None:
         )  # fmt: skip
         assert list(report.rel_diff) == ["0.weight"]
     batch = mb.ModelBatch([make(i) for i in range(2)]).to(torch.float64)
+    assert batch.stack[0].weight is batch.stack[2].weight
+    batch.load_state_dict(copy.deepcopy(batch.state_dict()), assign=True)
     assert batch.stack[0].weight is batch.stack[2].weight
 
 
