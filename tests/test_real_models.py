@@ -271,6 +271,17 @@ def test_preflight_passes_on_correct_models(name: str) -> None:
     batch(X)
 
 
+def test_preflight_passes_with_dropout_rates_kept_as_floats() -> None:
+    """Llama's attention dropout is a float rate passed to F.dropout, not a module: still switched off."""
+    config = _llama(False).config
+    config.attention_dropout = 0.3
+    torch.manual_seed(0)
+    models = [transformers.LlamaForCausalLM(config).train() for _ in range(2)]
+    batch = mb.ModelBatch(models, preflight=True, backend="vmap")
+    batch(_tokens(4))
+    assert batch.stack.model.layers[0].self_attn.attention_dropout == 0.3  # only the check's copies
+
+
 class Constants(nn.Module):
     """A user's non-persistent float and integer buffers, set after construction."""
 
