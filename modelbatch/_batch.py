@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -384,7 +385,8 @@ class ModelBatch(nn.Module):
                 out = self._backends.run(params, buffers, args, dims, kwargs, trial)
         except ValueError as exc:  # vmap's own words for a non-tensor output
             if "must only return Tensors" in str(exc):
-                raise TypeError(_non_tensor_message(str(exc).split("got type ")[-1].split(".")[0])) from exc
+                found = re.search(r"<class '(?:[\w.]*\.)?(\w+)'>", str(exc))
+                raise TypeError(_non_tensor_message(found.group(1) if found else "a non-tensor")) from exc
             raise
         if type(out) is not torch.Tensor:
             _check_tensor_outputs(out)
@@ -546,6 +548,8 @@ class ModelBatch(nn.Module):
     # ------------------------------------------------------------------ members
     def member(self, index: int) -> nn.Module:
         """A standalone module of the original class holding member ``index``'s current weights.
+
+        Tied parameters stay tied (GPT-2's ``lm_head.weight`` is its ``transformer.wte.weight``).
 
         Example:
             >>> import torch, modelbatch as mb

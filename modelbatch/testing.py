@@ -245,11 +245,17 @@ def _chaos_drift(model_factory, torch_cls, hparams, n, X, y, batches, loss_fn, i
                 batches[:, i],
                 loss_fn,
             )
-        for (name, a), b in zip(pair[0].named_parameters(), pair[1].parameters()):
-            a, b = a.detach(), b.detach()
+        nudged = dict(_floating_tensors(pair[1]))
+        for name, a in _floating_tensors(pair[0]):  # buffers too (BatchNorm statistics)
             if name not in ignore:
+                b = nudged[name]
                 worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-300)))
     return worst
+
+
+def _floating_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [(name, t.detach()) for name, t in named if t.is_floating_point() and t.numel()]
 
 
 def _compare(
