@@ -31,6 +31,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
+from ._tied import tied_names
+
 BACKENDS = ("auto", "vmap", "chunked", "loop")
 DEFAULT_CHUNK_SIZE = 16
 AUTO_CHUNK_SIZES = (4, 16, 64)
@@ -140,6 +142,8 @@ class Executor:
         self.module, self.n, self.compile = module, n, compile
         self._fns: dict[tuple, Callable] = {}
         self._slots: dict[str, tuple[dict, str]] = {}
+        params, buffers = tied_names(module)
+        self._aliases = {**params, **buffers}  # a tied tensor is swapped into every alias's slot too
         # Layers whose class the preparation pass swapped for a vmap-safe subclass: the loop runs no
         # vmap, so it runs them as their own class again (torch's fused kernels, e.g. aten::lstm).
         originals = dict(template.named_modules()) if template is not None else {}
@@ -226,7 +230,11 @@ class Executor:
         What ``functional_call`` does, without its per-call bookkeeping (it doubles a small model's
         forward time); the original tensors are put back even if the forward raises.
         """
-        slots = [(*self._slot(name), values) for name, values in members.items()]
+        slots = [
+            (*self._slot(alias), values)
+            for name, values in members.items()
+            for alias in (name, *self._aliases.get(name, ()))
+        ]
         originals = [(table, leaf, table[leaf]) for table, leaf, _ in slots]
         prepared = [(layer, type(layer)) for layer, _ in self._eager_classes]
         rnns = [layer for layer, cls in self._eager_classes if issubclass(cls, nn.RNNBase)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -11,9 +12,12 @@ from torch import nn
 from torch.func import stack_module_state, vmap
 from torch.utils import _pytree as pytree
 
+from ._activation_checkpoint import running_pack
 from ._architecture import first_setting_difference
 from ._backends import Backends
 from ._hparams import check_member_index
+from ._huggingface import adapt_skeleton
+from ._tied import retie, set_tensor, tied_names
 from .layers import install_preflight, prepare_for_vmap
 
 
@@ -58,6 +62,38 @@ def _looped_loss(
     return torch.stack(losses)
 
 
+def select_output(outputs: Any, output: str | int | None, api: str) -> Any:
+    """The tensor to compute a loss on: ``outputs`` itself, or its field ``output``.
+
+    A ``Mapping`` (a Hugging Face ``ModelOutput``, a dict) gives its ``output`` key (default
+    ``"logits"``); a tuple or list its element ``output`` (default 0); a tensor itself.
+
+    Example:
+        >>> import torch
+        >>> select_output({"logits": torch.ones(2), "hidden": torch.zeros(2)}, None, "api").tolist()
+        [1.0, 1.0]
+    """
+    if isinstance(outputs, Mapping):
+        key = "logits" if output is None else output
+        if key not in outputs:
+            raise KeyError(
+                f"{api}: the model's outputs ({type(outputs).__name__}) have no field {key!r}; they "
+                f"have {list(outputs.keys())}. Pass output='<field>' to pick the one the loss uses."
+            )
+        return outputs[key]
+    if isinstance(outputs, (tuple, list)):
+        index = 0 if output is None else output
+        if not isinstance(index, int) or not -len(outputs) <= index < len(outputs):
+            raise IndexError(
+                f"{api}: output={output!r} does not index the model's {len(outputs)} outputs; pass "
+                "output=<position> of the tensor the loss uses."
+            )
+        return outputs[index]
+    if output is not None:
+        raise TypeError(f"{api}: output={output!r} given, but the outputs are a {type(outputs).__name__}.")
+    return outputs
+
+
 def _scatter_members(out: Any, ids: torch.Tensor, n: int) -> Any:
     """Outputs of the members ``ids`` (``[k, ...]`` leaves) placed in ``[n, ...]`` zeros, differentiably."""
 
@@ -67,16 +103,6 @@ def _scatter_members(out: Any, ids: torch.Tensor, n: int) -> Any:
         return t.new_zeros((n, *t.shape[1:])).index_copy(0, ids.to(t.device), t)
 
     return pytree.tree_map(place, out)
-
-
-def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
-    """Replace the parameter or buffer ``name`` (dotted path) of ``module`` with ``value``."""
-    *path, leaf = name.split(".")
-    owner = module.get_submodule(".".join(path)) if path else module
-    if is_param:
-        owner._parameters[leaf] = value
-    else:
-        owner._buffers[leaf] = value
 
 
 def _check_same_architecture(models: Sequence[nn.Module]) -> None:
@@ -89,6 +115,7 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
                 f"{type(first).__name__} but model {i} is {type(model).__name__}. "
                 "Build one ModelBatch per architecture."
             )
+        _check_same_ties(model, i, first)
         got = {n: (t.shape, t.dtype) for n, t in _named_tensors(model)}
         if got.keys() != ref.keys():
             diff = sorted(got.keys() ^ ref.keys())
@@ -103,6 +130,7 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
                     f"has {list(ref[name][0])} ({ref[name][1]}). Models of one pack must have "
                     "identical parameter shapes: group configs by architecture, one ModelBatch each."
                 )
+        _check_same_training(model, i, first)
         difference = first_setting_difference(first, model)
         if difference is not None:
             raise ValueError(
@@ -110,6 +138,46 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
                 "modules, so module settings must be equal: build one ModelBatch per setting (mb.fit "
                 "and ModelBatchSearcher group configs this way), or hold per-member values in buffers."
             )
+
+
+def _check_same_ties(model: nn.Module, i: int, first: nn.Module) -> None:
+    """Model ``i`` must share (tie) the same tensors as model 0: a pack keeps one leaf per tie."""
+    ties, ref_ties = tied_names(model), tied_names(first)
+    if ties != ref_ties:
+        raise ValueError(
+            f"ModelBatch: model {i} shares (ties) parameters/buffers {ties} but model 0 shares "
+            f"{ref_ties}. A pack keeps one tensor per tie for every member: build every model with "
+            "the same ties (e.g. the same tie_word_embeddings), one ModelBatch per variant."
+        )
+
+
+def _check_same_training(model: nn.Module, i: int, first: nn.Module) -> None:
+    """Model ``i`` must freeze the same parameters as model 0 (a stacked leaf trains as a whole)."""
+    ref = dict(first.named_parameters())
+    for name, param in model.named_parameters():
+        if param.requires_grad != ref[name].requires_grad:
+            raise ValueError(
+                f"ModelBatch: parameter {name!r} has requires_grad={param.requires_grad} in model {i} "
+                f"but {ref[name].requires_grad} in model 0. A pack stacks each parameter of all members "
+                "into one tensor, which trains or not as a whole: freeze the same parameters in every "
+                "model (p.requires_grad_(False) on each), or freeze whole members with batch.freeze(i)."
+            )
+
+
+def _non_tensor_message(what: str) -> str:
+    return (
+        f"ModelBatch.forward: the model returned {what}; a pack stacks tensor outputs only (one "
+        "per member). For a Hugging Face model pass use_cache=False (the pack turns config.use_cache "
+        "off; an explicit use_cache=True cannot be packed), or return tensors, tuples or dicts of "
+        "tensors from forward."
+    )
+
+
+def _check_tensor_outputs(out: Any) -> None:
+    """Raise if the members' outputs hold something a pack cannot stack (a cache object)."""
+    for leaf in pytree.tree_leaves(out):
+        if not isinstance(leaf, (torch.Tensor, int, float, bool, str, type(None))):
+            raise TypeError(_non_tensor_message(type(leaf).__name__))
 
 
 def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -161,14 +229,17 @@ class ModelBatch(nn.Module):
             if not isinstance(model, nn.Module):
                 raise TypeError(f"ModelBatch: model {i} is a {type(model).__name__}, not an nn.Module.")
         _check_same_architecture(models)
+        self._aliases = tied_names(models[0])
         params, buffers = stack_module_state(list(models))
-        template = copy.deepcopy(models[0]).to("meta")
+        template = retie(copy.deepcopy(models[0]).to("meta"), self._aliases)
         stack = copy.deepcopy(template)
         for name, value in params.items():
-            _set_tensor(stack, name, nn.Parameter(value, requires_grad=value.requires_grad), True)
+            set_tensor(stack, name, nn.Parameter(value, requires_grad=value.requires_grad), True)
         for name, value in buffers.items():
-            _set_tensor(stack, name, value, False)
+            set_tensor(stack, name, value, False)
+        retie(stack, self._aliases)  # tied names: one stacked leaf in every alias's slot
         prepare_for_vmap(stack, api="ModelBatch")
+        self._inputs_require_grad = adapt_skeleton(stack)
         self.stack = stack
         self.stack.train(models[0].training)
         self.training = models[0].training
@@ -303,9 +374,22 @@ class ModelBatch(nn.Module):
         frozen = self.training and bool(buffers) and not bool(updating.all())
         run_buffers = {name: b.clone() for name, b in buffers.items()} if frozen else buffers
         trial = self.training and torch.is_grad_enabled()  # "auto" times only training calls
-        out = self._backends.run(params, run_buffers, args, dims, kwargs, trial)
+        out = self._run(params, run_buffers, args, dims, kwargs, trial)
         if frozen:
             self._write_back(buffers, run_buffers, updating)
+        return out
+
+    def _run(self, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict, trial: bool) -> Any:
+        try:  # torch.utils.checkpoint inside the model recomputes per member (running_pack)
+            with running_pack(self.stack, self._inputs_require_grad):
+                out = self._backends.run(params, buffers, args, dims, kwargs, trial)
+        except ValueError as exc:  # vmap's own words for a non-tensor output
+            if "must only return Tensors" in str(exc):
+                found = re.search(r"<class '(?:[\w.]*\.)?(\w+)'>", str(exc))
+                raise TypeError(_non_tensor_message(found.group(1) if found else "a non-tensor")) from exc
+            raise
+        if type(out) is not torch.Tensor:
+            _check_tensor_outputs(out)
         return out
 
     def _forward_members(
@@ -320,7 +404,7 @@ class ModelBatch(nn.Module):
         run_buffers = {k: b.index_select(0, ids.to(b.device)) for k, b in buffers.items()}
         sub_args = tuple(a.index_select(0, ids.to(a.device)) if d == 0 else a for a, d in zip(args, dims))
         trial = self.training and torch.is_grad_enabled()
-        out = self._backends.run(pick, run_buffers, sub_args, dims, kwargs, trial)
+        out = self._run(pick, run_buffers, sub_args, dims, kwargs, trial)
         if self.training and buffers:
             with torch.no_grad():
                 for name, buf in buffers.items():
@@ -363,12 +447,13 @@ class ModelBatch(nn.Module):
     # ------------------------------------------------------------------ loss
     def compute_loss(
         self,
-        outputs: torch.Tensor,
+        outputs: Any,
         targets: torch.Tensor,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         *,
         target_in_dims: int | str | None = "auto",
         mask: torch.Tensor | None = None,
+        output: str | int | None = None,
     ) -> MemberLosses:
         """Each member's own loss, shape ``[N]``; train with ``losses.sum().backward()``.
 
@@ -380,7 +465,12 @@ class ModelBatch(nn.Module):
         ``mask`` (``[N, B]`` bool) marks the real samples of padded per-member batches (members
         whose subsets differ in size): each member's loss is then the mean over its real samples,
         and ``loss_fn`` must accept ``reduction="none"``. A member with no real sample gets 0.
+
+        ``outputs`` may also be what a Hugging Face model returns: a ``ModelOutput`` or dict
+        (its ``"logits"`` by default, or the field named by ``output``) or a tuple (element
+        ``output``, default 0). See :func:`select_output`.
         """
+        outputs = select_output(outputs, output, "ModelBatch.compute_loss")
         if not isinstance(outputs, torch.Tensor) or outputs.dim() < 1 or outputs.shape[0] != self.n:
             shape = list(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
             raise ValueError(
@@ -459,6 +549,8 @@ class ModelBatch(nn.Module):
     def member(self, index: int) -> nn.Module:
         """A standalone module of the original class holding member ``index``'s current weights.
 
+        Tied parameters stay tied (GPT-2's ``lm_head.weight`` is its ``transformer.wte.weight``).
+
         Example:
             >>> import torch, modelbatch as mb
             >>> batch = mb.ModelBatch([torch.nn.Linear(3, 2) for _ in range(4)])
@@ -467,12 +559,14 @@ class ModelBatch(nn.Module):
             True
         """
         index = check_member_index("ModelBatch.member", index, self.n)
-        stacked = dict(_named_tensors(self.stack))
-        device = next(iter(stacked.values())).device if stacked else torch.device("cpu")
-        model = copy.deepcopy(self._template).to_empty(device=device)
+        model = copy.deepcopy(self._template)
         with torch.no_grad():
-            for name, tensor in _named_tensors(model):
-                tensor.copy_(stacked[name][index])
+            for name, param in self.stacked_parameters().items():
+                value = nn.Parameter(param[index].clone(), requires_grad=param.requires_grad)
+                set_tensor(model, name, value, True)
+            for name, buf in self.stacked_buffers().items():
+                set_tensor(model, name, buf[index].clone(), False)
+        retie(model, self._aliases)
         model.train(self.training)
         return model
 
@@ -525,6 +619,12 @@ class ModelBatch(nn.Module):
         self.active[check_member_index("ModelBatch.unfreeze", index, self.n)] = True
 
     # ------------------------------------------------------------------ state
+    def _apply(self, fn: Callable, recurse: bool = True) -> ModelBatch:
+        """``.to()``, ``.double()``, ...: converts each slot, then ties the aliases again."""
+        super()._apply(fn, recurse)
+        retie(self.stack, self._aliases)
+        return self
+
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:
@@ -536,7 +636,9 @@ class ModelBatch(nn.Module):
                 f"pack has {self.n}. Build the pack with the same number of members."
             )
         try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+            retie(self.stack, self._aliases)  # assign=True puts one new tensor per name
+            return result
         except RuntimeError as exc:
             raise RuntimeError(
                 "ModelBatch.load_state_dict: the checkpoint does not fit this pack (another "

@@ -10,10 +10,17 @@ from typing import Any
 import torch
 
 from ._batch import ModelBatch
+from ._tied import retie, tied_names
 from .optim import Optimizer
 
 FORMAT = "modelbatch-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: non-persistent buffers are saved too
+
+
+def _non_persistent_buffers(batch: ModelBatch) -> dict[str, torch.Tensor]:
+    """Stacked buffers that ``state_dict()`` leaves out (BERT's ``position_ids``, rotary ``inv_freq``)."""
+    persistent = batch.stack.state_dict(keep_vars=True)
+    return {name: b.detach() for name, b in batch.stacked_buffers().items() if name not in persistent}
 
 
 def save(
@@ -21,8 +28,10 @@ def save(
 ) -> None:
     """Write ``batch`` (all members), its optimizer and any ``extra`` picklable values to ``path``.
 
-    The file is written to a temporary name and renamed, so an interrupted save never leaves a
-    truncated checkpoint behind.
+    Every buffer is kept, persistent or not (``register_buffer(..., persistent=False)``, which
+    ``state_dict()`` leaves out): a loaded pack computes bitwise what the saved one did. The file
+    is written to a temporary name and renamed, so an interrupted save never leaves a truncated
+    checkpoint behind.
 
     Example:
         >>> import torch, tempfile, os, modelbatch as mb
@@ -47,6 +56,7 @@ def save(
         "template": batch.template,
         "backend": {"backend": batch.backend, "chunk_size": batch.chunk_size},
         "batch": batch.state_dict(),
+        "buffers": _non_persistent_buffers(batch),
         "optimizer": None
         if optimizer is None
         else {
@@ -89,19 +99,48 @@ def load(
                 f"mb.load: the checkpoint holds a {name} state but the optimizer is a "
                 f"{type(optimizer).__name__}; pass an optimizer of the saved class (or none)."
             )
+    saved_buffers = payload.get("buffers")
     if batch is None:
+        template = payload["template"]
         device = map_location if map_location is not None else "cpu"
-        model = payload["template"].to_empty(device=device)
+        ties = tied_names(template)  # to_empty puts one new tensor in each slot
+        model = retie(template.to_empty(device=device), ties)
         batch = ModelBatch([model] * payload["n"], **payload.get("backend", {}))
+        if saved_buffers is None and _non_persistent_buffers(batch):
+            raise ValueError(
+                f"mb.load: {os.fspath(path)!r} was written by an older mb.save that left out the "
+                f"non-persistent buffers {sorted(_non_persistent_buffers(batch))}; pass batch= (a "
+                "ModelBatch built from your model class, whose constructor sets them) to load it."
+            )
     elif type(batch.template) is not type(payload["template"]):
         raise ValueError(
             f"mb.load: the checkpoint holds {type(payload['template']).__name__} models but the batch "
             f"holds {type(batch.template).__name__}; load it into a pack of the same architecture."
         )
     batch.load_state_dict(payload["batch"])
+    if saved_buffers is not None:
+        _load_buffers(batch, saved_buffers)
     if cls is not None:
         if optimizer is None:
             optimizer = cls.from_state_dict(batch, saved_opt["state"])
         else:
             optimizer.load_state_dict(saved_opt["state"])
     return batch, optimizer, payload["extra"]
+
+
+def _load_buffers(batch: ModelBatch, saved: dict[str, torch.Tensor]) -> None:
+    """Copy the saved non-persistent buffers into ``batch`` (checked like ``load_state_dict``)."""
+    targets = _non_persistent_buffers(batch)
+    if saved.keys() != targets.keys():
+        raise ValueError(
+            f"mb.load: the checkpoint's non-persistent buffers {sorted(saved)} differ from the "
+            f"pack's {sorted(targets)}; load it into a pack of the architecture it was saved from."
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            if value.shape != targets[name].shape:
+                raise ValueError(
+                    f"mb.load: buffer {name!r} has shape {list(value.shape)} in the checkpoint but "
+                    f"{list(targets[name].shape)} in the pack."
+                )
+            targets[name].copy_(value)

@@ -1,0 +1,410 @@
+"""Conformance matrix on models nobody here wrote: Hugging Face transformers built from tiny configs
+(BERT, GPT-2 with its tied lm_head, Llama tied and untied, ViT) and a ResNet-style CNN with
+BatchNorm, with and without gradient checkpointing, on the vmap and loop backends (pinned: the
+automatic choice is not under test here).
+
+For each: packed training equals each model trained alone (float64, 20 Adam steps, tensors whose
+true gradient is zero listed and left out), ``member(i)`` returns the class with its ties, and
+``mb.save``/``mb.load`` give back a pack computing bitwise the same (non-persistent buffers too).
+Attention runs ``attn_implementation="eager"``: "sdpa" is exact too but torch has no batching rule
+for its CPU flash kernel (a slow per-member fallback with a warning).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import modelbatch as mb
+
+transformers.logging.set_verbosity_error()
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable's rename
+
+VOCAB, SEQ, CLASSES = 50, 8, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a loaded 2-core machine their spinning
+    made a GPT-2 step 100x slower (measured: 5 steps 5.9 s with 2 threads, 0.06 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ResNetLike(nn.Module):
+    """Two BatchNorm residual blocks (no conv bias before BatchNorm), optionally checkpointed."""
+
+    def __init__(self, checkpointing: str | None = None) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)) for _ in range(2)
+        )
+        self.head = nn.Linear(4, CLASSES)
+        self.checkpointing = checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.stem(x)))
+        for block in self.blocks:
+            if self.checkpointing is None:
+                h = torch.relu(h + block(h))
+            else:
+                reentrant = self.checkpointing == "reentrant"
+                h = torch.relu(h + checkpoint(block, h, use_reentrant=reentrant))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def _bert() -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=CLASSES,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config)
+
+
+def _gpt2() -> nn.Module:
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _llama(tied: bool) -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+def _vit() -> nn.Module:
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, num_labels=CLASSES, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(config)
+
+
+def _lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def _tokens(n: int = 32) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def _images(n: int = 32) -> torch.Tensor:
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def _labels(n: int = 32) -> torch.Tensor:
+    return torch.randint(0, CLASSES, (n,), generator=torch.Generator().manual_seed(1))
+
+
+# name: (build, (X, y), loss_fn, tied (alias, original) or None)
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple], Callable, tuple | None]] = {
+    "bert": (_bert, lambda: (_tokens(), _labels()), F.cross_entropy, None),
+    "gpt2": (_gpt2, lambda: (_tokens(), _tokens()), _lm_loss, ("lm_head.weight", "transformer.wte.weight")),
+    "llama-tied": (
+        lambda: _llama(True),
+        lambda: (_tokens(), _tokens()),
+        _lm_loss,
+        ("lm_head.weight", "model.embed_tokens.weight"),
+    ),
+    "llama-untied": (lambda: _llama(False), lambda: (_tokens(), _tokens()), _lm_loss, None),
+    "vit": (_vit, lambda: (_images(), _labels()), F.cross_entropy, None),
+    "resnet": (ResNetLike, lambda: (_images(), _labels()), F.cross_entropy, None),
+}
+
+
+def _factory(name: str, checkpointing: str | None = None) -> Callable[[int], nn.Module]:
+    build = MODELS[name][0]
+
+    def make(i: int) -> nn.Module:
+        torch.manual_seed(100 + i)
+        model = ResNetLike(checkpointing) if name == "resnet" else build()
+        if checkpointing is not None and name != "resnet":
+            kwargs = {"use_reentrant": checkpointing == "reentrant"}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return model.train().double()
+
+    return make
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    return model.get_parameter(name)
+
+
+def _trained_pack(name: str, backend: str, steps: int = 2, n: int = 3) -> mb.ModelBatch:
+    make = _factory(name)
+    _, data, loss_fn, _ = MODELS[name]
+    X, y = data()
+    batch = mb.ModelBatch([make(i) for i in range(n)], backend=backend)
+    opt = mb.optim.Adam(batch, lr=[1e-2 * (i + 1) for i in range(n)])
+    for step in range(steps):
+        idx = torch.arange(4) + 4 * step
+        opt.zero_grad()
+        batch.compute_loss(batch(X[idx]), y[idx], loss_fn, target_in_dims=None).sum().backward()
+        opt.step()
+    return batch
+
+
+CASES = [
+    (name, backend, ckpt)
+    for name in MODELS
+    for backend in ("vmap", "loop")
+    for ckpt in (None, "non-reentrant", "reentrant")
+    if ckpt != "reentrant" or backend == "vmap"
+]
+
+
+@pytest.mark.parametrize(("name", "backend", "checkpointing"), CASES)
+def test_pack_matches_models_trained_alone(name: str, backend: str, checkpointing: str | None) -> None:
+    _, data, loss_fn, _ = MODELS[name]
+    report = mb.testing.assert_pack_matches_sequential(
+        _factory(name, checkpointing),
+        data(),
+        optimizer="adam",
+        hparams={"lr": [1e-2, 3e-2]},
+        loss_fn=loss_fn,
+        n_members=2,
+        steps=20,
+        batch_size=4,
+        rtol=1e-9,
+        backend=backend,
+    )
+    assert report.rel_diff and report.max_rel_diff <= 1e-9, report.verdict
+    assert report.verdict.startswith("packed == alone: max relative difference")
+    if name == "bert":  # softmax attention: a key bias's true gradient is zero
+        assert any(n.endswith("attention.self.key.bias") for n in report.zero_gradient), report.verdict
+    tied = MODELS[name][3]
+    if tied is not None:  # the tie is one stacked leaf, updated once per step
+        assert tied[0] not in report.rel_diff and tied[1] in report.rel_diff
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_checkpointed_layers_are_recomputed_in_the_backward(name: str) -> None:
+    """Checkpointing is not switched off in a pack: the region runs again during the backward."""
+    _, data, loss_fn, _ = MODELS[name]
+    X, y = data()
+    batch = mb.ModelBatch([_factory(name, "non-reentrant")(i) for i in range(2)], backend="vmap")
+    kinds = ("Layer", "Block", "Sequential")  # the first checkpointed layer of each model
+    layer = next(m for m in batch.stack.modules() if type(m).__name__.endswith(kinds))
+    inner = next(m for m in layer.modules() if m is not layer and "weight" in m._parameters)
+    calls = []  # counted inside the region (HF checkpoints forward, not the layer's hooks)
+    inner.register_forward_pre_hook(lambda *_: calls.append(1))
+    losses = batch.compute_loss(batch(X[:4]), y[:4], loss_fn, target_in_dims=None)
+    forwards = len(calls)
+    losses.sum().backward()
+    assert forwards == 1 and len(calls) == 2
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_member_round_trip_keeps_ties(name: str, backend: str) -> None:
+    batch = _trained_pack(name, backend)
+    batch.eval()
+    X = MODELS[name][1]()[0][:4]
+    for i in range(batch.n):
+        member = batch.member(i)
+        assert type(member) is type(_factory(name)(0)) and not member.training
+        tied = MODELS[name][3]
+        if tied is not None:
+            assert _tensor(member, tied[0]) is _tensor(member, tied[1])
+        expected = batch(X)
+        got = member(X)
+        got, expected = (got.logits, expected.logits[i]) if name != "resnet" else (got, expected[i])
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        for key, value in batch.stacked_buffers().items():
+            assert torch.equal(member.get_buffer(key), value[i]), key
+        fresh = _factory(name)(0)
+        fresh.load_state_dict(member.state_dict())
+        if tied is not None:
+            assert _tensor(fresh, tied[0]) is _tensor(fresh, tied[1])
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_save_load_computes_bitwise_the_same(name: str, backend: str, tmp_path) -> None:
+    batch = _trained_pack(name, backend)
+    opt = mb.optim.Adam(batch, lr=1e-2)
+    path = tmp_path / "pack.pt"
+    mb.save(path, batch, opt)
+    loaded, loaded_opt, _ = mb.load(path)
+    into = mb.ModelBatch([_factory(name)(9)] * batch.n, backend=backend)
+    mb.load(path, batch=into)
+    X = MODELS[name][1]()[0][:4]
+    batch.eval()
+    for other in (loaded, into):
+        other.eval()
+        assert other.backend == backend
+        for key, value in batch.stacked_buffers().items():  # non-persistent ones included
+            assert torch.equal(other.stacked_buffers()[key], value), key
+        out, ref = other(X), batch(X)
+        assert torch.equal(out if name == "resnet" else out.logits, ref if name == "resnet" else ref.logits)
+        tied = MODELS[name][3]
+        if tied is not None:
+            assert _tensor(other.stack, tied[0]) is _tensor(other.stack, tied[1])
+    assert set(loaded_opt.state) == set(opt.state)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_preflight_passes_on_correct_models(name: str) -> None:
+    """Integer buffers (position_ids, num_batches_tracked) compare exactly; ties need no copy out of meta."""
+    X = MODELS[name][1]()[0][:4]
+    batch = mb.ModelBatch([_factory(name)(i) for i in range(2)], preflight=True, backend="vmap")
+    batch(X)
+
+
+def test_preflight_passes_with_dropout_rates_kept_as_floats() -> None:
+    """Llama's attention dropout is a float rate passed to F.dropout, not a module: still switched off."""
+    config = _llama(False).config
+    config.attention_dropout = 0.3
+    torch.manual_seed(0)
+    models = [transformers.LlamaForCausalLM(config).train() for _ in range(2)]
+    batch = mb.ModelBatch(models, preflight=True, backend="vmap")
+    batch(_tokens(4))
+    assert batch.stack.model.layers[0].self_attn.attention_dropout == 0.3  # only the check's copies
+
+
+class Constants(nn.Module):
+    """A user's non-persistent float and integer buffers, set after construction."""
+
+    def __init__(self, extra: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.ones(4), persistent=False)
+        self.register_buffer("order", torch.arange(4), persistent=False)
+        if extra:
+            self.register_buffer("extra", torch.zeros(1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)[..., self.order] * self.scale
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_save_load_keeps_non_persistent_buffers_of_a_plain_module(backend: str, tmp_path) -> None:
+    models = []
+    for i in range(3):
+        torch.manual_seed(i)
+        m = Constants()
+        m.scale.copy_(torch.randn(4))
+        m.order.copy_(torch.randperm(4))
+        models.append(m)
+    batch = mb.ModelBatch(models, backend=backend)
+    mb.save(tmp_path / "pack.pt", batch)
+    loaded, _, _ = mb.load(tmp_path / "pack.pt")
+    into = mb.ModelBatch([Constants() for _ in range(3)], backend=backend)
+    mb.load(tmp_path / "pack.pt", batch=into)
+    x = torch.randn(5, 4)
+    for other in (loaded, into):
+        assert torch.equal(other.stack.scale, batch.stack.scale)
+        assert torch.equal(other.stack.order, batch.stack.order)
+        assert torch.equal(other(x), batch(x))
+
+
+def test_checkpoint_of_other_non_persistent_buffers_is_refused(tmp_path) -> None:
+    mb.save(tmp_path / "pack.pt", mb.ModelBatch([Constants() for _ in range(2)]))
+    with pytest.raises(ValueError, match=r"mb.load: .*non-persistent buffers"):
+        mb.load(tmp_path / "pack.pt", batch=mb.ModelBatch([Constants(extra=True) for _ in range(2)]))
+
+
+def test_checkpoint_without_non_persistent_buffers_needs_a_batch(tmp_path) -> None:
+    """A file of the older format (no non-persistent buffers) is refused without a pack to load into."""
+    models = [Constants() for _ in range(2)]
+    mb.save(tmp_path / "pack.pt", mb.ModelBatch(models))
+    payload = torch.load(tmp_path / "pack.pt", weights_only=False)
+    del payload["buffers"]
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"mb.load: .*older mb.save.*\['order', 'scale'\].*pass batch="):
+        mb.load(tmp_path / "old.pt")
+    into, _, _ = mb.load(tmp_path / "old.pt", batch=mb.ModelBatch([Constants() for _ in range(2)]))
+    assert torch.equal(into.stack.order, torch.arange(4).expand(2, 4))
+
+
+def test_member_frozen_differently_names_parameter_member_and_fix() -> None:
+    models = [_factory("bert")(i) for i in range(3)]
+    models[2].bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    with pytest.raises(ValueError) as info:
+        mb.ModelBatch(models)
+    message = str(info.value)
+    assert message.startswith("ModelBatch: parameter 'bert.embeddings.word_embeddings.weight'")
+    assert "model 2" in message and "batch.freeze(i)" in message
+
+
+def test_models_tied_differently_are_refused() -> None:
+    with pytest.raises(ValueError, match="ModelBatch: model 1 shares"):
+        mb.ModelBatch([_llama(True), _llama(False)])
+
+
+def test_tied_plain_module_trains_exactly_on_every_backend() -> None:
+    def make(i: int) -> nn.Module:
+        torch.manual_seed(i)
+        net = nn.Sequential(nn.Embedding(VOCAB, 8), nn.Tanh(), nn.Linear(8, VOCAB, bias=False))
+        net[2].weight = net[0].weight
+        return net
+
+    data = (_tokens(), _tokens())
+    for backend in ("vmap", "chunked", "loop"):
+        report = mb.testing.assert_pack_matches_sequential(
+            make, data, loss_fn=_lm_loss, n_members=3, steps=10, batch_size=4, backend=backend,
+            hparams={"lr": [1e-2, 2e-2, 3e-2]},
+        )  # fmt: skip
+        assert list(report.rel_diff) == ["0.weight"]
+    batch = mb.ModelBatch([make(i) for i in range(2)]).to(torch.float64)
+    assert batch.stack[0].weight is batch.stack[2].weight
+    batch.load_state_dict(copy.deepcopy(batch.state_dict()), assign=True)
+    assert batch.stack[0].weight is batch.stack[2].weight
+
+
+def test_reentrant_region_without_grad_inputs_gives_no_gradient_like_alone() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.outer = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.outer(checkpoint(self.inner, x, use_reentrant=True))
+
+    x = torch.randn(3, 4)
+    alone = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "None of the inputs have requires_grad=True"
+        alone(x).sum().backward()
+    batch = mb.ModelBatch([copy.deepcopy(alone) for _ in range(2)], backend="vmap")
+    batch(x).sum().backward()
+    assert alone.inner.weight.grad is None and batch.stack.inner.weight.grad is None
+    assert batch.stack.outer.weight.grad is not None
+
+
+def test_hugging_face_outputs_and_caches() -> None:
+    batch = mb.ModelBatch([_factory("llama-untied")(i) for i in range(2)], backend="vmap")
+    X = _tokens(4)
+    out = batch(X)  # use_cache is off in the pack's skeleton
+    assert isinstance(out, transformers.modeling_outputs.CausalLMOutputWithPast)
+    assert batch.member(0).config.use_cache  # members are the user's models
+    losses = batch.compute_loss(out, X, _lm_loss)
+    torch.testing.assert_close(losses, batch.compute_loss(out.logits, X, _lm_loss), rtol=0, atol=0)
+    torch.testing.assert_close(losses, batch.compute_loss(out.to_tuple(), X, _lm_loss), rtol=0, atol=0)
+    with pytest.raises(KeyError, match=r"ModelBatch.compute_loss: .*no field 'scores'.*output="):
+        batch.compute_loss(out, X, _lm_loss, output="scores")
+    for backend in ("vmap", "loop"):
+        batch.set_backend(backend)
+        with pytest.raises(TypeError, match=r"ModelBatch.forward: the model returned .*use_cache=False"):
+            batch(X, use_cache=True)
