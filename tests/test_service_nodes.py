@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -10,6 +12,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from tune_recipes import recipe  # noqa: E402
 
 from tune_integration import ModelBatchSearcher  # noqa: E402
+from tune_integration._service import NAMESPACE, SERVICE_NAME  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +28,11 @@ def test_a_node_that_joins_mid_sweep_gets_a_server_and_members(tmp_path):
             if not self.added:
                 self.added = True
                 grown.add_node(num_cpus=1, num_gpus=1)
+                service = ray.get_actor(SERVICE_NAME, namespace=NAMESPACE)
+                deadline = time.monotonic() + 120
+                while sum(s["slots"] for s in ray.get(service.status.remote())["sweeps"].values()) < 2:
+                    assert time.monotonic() < deadline, "no server for the new node"  # the sweep waits
+                    time.sleep(0.5)
 
     try:
         searcher = ModelBatchSearcher(recipe(), slots_per_gpu=1, reports=2, random_state=0)

@@ -80,9 +80,15 @@ class ModelBatchSearcher(Searcher):
         searcher: an inner Tune ``Searcher`` (``OptunaSearch(...)``, ...) that suggests the
             configs and receives every member's results; ``None`` samples the search space as
             plain Tune does (every ``grid_search`` point ``num_samples`` times).
-        slots_per_gpu: members per server, or ``"auto"``: as many as fit in 80 % of the
-            device's free memory, measured on a sample of the search space (at most 64 per
-            GPU; on a CPU server at most 16 and 2 per core).
+        slots_per_gpu: this sweep's members per server, or ``"auto"``: as many as fit in 80 %
+            of the device's free memory, measured on a sample of the search space (at most 64
+            per GPU; on a CPU server at most 16 and 2 per core). When the packing service was
+            started with ``--slots-per-gpu`` (a server's slots over all sweeps), members beyond
+            this sweep's fair share wait for a slot.
+        tenant: who runs the sweep (default ``user@host:pid``); results carry it.
+        weight: the tenant's share of the slots under contention (relative to other tenants').
+        max_slots: the most slots the tenant holds at once over the cluster (``None``: no cap).
+        priority: tenants of a higher priority get free slots first.
         reports: end each member after this many reports (``None``: when Tune stops it,
             e.g. ``stop={"training_iteration": 20}`` or a scheduler's ``max_t``).
         checkpoint_every: a Tune checkpoint every this many reports and at a member's last
@@ -121,9 +127,8 @@ class ModelBatchSearcher(Searcher):
     once none of its member trials lives. A service started by a sweep stops by itself
     ``IDLE_STOP_S`` seconds after its last sweep left, freeing every CPU and GPU.
 
-    Tenancy: ``tenant`` names who runs the sweep (default ``user@host:pid``; results carry
-    it), ``weight`` its share, ``max_slots`` its cap over the cluster, ``priority`` its order.
-    An operator's settings (``modelbatch service start --tenants tenants.toml``) override them.
+    An operator's tenant settings (``modelbatch service start --tenants tenants.toml``) override
+    ``weight``, ``max_slots`` and ``priority``.
 
     A second sweep with the same searcher starts afresh (with an inner ``searcher``, which keeps
     its first space as Tune's searchers do, it raises: create new ones).
@@ -479,10 +484,10 @@ class ModelBatchSearcher(Searcher):
                     "or its process died); run the sweep again (tune.run(resume=True) / Tuner.restore "
                     "continues it from the members' checkpoints)."
                 ) from exc
-            if total is not None:
-                capacity = min(total, self.max_slots or total)
-                if capacity and capacity != self._limiter.max_concurrent:
-                    self._set_capacity(capacity)
+            if total:
+                self._sweep.slots = total
+                if self._sweep.capacity != self._limiter.max_concurrent:
+                    self._set_capacity(self._sweep.capacity)
         if self._capacity_ref is None:
             self._capacity_ref = self._sweep.renew()
 

@@ -432,6 +432,7 @@ class Service:
         sweeps = {
             sid: {
                 "tenant": s.tenant,
+                "slots": sum(s.slots.values()),
                 "live": self.policy.live(sweep=sid),
                 "queued": self.policy.queued(sweep=sid),
             }
@@ -642,6 +643,7 @@ class SweepClient:
         self, service: Any, sweep_id: str, servers: list[dict[str, Any]], max_slots: int | None
     ) -> None:
         self.service, self.id, self.servers, self.max_slots = service, sweep_id, servers, max_slots
+        self.slots = sum(s["slots"] for s in servers)  # over all servers; grows as servers join
         self._closed = threading.Event()
         self._renewed = time.monotonic()
         threading.Thread(target=self._heartbeat, name=f"modelbatch-sweep-{sweep_id}", daemon=True).start()
@@ -649,8 +651,7 @@ class SweepClient:
     @property
     def capacity(self) -> int:
         """Members of this sweep training at once: its slots over all servers (at most ``max_slots``)."""
-        total = sum(s["slots"] for s in self.servers)
-        return total if self.max_slots is None else min(total, self.max_slots)
+        return self.slots if self.max_slots is None else min(self.slots, self.max_slots)
 
     def renew(self) -> Any:
         """Renew the sweep's lease (at most every ``RENEW_EVERY_S``); the reply (its slots) or ``None``."""
