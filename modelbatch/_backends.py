@@ -70,10 +70,10 @@ DEFAULT_CHUNK_SIZE = 16
 CPU_DENSE_MAX_PARAMS = 500_000
 """Largest dense member (parameters) that ``"auto"`` vmaps on CPU. Measured (2 cores, batch 32,
 forward + backward + AdamW, interleaved, speedup over the plain loop, vmap / pack loop): MLP
-256-w-w-10 with w=256 (134 K) 1.85x / 1.74x at N=16, w=512 (399 K) 1.61x / 1.43x at N=16 and
-1.78x / 1.75x at N=8; w=1024 (1.3 M) 0.46x / 0.59x at N=8 on a lightly loaded machine (both slower
-than the loop: the optimizer's share grows), while reruns on a machine loaded 4-6x gave vmap the
-lead. The loop is the safer side there: above this size it is taken."""
+256-w-w-10 with w=256 (134 K) 1.85x / 1.74x at N=16, 1.69x / 1.70x at N=8; w=512 (399 K) 1.61x /
+1.43x at N=16, 1.13x / 1.14x at N=8; w=1024 (1.3 M) at N=8 0.46x / 0.59x, 0.40x / 0.64x and
+0.51x / 0.70x in three runs (both slower than the plain loop: the optimizer's share grows), while
+two runs on a machine loaded 4-6x over its cores gave vmap the lead. Above this size the loop."""
 CPU_OTHER_MAX_PARAMS = 16_000
 """Largest convolutional / attention member (parameters) that ``"auto"`` vectorizes for training on
 CPU. Measured: the benchmark CNN (1.4 K) and TransformerEncoderLayer d=32 (8.9 K) run 1.3-1.9x the
