@@ -76,9 +76,12 @@ forward + backward + AdamW, interleaved, speedup over the plain loop, vmap / pac
 two runs on a machine loaded 4-6x over its cores gave vmap the lead. Above this size the loop."""
 CPU_OTHER_MAX_PARAMS = 16_000
 """Largest convolutional / attention member (parameters) that ``"auto"`` vectorizes for training on
-CPU. Measured: the benchmark CNN (1.4 K) and TransformerEncoderLayer d=32 (8.9 K) run 1.3-1.9x the
-plain loop in chunks of 16 at N >= 16; a 3-conv CNN 16-32-64 on 32x32 inputs (24 K) ran vmap 0.58x,
-pack loop 1.08x (1.12x / 1.43x without its BatchNorms)."""
+CPU. Measured (N=16 unless said, speedup over the plain loop, vmap / pack loop): the benchmark CNN
+(1.4 K) and TransformerEncoderLayer d=32 (8.9 K) 1.3-1.9x in chunks of 16 at N >= 16; a 3-conv CNN
+8-16-32 on 3x16x16 (6.4 K) 3.13x / 2.01x and 1.78x / 1.31x in two runs; 16-32-64 on 3x32x32 (24 K)
+0.58x / 1.08x (N=8), 0.64x / 1.13x, and without its BatchNorms 1.12x / 1.43x, 0.76x / 1.20x.
+Parameters stand in for the work per member here: the input size (not known when the pack is
+built) weighs too, and the two measured CNNs differ in both."""
 DENSE_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Bilinear,
