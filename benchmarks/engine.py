@@ -9,8 +9,11 @@ per member (log-spaced 1e-4..1e-2) and starts from the same weights:
 * pack with each ``--backends`` entry: ``mb.ModelBatch(models, backend=...)`` with
   ``mb.optim.AdamW``, one step for all members. ``vmap``: one vmap over all members;
   ``chunked``: vmap over chunks of ``--chunk-size`` members; ``loop``: one functional_call per
-  member (the pack's own loop, still one vectorized optimizer step); ``auto``: the pack times
-  the others on its first steps (untimed here: it runs until it has chosen) and keeps the fastest.
+  member (the pack's own loop, still one vectorized optimizer step); ``auto``: the backend the
+  pack's cost model picks for such a call (``batch.backend_choice``; no timing, so no trial).
+
+``--inference`` times forward passes instead: every model (and the pack) in ``eval()`` under
+``torch.no_grad()``, the loop calling each model on its batch, the pack one ``batch(xs, in_dims=0)``.
 
 Models: ``mlp`` (64-32-10), ``cnn`` (conv 1->8 3x3, relu, maxpool 2, conv 8->16 3x3, relu,
 adaptive avg pool, linear 16->10, on 1x16x16 inputs), ``lstm`` (LSTM 16->32 over 16 steps, last
@@ -22,17 +25,18 @@ Every (model, N, side) is measured in a fresh process: ``--warmup`` untimed step
 early once ``--max-seconds`` of timed steps have run (at least 3 are timed); the median is
 reported. Memory: the peak growth of the process during the steps, over its size right after
 building models and data and one tiny step of each side (which loads what torch imports on first
-use); for ``auto``, over its size after its trial. On CPU it is the peak resident set (Linux's
+use). On CPU it is the peak resident set (Linux's
 VmHWM, reset through /proc/self/clear_refs; left out on other systems), on CUDA
 ``torch.cuda.max_memory_allocated``. It covers gradients, optimizer state, activations and (on
 CPU) allocator slack.
 
-Prints a markdown table and writes ``benchmarks/results/engine-<machine>.json``.
+Prints a markdown table and writes ``benchmarks/results/engine-<machine>[-inference].json``.
 
 Run from the repository root after ``pip install -e .`` (a full CPU run takes ~25 min on 2 cores):
     python benchmarks/engine.py --threads 2
     python benchmarks/engine.py --quick                     # smoke run, N = 1 and 4
     python benchmarks/engine.py --models mlp cnn --backends vmap auto
+    python benchmarks/engine.py --inference --models mlp cnn --sizes 16 --backends auto
     python benchmarks/engine.py --device cuda --sizes 16 256 1024 --models cnn
 """
 
@@ -109,7 +113,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "attention": (AttentionClassifier, (16, 32)),
 }
 BACKENDS = ("vmap", "chunked", "loop", "auto")
-MAX_AUTO_TRIAL_STEPS = 100
 
 
 def sync(device: torch.device) -> None:
@@ -163,11 +166,18 @@ def peak_memory(device: torch.device) -> int:
 
 
 def build_step(
-    model: str, n: int, side: str, device: torch.device, seed: int, chunk_size: int | None = None
+    model: str,
+    n: int,
+    side: str,
+    device: torch.device,
+    seed: int,
+    chunk_size: int | None = None,
+    inference: bool = False,
 ) -> tuple[Callable[[], None], mb.ModelBatch | None]:
-    """Models, data and optimizers for one measurement: a function running one training step, and the pack.
+    """Models, data and optimizers for one measurement: a function running one step, and the pack.
 
-    ``side`` is ``"loop"`` (N plain models) or ``"pack-<backend>"``.
+    ``side`` is ``"loop"`` (N plain models) or ``"pack-<backend>"``. The step is a training step, or
+    with ``inference`` a forward of every model in ``eval()`` under ``torch.no_grad()``.
     """
     factory, input_shape = MODELS[model]
     torch.manual_seed(seed)
@@ -176,6 +186,17 @@ def build_step(
     ys = torch.randint(0, 10, (n, BATCH_SIZE), device=device)
     lrs = torch.logspace(math.log10(LR_RANGE[0]), math.log10(LR_RANGE[1]), n, dtype=torch.float64).tolist()
 
+    if inference:
+        for m in models:
+            m.eval()
+    if side == "loop" and inference:
+
+        @torch.no_grad()
+        def loop_forward() -> None:
+            for m, x in zip(models, xs, strict=True):
+                m(x)
+
+        return loop_forward, None
     if side == "loop":
         opts = [torch.optim.AdamW(m.parameters(), lr=lr) for m, lr in zip(models, lrs, strict=True)]
 
@@ -189,6 +210,13 @@ def build_step(
 
     backend = side.removeprefix("pack-")
     batch = mb.ModelBatch(models, backend=backend, chunk_size=chunk_size if backend == "chunked" else None)
+    if inference:
+
+        @torch.no_grad()
+        def pack_forward() -> None:
+            batch(xs, in_dims=0)
+
+        return pack_forward, batch
     opt = mb.optim.AdamW(batch, lr=lrs)
 
     def pack_step() -> None:
@@ -217,25 +245,18 @@ def measure(
     max_seconds: float,
     seed: int,
     chunk_size: int,
+    inference: bool = False,
 ) -> dict:
     """Median step time (ms), number of timed steps and peak memory growth (MB) of one configuration.
 
-    For ``pack-auto`` also the backend it chose and how many steps (and seconds) its trial took.
+    For a pack also the backend it runs (``"chunked:16"`` style; for ``auto``, what it chose).
     """
     torch.set_num_threads(threads)
     dev = torch.device(device)
     warm_up_lazy_init(dev)
-    step, batch = build_step(model, n, side, dev, seed, chunk_size)
+    step, batch = build_step(model, n, side, dev, seed, chunk_size, inference)
     result: dict = {}
     stall_start, wall_start = cpu_stall_us(), time.perf_counter()
-    if side == "pack-auto":
-        start, trial_steps = time.perf_counter(), 0
-        while batch.backend == "auto" and trial_steps < MAX_AUTO_TRIAL_STEPS:
-            step()
-            trial_steps += 1
-        sync(dev)
-        result["trial_steps"] = trial_steps
-        result["trial_s"] = round(time.perf_counter() - start, 3)
     base = reset_peak_memory(dev)
     for _ in range(warmup):
         step()
@@ -252,10 +273,7 @@ def measure(
         result["cpu_stall"] = round(stalled_s / (time.perf_counter() - wall_start), 3)
     result |= {"ms": round(statistics.median(times) * 1e3, 3), "timed_steps": len(times), "peak_mb": peak_mb}
     if batch is not None:
-        label = batch.backend + (f":{batch.chunk_size}" if batch.chunk_size else "")
-        result["backend"] = label
-        if side == "pack-auto":
-            result["timings_ms"] = {k: round(v, 3) for k, v in batch.backend_timings.items()}
+        result["backend"] = batch.backend_choice["inference" if inference else "training"]
     return result
 
 
@@ -269,6 +287,7 @@ def measure_ab(
     max_seconds: float,
     seed: int,
     chunk_size: int,
+    inference: bool = False,
 ) -> dict:
     """Plain loop and ``auto`` pack in ONE process, their timed steps interleaved (A, B, A, B, ...).
 
@@ -279,12 +298,8 @@ def measure_ab(
     torch.set_num_threads(threads)
     dev = torch.device(device)
     warm_up_lazy_init(dev)
-    loop_step, _ = build_step(model, n, "loop", dev, seed, chunk_size)
-    pack_step, batch = build_step(model, n, "pack-auto", dev, seed, chunk_size)
-    trial_steps = 0
-    while batch.backend == "auto" and trial_steps < MAX_AUTO_TRIAL_STEPS:
-        pack_step()
-        trial_steps += 1
+    loop_step, _ = build_step(model, n, "loop", dev, seed, chunk_size, inference)
+    pack_step, batch = build_step(model, n, "pack-auto", dev, seed, chunk_size, inference)
     for _ in range(warmup):
         loop_step()
         pack_step()
@@ -299,7 +314,7 @@ def measure_ab(
             sync(dev)
             times[side].append(time.perf_counter() - start)
     loop_ms, pack_ms = (statistics.median(times[k]) * 1e3 for k in ("loop", "pack"))
-    label = batch.backend + (f":{batch.chunk_size}" if batch.chunk_size else "")
+    label = batch.backend_choice["inference" if inference else "training"]
     return {
         "loop_ms": round(loop_ms, 3),
         "auto_ms": round(pack_ms, 3),
@@ -434,10 +449,15 @@ def parse_args() -> argparse.Namespace:
         "--out",
         type=Path,
         default=None,
-        help="where to write the JSON (default: benchmarks/results/engine-<machine>[-quick].json)",
+        help="the JSON to write (default: benchmarks/results/engine-<machine>[-inference][-quick].json)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: N = 1 and 4, 3 timed steps, 1 warm-up"
+    )
+    parser.add_argument(
+        "--inference",
+        action="store_true",
+        help="time eval() forwards under torch.no_grad() instead of training steps",
     )
     parser.add_argument(
         "--no-ab",
@@ -488,6 +508,7 @@ def main() -> None:
                     max_seconds=args.max_seconds,
                     seed=args.seed,
                     chunk_size=args.chunk_size,
+                    inference=args.inference,
                 )
                 key = side.replace("-", "_")
                 row |= {f"{key}_{k}": v for k, v in result.items()}
@@ -506,6 +527,7 @@ def main() -> None:
                     max_seconds=args.max_seconds,
                     seed=args.seed,
                     chunk_size=args.chunk_size,
+                    inference=args.inference,
                 )
                 row |= {f"ab_{k}": v for k, v in ab.items()}
             summary = []
@@ -518,7 +540,7 @@ def main() -> None:
             rows.append(row)
             print(f"{model} N={n}: loop {row['loop_ms']:.2f} ms; " + "; ".join(summary), flush=True)
     print("\n" + markdown_table(rows, args.backends, args.chunk_size))
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-inference" if args.inference else "") + ("-quick" if args.quick else "")
     out = args.out or RESULTS_DIR / f"engine-{machine_slug(info)}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {

@@ -9,21 +9,55 @@
 * ``"loop"``: a Python loop calling ``functional_call`` on each member's slice of the stacked
   parameters and buffers (one ``unbind``); the pack is still trained by the vectorized optimizer.
   It also runs layers that have no vmap batching rule.
-* ``"auto"``: times the others on the first training calls (see :class:`AutoSelector`), then
-  keeps the fastest.
+* ``"auto"`` (the default): one of those, chosen by :func:`auto_choice` from facts that do not
+  change with the machine's load, so a rerun makes the same choice and computes the same numbers.
 
 All of them update BatchNorm statistics once per call, in place, and draw independent dropout
-masks per member. Results agree to round-off (float64: ~1e-15 relative), not bitwise.
+masks per member. Results agree to round-off (float64: ~1e-15 relative per step), not bitwise.
+
+How ``"auto"`` decides (a cost model fitted to ``benchmarks/results/engine-cpu-2core-x86_64*.json``
+and to the measurements quoted at each constant below; no timing at run time): the inputs are
+the pack's member count ``n``, its architecture's *kind* and its parameters per member (both
+read once from the skeleton when the pack is built, see :class:`Profile`), the device type of
+the call's parameters, and whether the call trains (``module.training`` and grad enabled) or
+infers (``eval()`` or ``torch.no_grad()``). The kinds are ``"recurrent"`` (any ``nn.RNNBase`` or
+``nn.RNNCellBase``: LSTM, GRU, RNN and their cells), ``"dense"`` (every layer is a linear layer,
+embedding, activation, dropout, flatten/identity, or a layer/batch norm over features, see
+:data:`DENSE_LAYERS`; containers and modules without parameters of their own are judged by
+their children) and ``"other"`` (convolutions, pooling, attention, any other layer class). Then:
+
+1. ``n == 1``: ``"loop"`` (nothing to vectorize; the member's own module runs).
+2. Not on the CPU (CUDA, ...): ``"vmap"`` for training and inference. Expected to be fastest
+   (kernel-launch bound) but not measured in this project; out of memory there is handled by
+   :func:`modelbatch._oom.shrink_on_oom` (``mb.fit``, ``PackTrainer``), which moves the pack to
+   ``"chunked"`` with half as many members at once.
+3. CPU, ``"recurrent"``: ``"loop"`` (nn.LSTM's fused kernel per member beats the plain-ops cell
+   under vmap, training and inference).
+4. CPU, ``"dense"`` with at most :data:`CPU_DENSE_MAX_PARAMS` parameters per member: ``"vmap"``
+   (training and inference); larger: ``"loop"``.
+5. CPU, ``"other"``: training with at most :data:`CPU_OTHER_MAX_PARAMS` parameters per member:
+   ``"vmap"`` for ``n <= 16``, else ``"chunked"`` with chunks of 16; larger models, and every
+   inference call: ``"loop"``.
+
+Inference has its own rule because its costs differ (no backward, no optimizer step for the
+vectorized optimizer to win back). Measured under ``torch.no_grad()`` in ``eval()`` (2 cores
+shared with other work, so indicative; batch 64, interleaved, best of 7, speedup over a plain
+loop; vmap / chunked:16 / pack loop): benchmark MLP
+N=64 2.74x / 1.08x / 0.89x; the tutorial MLP (784-128-128-10) N=64 1.35x / 1.13x / 0.97x, N=10
+0.95x (vmap) / 0.91x (loop); benchmark CNN N=64 0.67x / 0.88x / 1.00x; TransformerEncoderLayer
+N=64 0.70x / 0.78x / 0.94x; LSTM N=64 0.57x / 0.64x / 0.84x.
+
+A choice that raises on its first use (a layer without a vmap batching rule, e.g. ``.item()``
+in a forward) is replaced by ``"loop"`` for good, with a ``RuntimeWarning``; the buffers the
+failed call touched are restored first. That depends only on the model, so it repeats too. Out
+of memory is not such a failure: it propagates (see rule 2).
 """
 
 from __future__ import annotations
 
-import math
-import statistics
-import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,10 +69,63 @@ from ._tied import tied_names
 
 BACKENDS = ("auto", "vmap", "chunked", "loop")
 DEFAULT_CHUNK_SIZE = 16
-AUTO_CHUNK_SIZES = (4, 16, 64)
-AUTO_ROUNDS = 4  # round 0 warms every candidate up (first-call costs); rounds 1.. are timed
-AUTO_PRUNE = 2.0  # after a timed round, candidates this much slower than the best are dropped
-AUTO_MAX_FORWARDS = 4  # a sample whose backward is never seen closes after this many forwards
+CPU_DENSE_MAX_PARAMS = 500_000
+"""Largest dense member (parameters) that ``"auto"`` vmaps on CPU. Measured (2 cores, batch 32,
+forward + backward + AdamW, interleaved, speedup over the plain loop, vmap / pack loop): MLP
+256-w-w-10 with w=256 (134 K) 1.85x / 1.74x at N=16, 1.69x / 1.70x at N=8; w=512 (399 K) 1.61x /
+1.43x at N=16, 1.13x / 1.14x at N=8; w=1024 (1.3 M) at N=8 0.46x / 0.59x, 0.40x / 0.64x and
+0.51x / 0.70x in three runs (both slower than the plain loop: the optimizer's share grows), while
+two runs on a machine loaded 4-6x over its cores gave vmap the lead. Above this size the loop."""
+CPU_OTHER_MAX_PARAMS = 16_000
+"""Largest convolutional / attention member (parameters) that ``"auto"`` vectorizes for training on
+CPU. Measured (N=16 unless said, speedup over the plain loop, vmap / pack loop): the benchmark CNN
+(1.4 K) and TransformerEncoderLayer d=32 (8.9 K) 1.3-1.9x in chunks of 16 at N >= 16; a 3-conv CNN
+8-16-32 on 3x16x16 (6.4 K) 3.13x / 2.01x and 1.78x / 1.31x in two runs; 16-32-64 on 3x32x32 (24 K)
+0.58x / 1.08x (N=8), 0.64x / 1.13x, and without its BatchNorms 1.12x / 1.43x, 0.76x / 1.20x.
+Parameters stand in for the work per member here: the input size (not known when the pack is
+built) weighs too, and the two measured CNNs differ in both."""
+DENSE_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.Embedding,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.BatchNorm1d,
+    nn.modules.dropout._DropoutNd,
+    # every activation of torch.nn (nn.MultiheadAttention, also in that module, is no activation)
+    nn.Threshold,
+    nn.ReLU,
+    nn.RReLU,
+    nn.Hardtanh,
+    nn.ReLU6,
+    nn.Sigmoid,
+    nn.Hardsigmoid,
+    nn.Tanh,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GLU,
+    nn.GELU,
+    nn.Hardshrink,
+    nn.LeakyReLU,
+    nn.LogSigmoid,
+    nn.Softplus,
+    nn.Softshrink,
+    nn.PReLU,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Softmin,
+    nn.Softmax,
+    nn.LogSoftmax,
+)
+"""Layers of a ``"dense"`` architecture (subclasses included)."""
+RECURRENT_LAYERS: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
 
 
 @dataclass(frozen=True)
@@ -71,17 +158,6 @@ def resolve_backend(api: str, backend: str, chunk_size: int | None, n: int) -> C
     if backend == "chunked":
         return Choice("chunked", min(chunk_size or DEFAULT_CHUNK_SIZE, n))
     return Choice(backend)
-
-
-def auto_candidates(n: int) -> list[Choice]:
-    """The backends ``"auto"`` times for a pack of ``n``: vmap, a few chunk sizes below n, loop.
-
-    A single member has nothing to vectorize: the loop (its own module, no vmap) is taken at once.
-    """
-    if n == 1:
-        return [Choice("loop")]
-    chunks = [Choice("chunked", c) for c in AUTO_CHUNK_SIZES if 1 < c < n]
-    return [Choice("vmap"), *chunks, Choice("loop")]
 
 
 def _vmapped(module: nn.Module, dims: tuple) -> Callable:
@@ -268,259 +344,123 @@ class Executor:
         return slot
 
 
-class _Clock:
-    """Time marks: ``perf_counter`` on CPU, CUDA events (resolved later, without stalling) on GPU."""
+@dataclass(frozen=True)
+class Profile:
+    """What ``"auto"`` knows of a pack before any call: its member count, architecture kind and size."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+    n: int
+    kind: str  # "recurrent", "dense" or "other" (see the module docstring)
+    params: int  # parameters (elements) per member
 
-    def mark(self) -> Any:
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(self, start: Any, end: Any) -> float:
-        if not self.cuda:
-            return end - start
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
+    @classmethod
+    def of(cls, module: nn.Module, n: int) -> Profile:
+        """The profile of ``n`` members shaped like ``module`` (weights may live on the meta device)."""
+        return cls(n, architecture_kind(module), sum(p.numel() for p in module.parameters()))
 
 
-@dataclass
-class _Sample:
-    """One timing sample: the forwards run with ``choice`` since the last backward, and that backward."""
+def architecture_kind(module: nn.Module) -> str:
+    """``"recurrent"``, ``"dense"`` or ``"other"``: the layer kinds ``"auto"`` tells apart."""
+    layers = list(module.modules())
+    if any(isinstance(layer, RECURRENT_LAYERS) for layer in layers):
+        return "recurrent"
 
-    choice: Choice
-    clock: _Clock
-    forwards: list[tuple[Any, Any]] = field(default_factory=list)
-    backward_start: Any = None
-    backward_end: Any = None
+    def dense(layer: nn.Module) -> bool:
+        if isinstance(layer, DENSE_LAYERS):
+            return True
+        # A container, or a model's own class, runs its children: those are judged instead. A
+        # layer with parameters or buffers of its own, or with no children, runs code of its own.
+        own = [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]
+        return not own and next(layer.children(), None) is not None
 
-    def seconds(self) -> float:
-        total = sum(self.clock.seconds(a, b) for a, b in self.forwards)
-        if self.backward_end is not None:
-            total += self.clock.seconds(self.backward_start, self.backward_end)
-        return total
-
-
-def _score(seconds: list[float]) -> float:
-    """A candidate's time: the median of its samples, so that one sample slowed (or sped) by
-    something else running on the machine does not decide alone."""
-    return statistics.median(seconds)
+    return "dense" if all(map(dense, layers)) else "other"
 
 
-class AutoSelector:
-    """``backend="auto"``: each real training call is a timing sample for one candidate.
+def auto_choice(profile: Profile, device_type: str, training: bool) -> Choice:
+    """The backend ``"auto"`` runs: a pure function of its arguments (rules in the module docstring)."""
+    if profile.n == 1:
+        return Choice("loop")
+    if device_type != "cpu":
+        return Choice("vmap")
+    if profile.kind == "dense" and profile.params <= CPU_DENSE_MAX_PARAMS:
+        return Choice("vmap")
+    if profile.kind == "other" and training and profile.params <= CPU_OTHER_MAX_PARAMS:
+        if profile.n <= DEFAULT_CHUNK_SIZE:
+            return Choice("vmap")
+        return Choice("chunked", DEFAULT_CHUNK_SIZE)
+    return Choice("loop")
 
-    Candidates (:func:`auto_candidates`) take turns, one per sample, over ``AUTO_ROUNDS`` rounds;
-    round 0 is a warm-up and is not scored. A sample is the call's forward time plus the time of
-    the backward that follows it: from the moment the gradient of the call's output is computed
-    (a tensor hook) to the last gradient accumulated into a stacked parameter (post-accumulate
-    hooks), so the loss, optimizer step and data loading in between are not counted. Several
-    forwards before one backward (gradient accumulation) stay one sample of one candidate.
 
-    No extra forward is ever run: every call returns the real output and updates BatchNorm
-    statistics exactly once. Calls outside training (``eval()``, ``no_grad``) are not timed and
-    run the best candidate so far. After a timed round, candidates over ``AUTO_PRUNE`` times
-    slower than the best are dropped; after the last round the fastest (median of its timed
-    samples, taken in turns with the others' so that a slow spell of the machine hits all of
-    them) is kept for good. A candidate that raises on its first use (no vmap batching rule,
-    out of memory in the forward) is dropped with a warning: the buffers it touched are restored
-    and the call is rerun with the loop.
-    """
+def is_out_of_memory(exc: BaseException) -> bool:
+    """``torch.OutOfMemoryError``, or a ``RuntimeError`` saying "out of memory" (other allocators)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
 
-    def __init__(self, candidates: Sequence[Choice]) -> None:
-        self.candidates = list(candidates)
-        self.round = 0
-        self.queue = list(self.candidates)
-        self.samples: dict[str, list[float]] = {c.label: [] for c in self.candidates}
-        self.failed: dict[str, str] = {}
-        self.working: set[str] = set()
-        self.pending: _Sample | None = None
-        self.decision: Choice | None = None
-        self._hooks: list[Any] = []
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "pending": None, "_hooks": []}
-
-    # -------------------------------------------------------------- reporting
-    def timings_ms(self) -> dict[str, float]:
-        """Median timed sample per candidate in ms (``inf`` for a candidate that failed)."""
-        out = {label: _score(ts) * 1e3 for label, ts in self.samples.items() if ts}
-        return out | dict.fromkeys(self.failed, math.inf)
-
-    # -------------------------------------------------------------- running
-    def run(
-        self,
-        executor: Executor,
-        params: dict,
-        buffers: dict,
-        args: tuple,
-        dims: tuple,
-        kwargs: dict,
-        trial: bool,
-    ) -> Any:
-        self.settle()
-        if self.decision is not None:
-            return executor.run(self.decision, params, buffers, args, dims, kwargs)
-        if not trial:
-            return self._run_safely(executor, self._best_so_far(), params, buffers, args, dims, kwargs)[0]
-        device = next(iter(params.values())).device if params else torch.device("cpu")
-        if self.pending is None:
-            self.pending = _Sample(self.queue[0], _Clock(device))
-            self._hook_parameters(params)
-        sample = self.pending
-        start = sample.clock.mark()
-        out, used = self._run_safely(executor, sample.choice, params, buffers, args, dims, kwargs)
-        if used != sample.choice:  # the candidate failed and was dropped: so is its sample
-            self.pending = None
-            return out
-        sample.forwards.append((start, sample.clock.mark()))
-        for leaf in pytree.tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-                leaf.register_hook(self._output_hook(sample))
-        return out
-
-    def settle(self) -> None:
-        """Score the pending sample once its backward has run; move on; decide after the last round."""
-        sample = self.pending
-        if sample is None or (sample.backward_end is None and len(sample.forwards) < AUTO_MAX_FORWARDS):
-            return
-        self.pending = None
-        if self.round > 0:
-            self.samples[sample.choice.label].append(sample.seconds())
-        if sample.choice in self.queue:
-            self.queue.remove(sample.choice)
-        if not self.queue:
-            self._next_round()
-
-    def _next_round(self) -> None:
-        self.round += 1
-        alive = [c for c in self.candidates if c.label not in self.failed]
-        scored = {c.label: _score(self.samples[c.label]) for c in alive if self.samples[c.label]}
-        if scored:
-            best = min(scored.values())
-            alive = [c for c in alive if scored.get(c.label, 0.0) <= AUTO_PRUNE * best]
-        if self.round >= AUTO_ROUNDS or len(alive) <= 1:
-            self.decision = min(alive, key=lambda c: scored.get(c.label, math.inf))
-            self._remove_hooks()
-        else:
-            self.queue = alive
-
-    def _best_so_far(self) -> Choice:
-        alive = [c for c in self.candidates if c.label not in self.failed]
-        timed = [c for c in alive if self.samples[c.label]]
-        if timed:
-            return min(timed, key=lambda c: _score(self.samples[c.label]))
-        return alive[0]
-
-    def _run_safely(
-        self,
-        executor: Executor,
-        choice: Choice,
-        params: dict,
-        buffers: dict,
-        args: tuple,
-        dims: tuple,
-        kwargs: dict,
-    ) -> tuple[Any, Choice]:
-        while choice.label not in self.working:
-            saved = {k: b.clone() for k, b in buffers.items()}
-            try:
-                out = executor.run(choice, params, buffers, args, dims, kwargs)
-            except RuntimeError as exc:
-                with torch.no_grad():
-                    for k, b in buffers.items():
-                        b.copy_(saved[k])
-                self._drop(choice, exc)
-                alive = [c for c in self.candidates if c.label not in self.failed]
-                if not alive:
-                    raise
-                choice = alive[-1]  # the loop: the plainest way to run the model
-                continue
-            self.working.add(choice.label)
-            return out, choice
-        return executor.run(choice, params, buffers, args, dims, kwargs), choice
-
-    def _drop(self, choice: Choice, exc: BaseException) -> None:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        self.failed[choice.label] = reason
-        if choice in self.queue:
-            self.queue.remove(choice)
-        if len(self.failed) < len(self.candidates):
-            warnings.warn(
-                f"ModelBatch: backend {choice.label!r} failed on this model ({reason}); "
-                "backend='auto' goes on without it.",
-                RuntimeWarning,
-                stacklevel=5,
-            )
-        if not self.queue and len(self.failed) < len(self.candidates):
-            self._next_round()
-
-    # -------------------------------------------------------------- hooks
-    def _output_hook(self, sample: _Sample) -> Callable[[torch.Tensor], None]:
-        def hook(_grad: torch.Tensor) -> None:
-            if self.pending is sample and sample.backward_start is None:
-                sample.backward_start = sample.clock.mark()
-
-        return hook
-
-    def _hook_parameters(self, params: dict) -> None:
-        if self._hooks:
-            return
-
-        def hook(_param: torch.Tensor) -> None:
-            sample = self.pending
-            if sample is not None and sample.backward_start is not None:
-                sample.backward_end = sample.clock.mark()
-
-        for p in params.values():
-            if p.requires_grad and p.is_leaf:
-                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
-
-    def _remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+def _device_type(params: dict, buffers: dict) -> str:
+    for t in (*params.values(), *buffers.values()):
+        return t.device.type
+    return "cpu"
 
 
 class Backends:
-    """The backend state of one pack: a fixed :class:`Choice`, or an :class:`AutoSelector` still timing."""
+    """The backend state of one pack: a fixed :class:`Choice`, or ``"auto"`` (``fixed`` is ``None``)."""
 
     def __init__(
         self, module: nn.Module, n: int, compile: bool = False, template: nn.Module | None = None
     ) -> None:
         self.executor = Executor(module, n, compile, template)
         self.n = n
+        self.profile = Profile.of(template if template is not None else module, n)
         self.fixed: Choice | None = Choice("vmap")
-        self.auto: AutoSelector | None = None
-        self.timings: dict[str, float] = {}
-
-    def timings_ms(self) -> dict[str, float]:
-        """What ``"auto"`` measured so far, or decided on (empty for a backend chosen by hand)."""
-        self.current()
-        return self.auto.timings_ms() if self.auto is not None else dict(self.timings)
+        self.failed: dict[str, str] = {}  # "auto": choices that raised on first use, with the reason
+        self.working: set[str] = set()  # "auto": choices that ran once
+        self.last: Choice | None = None  # what the last call ran
 
     def set(self, api: str, backend: str, chunk_size: int | None = None) -> None:
-        choice = resolve_backend(api, backend, chunk_size, self.n)
-        if self.auto is not None:
-            self.auto._remove_hooks()
-        self.fixed, self.timings = choice, {}
-        self.auto = AutoSelector(auto_candidates(self.n)) if choice is None else None
+        self.fixed = resolve_backend(api, backend, chunk_size, self.n)
+        self.failed, self.working, self.last = {}, set(), None
 
-    def current(self) -> Choice | None:
-        """The backend in use, or ``None`` while ``"auto"`` is still timing."""
-        if self.auto is not None:
-            self.auto.settle()
-            if self.auto.decision is not None:
-                self.fixed, self.timings = self.auto.decision, self.auto.timings_ms()
-                self.auto = None
-        return self.fixed
+    def choice(self, training: bool, device_type: str = "cpu") -> Choice:
+        """What a call runs: the fixed backend, or what ``"auto"`` chooses for such a call."""
+        if self.fixed is not None:
+            return self.fixed
+        choice = auto_choice(self.profile, device_type, training)
+        return Choice("loop") if choice.label in self.failed else choice
 
-    def run(self, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict, trial: bool) -> Any:
-        choice = self.current()
-        if choice is not None:
+    def labels(self, params: dict, buffers: dict) -> dict[str, str]:
+        """``{"training": label, "inference": label}`` on the device of the stacked tensors given."""
+        device = _device_type(params, buffers)
+        return {kind: self.choice(kind == "training", device).label for kind in ("training", "inference")}
+
+    def run(self, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict, training: bool) -> Any:
+        choice = self.last = self.choice(training, _device_type(params, buffers))
+        if self.fixed is not None or choice.name == "loop" or choice.label in self.working:
             return self.executor.run(choice, params, buffers, args, dims, kwargs)
-        return self.auto.run(self.executor, params, buffers, args, dims, kwargs, trial)
+        return self._first_use(choice, params, buffers, args, dims, kwargs)
+
+    def _first_use(
+        self, choice: Choice, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict
+    ) -> Any:
+        """Run ``"auto"``'s choice once; if it raises (not out of memory), undo and run the loop."""
+        saved = {k: b.clone() for k, b in buffers.items()}
+        try:
+            out = self.executor.run(choice, params, buffers, args, dims, kwargs)
+        except RuntimeError as exc:
+            if is_out_of_memory(exc):
+                raise
+            with torch.no_grad():
+                for k, b in buffers.items():
+                    b.copy_(saved[k])
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.failed[choice.label] = reason
+            warnings.warn(
+                f"ModelBatch: backend {choice.label!r} failed on this model ({reason}); backend='auto' "
+                "runs 'loop' instead. Pass backend='loop' to choose it without this warning.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self.last = Choice("loop")
+            return self.executor.run(self.last, params, buffers, args, dims, kwargs)
+        self.working.add(choice.label)
+        return out

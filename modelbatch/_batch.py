@@ -298,36 +298,46 @@ class ModelBatch(nn.Module):
     # ------------------------------------------------------------------ backends
     @property
     def backend(self) -> str:
-        """How the forward runs the members: ``"vmap"``, ``"chunked"`` or ``"loop"``.
+        """The backend setting: ``"auto"`` (the default), ``"vmap"``, ``"chunked"`` or ``"loop"``.
 
-        ``"auto"`` (the default) while the pack is still timing the others on its first training
-        calls; then the one it chose. See :meth:`set_backend`.
+        What ``"auto"`` runs is in :attr:`backend_choice`. See :meth:`set_backend`.
         """
-        choice = self._backends.current()
+        choice = self._backends.fixed
         return "auto" if choice is None else choice.name
 
     @property
     def chunk_size(self) -> int | None:
-        """Members per chunk of the ``"chunked"`` backend (``None`` for the other backends)."""
-        choice = self._backends.current()
+        """Members per chunk of the ``"chunked"`` backend (``None`` for the other backends and ``"auto"``)."""
+        choice = self._backends.fixed
         return None if choice is None else choice.chunk_size
 
     @property
-    def backend_timings(self) -> dict[str, float]:
-        """What ``"auto"`` measured: ms per call (forward + backward) by candidate; ``inf`` if it failed.
+    def backend_choice(self) -> dict[str, str]:
+        """What the forward runs on the pack's device: ``{"training": ..., "inference": ...}``.
 
-        Empty for a backend chosen by hand. Labels: ``"vmap"``, ``"chunked:16"``, ``"loop"``.
+        Training calls are those in ``train()`` mode with gradients enabled, inference calls the
+        others (``eval()``, ``torch.no_grad()``). Labels: ``"vmap"``, ``"chunked:16"``, ``"loop"``.
+        A fixed backend runs for both; ``"auto"`` decides from the member count, the architecture's
+        layer kinds and size, and the device type, never from timings: the same pack on the same
+        device type always gets the same choice (rules in :mod:`modelbatch._backends`).
+
+        Example:
+            >>> import torch, modelbatch as mb
+            >>> mb.ModelBatch([torch.nn.Linear(3, 2) for _ in range(4)]).backend_choice
+            {'training': 'vmap', 'inference': 'vmap'}
         """
-        return self._backends.timings_ms()
+        return self._backends.labels(self.stacked_parameters(), self.stacked_buffers())
 
     def set_backend(self, backend: str, chunk_size: int | None = None) -> None:
         """Choose how the forward runs the members; every backend gives the same results.
 
         ``"vmap"``: one vmap over all members. ``"chunked"``: vmap over chunks of ``chunk_size``
         members (default 16), bounding the vmapped kernels' transient memory. ``"loop"``: one
-        ``functional_call`` per member (runs layers without vmap support too). ``"auto"``: time
-        those on the next training calls (each real call is one timing sample, no extra forward)
-        and keep the fastest. ``ModelBatch(models, backend=..., chunk_size=...)`` does the same.
+        ``functional_call`` per member (runs layers without vmap support too). ``"auto"``: one of
+        those per call, chosen from the member count, the layer kinds and size of the architecture,
+        the device type and whether the call trains or infers (never from timings: a rerun makes
+        the same choice; see :attr:`backend_choice`). ``ModelBatch(models, backend=...,
+        chunk_size=...)`` does the same.
 
         Example:
             >>> import torch, modelbatch as mb
@@ -373,7 +383,7 @@ class ModelBatch(nn.Module):
         # updating members' rows are written back: restoring in place would break autograd's saved tensors.
         frozen = self.training and bool(buffers) and not bool(updating.all())
         run_buffers = {name: b.clone() for name, b in buffers.items()} if frozen else buffers
-        trial = self.training and torch.is_grad_enabled()  # "auto" times only training calls
+        trial = self.training and torch.is_grad_enabled()  # "auto" chooses for training or inference
         out = self._run(params, run_buffers, args, dims, kwargs, trial)
         if frozen:
             self._write_back(buffers, run_buffers, updating)

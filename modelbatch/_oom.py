@@ -19,21 +19,19 @@ from typing import Any, TypeVar
 
 import torch
 
+from ._backends import is_out_of_memory
 from ._batch import ModelBatch
 
 T = TypeVar("T")
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """``torch.OutOfMemoryError``, or a ``RuntimeError`` saying "out of memory" (other allocators)."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
-
-
 def members_at_once(batch: ModelBatch) -> int:
-    """Members the forward runs at once: all (``"vmap"``, ``"auto"``), the chunk size, or 1 (loop)."""
-    choice = batch._backends.current()
+    """Members the forward runs at once: all (``"vmap"``), the chunk size, or 1 (loop).
+
+    For ``"auto"``, those of what its last call ran (the call that failed), all before any call.
+    """
+    backends = batch._backends
+    choice = backends.fixed or backends.last
     if choice is None or choice.name == "vmap":
         return batch.n
     return choice.chunk_size if choice.name == "chunked" else 1

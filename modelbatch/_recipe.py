@@ -68,7 +68,8 @@ class Recipe:
             order for every member: a different experiment from training each alone).
         dtype, device: where members train (``device=None``: CUDA when available).
         backend: how the pack runs its members (``"auto"``, ``"vmap"``, ``"chunked"``, ``"loop"``;
-            see :class:`~modelbatch.ModelBatch`). Results are bitwise reproducible for a fixed backend.
+            see :class:`~modelbatch.ModelBatch`). Results are bitwise reproducible, with ``"auto"``
+            too: its choice depends on the pack and device type, never on timings.
         num_workers: ``DataLoader`` worker processes that load a dataset ahead of the training
             step (kept alive between reports); ``0`` loads in the training process. Results do
             not depend on it.

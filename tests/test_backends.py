@@ -1,8 +1,12 @@
-"""Backends: vmap, chunked, loop and auto run the same pack to the same results (float64)."""
+"""Backends: vmap, chunked, loop and auto run the same pack to the same results (float64); auto's
+choice follows its documented rule and never depends on timing."""
 
 from __future__ import annotations
 
 import copy
+import itertools
+import time
+import warnings
 
 import pytest
 import torch
@@ -11,6 +15,13 @@ from models import CNN, MLP, seeded
 from torch import nn
 
 import modelbatch as mb
+from modelbatch._backends import (
+    CPU_DENSE_MAX_PARAMS,
+    CPU_OTHER_MAX_PARAMS,
+    Profile,
+    architecture_kind,
+    auto_choice,
+)
 
 N = 5  # not divisible by the chunk sizes below
 BACKENDS = [("chunked", 2), ("chunked", 3), ("chunked", 9), ("loop", None), ("auto", None)]
@@ -66,7 +77,7 @@ def test_backend_matches_vmap(model: str, frozen: int | None, backend: str, chun
         batch.freeze(frozen)
         ref.freeze(frozen)
     frozen_before = {k: t[frozen].clone() for k, t in _state(ref).items()} if frozen is not None else {}
-    for x, y in _batches(model, steps=12 if backend == "auto" else 3):  # auto: through its whole trial
+    for x, y in _batches(model, steps=3):
         outs = []
         for b, opt in zip((batch, ref), opts):
             opt.zero_grad()
@@ -78,8 +89,6 @@ def test_backend_matches_vmap(model: str, frozen: int | None, backend: str, chun
             opt.step()
     for name, value in frozen_before.items():
         assert torch.equal(_state(batch)[name][frozen], value), f"frozen member changed {name}"
-    if backend == "auto":
-        assert batch.backend in ("vmap", "chunked", "loop")
 
 
 @pytest.mark.parametrize(("backend", "chunk_size"), [("vmap", None), *BACKENDS])
@@ -112,7 +121,7 @@ def test_only_participating_members_are_computed_and_they_match_the_full_pack(
     updating = participating.clone()
     updating[frozen] = False
     before = {k: t.clone() for k, t in _state(batch).items()}
-    for x, y in _batches(model, steps=12 if backend == "auto" else 3):
+    for x, y in _batches(model, steps=3):
         outs = []
         for b, opt, part in zip((batch, ref), opts, (participating, None)):
             opt.zero_grad()
@@ -178,81 +187,6 @@ def test_mixed_inputs_kwargs_and_tuple_outputs(backend: str, chunk_size: int | N
         _assert_close(got, ref_value, "output or gradient")
 
 
-def test_auto_records_its_choice_and_can_be_forced() -> None:
-    batch = _pack("mlp", "auto", n=8)
-    opt = mb.optim.SGD(batch, lr=0.1)
-    assert batch.backend == "auto" and batch.chunk_size is None
-    for x, y in _batches("mlp", 12, n=8):
-        opt.zero_grad()
-        batch.compute_loss(batch(x, in_dims=0), y, F.cross_entropy).sum().backward()
-        opt.step()
-    assert batch.backend in ("vmap", "chunked", "loop")
-    assert (batch.chunk_size is not None) == (batch.backend == "chunked")
-    timings = batch.backend_timings
-    assert {"vmap", "chunked:4", "loop"} <= timings.keys()
-    label = f"chunked:{batch.chunk_size}" if batch.backend == "chunked" else batch.backend
-    assert timings[label] == min(timings.values())
-    batch.set_backend("chunked", chunk_size=3)
-    assert (batch.backend, batch.chunk_size, batch.backend_timings) == ("chunked", 3, {})
-    assert mb.ModelBatch([MLP() for _ in range(3)], backend="loop").backend == "loop"
-
-
-def test_auto_takes_the_loop_at_once_for_a_single_member() -> None:
-    batch = _pack("mlp", "auto", n=1)
-    opt = mb.optim.SGD(batch, lr=0.1)
-    for x, y in _batches("mlp", 2, n=1):
-        opt.zero_grad()
-        batch.compute_loss(batch(x, in_dims=0), y, F.cross_entropy).sum().backward()
-        opt.step()
-    assert batch.backend == "loop" and "vmap" not in batch.backend_timings  # vmap never timed
-
-
-def test_auto_ignores_eval_calls_and_handles_gradient_accumulation() -> None:
-    """Eval calls and two forwards per backward during the trial still give vmap's results."""
-    batch, ref = _pack("cnn", "auto"), _pack("cnn", "vmap")
-    data = _batches("cnn", 30)
-    for k, (x, y) in enumerate(data):
-        if k % 3 == 0:
-            for b in (batch, ref):
-                b.eval()
-            with torch.no_grad():
-                _assert_close(batch(x, in_dims=0), ref(x, in_dims=0), "eval output")
-            for b in (batch, ref):
-                b.train()
-        outs = []
-        for b in (batch, ref):
-            for p in b.parameters():
-                p.grad = None
-            out = torch.cat([b(x[:, :3], in_dims=0), b(x[:, 3:], in_dims=0)], dim=1)  # two forwards
-            b.compute_loss(out, y, F.cross_entropy).sum().backward()
-            outs.append(out)
-        _assert_same_step(batch, ref, *outs)
-    assert batch.backend != "auto"
-
-
-class _ItemLayer(nn.Module):
-    """Calls .item(), which vmap cannot batch: auto must drop vmap and chunked, and restore BN stats."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (1.0 + 0.0 * x.sum().item())
-
-
-def test_auto_drops_a_backend_that_fails_and_restores_buffers() -> None:
-    def make(i: int) -> nn.Module:
-        torch.manual_seed(i)
-        return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), _ItemLayer(), nn.Linear(6, 2)).double()
-
-    batch = mb.ModelBatch([make(i) for i in range(N)])
-    ref = mb.ModelBatch([make(i) for i in range(N)], backend="loop")
-    x = torch.randn(N, 8, 4, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="ModelBatch: backend 'vmap' failed"):
-        out = batch(x, in_dims=0)
-    _assert_close(out, ref(x, in_dims=0), "output")
-    for name, buf in ref.stacked_buffers().items():
-        assert torch.equal(batch.stacked_buffers()[name], buf), f"{name} updated more than once"
-    assert batch.backend_timings["vmap"] == float("inf")
-
-
 def test_chunk_size_edge_cases_and_errors() -> None:
     assert _pack("mlp", "chunked", 9).chunk_size == N  # larger than the pack: one chunk
     assert _pack("mlp", "chunked").chunk_size == N  # default 16, capped at N
@@ -273,7 +207,7 @@ def test_chunk_size_edge_cases_and_errors() -> None:
         _pack("mlp", "chunked", 0)
 
 
-def test_packs_with_backends_deepcopy_mid_trial() -> None:
+def test_packs_with_backends_deepcopy() -> None:
     batch = _pack("mlp", "auto")
     x, y = _batches("mlp", 1)[0]
     batch.compute_loss(batch(x, in_dims=0), y, F.cross_entropy).sum().backward()
@@ -373,3 +307,173 @@ def test_loop_runs_stock_lstm_kernel_and_matches_sequential(n: int) -> None:
     for i, m in enumerate(alone):
         for name, p in m.named_parameters():
             _assert_close(batch.stacked_parameters()[name][i], p, f"member {i} {name}")
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+def _tutorial_mlp() -> nn.Module:
+    """The model of PyTorch's "model ensembling" tutorial (the issue's slow inference case)."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+
+
+class _OwnWeight(nn.Module):
+    """A layer running code of its own on a parameter of its own: not known to be dense."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+# architecture, members, device type -> (training, inference) choice of "auto" (module docstring rules)
+AUTO_RULES = [
+    (MLP, 1, "cpu", ("loop", "loop")),
+    (CNN, 1, "cpu", ("loop", "loop")),
+    (MLP, 5, "cpu", ("vmap", "vmap")),
+    (MLP, 64, "cpu", ("vmap", "vmap")),
+    (_tutorial_mlp, 10, "cpu", ("vmap", "vmap")),
+    (CNN, 5, "cpu", ("vmap", "loop")),
+    (CNN, 64, "cpu", ("chunked:16", "loop")),
+    (_Attention, 17, "cpu", ("chunked:16", "loop")),
+    (_LSTMClassifier, 8, "cpu", ("loop", "loop")),
+    (lambda: _Recurrent(), 8, "cpu", ("loop", "loop")),
+    (MLP, 1, "cuda", ("loop", "loop")),
+    (MLP, 64, "cuda", ("vmap", "vmap")),
+    (CNN, 64, "cuda", ("vmap", "vmap")),
+    (_LSTMClassifier, 8, "cuda", ("vmap", "vmap")),
+]
+
+
+@pytest.mark.parametrize(("make", "n", "device", "expected"), AUTO_RULES)
+def test_auto_choice_follows_the_documented_rule(make, n: int, device: str, expected: tuple) -> None:
+    got = tuple(auto_choice(Profile.of(make(), n), device, training).label for training in (True, False))
+    assert got == expected
+    if device == "cpu":
+        batch = mb.ModelBatch([make() for _ in range(n)])
+        assert batch.backend_choice == dict(zip(("training", "inference"), expected))
+        assert (batch.backend, batch.chunk_size) == ("auto", None)
+
+
+def test_auto_sizes_and_layer_kinds() -> None:
+    with torch.device("meta"):
+        wide = nn.Sequential(nn.Linear(1000, 1000), nn.ReLU(), nn.Linear(1000, 10))
+        convs = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3))
+    assert Profile.of(wide, 16) == Profile(16, "dense", 1_011_010)
+    assert Profile.of(convs, 32) == Profile(32, "other", 38_720)
+    for profile in (Profile.of(wide, 16), Profile.of(convs, 32)):  # big members: the loop on CPU
+        assert auto_choice(profile, "cpu", training=True).label == "loop"
+        assert auto_choice(profile, "cuda", training=True).label == "vmap"
+    limits = [("dense", CPU_DENSE_MAX_PARAMS, "vmap"), ("other", CPU_OTHER_MAX_PARAMS, "chunked:16")]
+    for kind, limit, vectorized in limits:
+        assert auto_choice(Profile(32, kind, limit), "cpu", training=True).label == vectorized
+        assert auto_choice(Profile(32, kind, limit + 1), "cpu", training=True).label == "loop"
+    assert (
+        architecture_kind(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Dropout(), nn.LayerNorm(8))) == "dense"
+    )
+    assert architecture_kind(nn.Sequential(nn.Linear(8, 8), _OwnWeight())) == "other"
+    assert architecture_kind(nn.Sequential(nn.Linear(8, 8), _ItemLayer())) == "other"  # a leaf of its own
+    assert architecture_kind(nn.Sequential(nn.GRUCell(8, 8), nn.Conv1d(1, 1, 1))) == "recurrent"
+
+
+@pytest.mark.parametrize(("model", "expected"), [("mlp", ("vmap", "vmap")), ("cnn", ("chunked:16", "loop"))])
+def test_auto_ignores_the_clock_and_repeats_its_choice_and_results(
+    model: str, expected: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clock returning garbage (a busy machine) changes neither auto's choice nor its numbers: a rerun
+    is bitwise identical, and equal to the choices pinned by hand."""
+    n = 20  # > 16: auto chunks the CNN for training
+
+    def run(backends: tuple[str, str]) -> tuple[dict[str, str], list[torch.Tensor]]:
+        (train_backend, train_chunk), (eval_backend, eval_chunk) = (
+            (b.split(":")[0], int(b.split(":")[1]) if ":" in b else None) for b in backends
+        )
+        batch = _pack(model, train_backend, train_chunk, n=n)
+        choice = batch.backend_choice
+        opt = mb.optim.Adam(batch, lr=1e-2)
+        for x, y in _batches(model, 3, n=n):
+            opt.zero_grad()
+            batch.compute_loss(batch(x, in_dims=0), y, F.cross_entropy).sum().backward()
+            opt.step()
+        if eval_backend != train_backend:
+            batch.set_backend(eval_backend, eval_chunk)
+        batch.eval()
+        with torch.no_grad():
+            out = batch(x, in_dims=0)
+        return choice, [*_state(batch).values(), out]
+
+    auto = ("auto", "auto")
+    choice, normal = run(auto)
+    assert choice == dict(zip(("training", "inference"), expected))
+    garbage = itertools.cycle([3.0e6, 1.0, 7.5e3, 0.0, 42.0])
+    for name in ("perf_counter", "monotonic", "process_time", "time"):
+        monkeypatch.setattr(time, name, lambda: next(garbage))
+    busy_choice, busy = run(auto)
+    monkeypatch.undo()
+    _, pinned = run(expected)
+    assert busy_choice == choice
+    for a, b, c in zip(normal, busy, pinned, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_auto_training_and_eval_calls_and_gradient_accumulation_match_vmap() -> None:
+    """Eval calls (auto: the loop for a CNN) and two forwards per backward give vmap's results."""
+    batch, ref = _pack("cnn", "auto"), _pack("cnn", "vmap")
+    assert batch.backend_choice == {"training": "vmap", "inference": "loop"}
+    data = _batches("cnn", 6)
+    for k, (x, y) in enumerate(data):
+        if k % 3 == 0:
+            for b in (batch, ref):
+                b.eval()
+            with torch.no_grad():
+                _assert_close(batch(x, in_dims=0), ref(x, in_dims=0), "eval output")
+            assert batch._backends.last.label == "loop"
+            for b in (batch, ref):
+                b.train()
+        outs = []
+        for b in (batch, ref):
+            for p in b.parameters():
+                p.grad = None
+            out = torch.cat([b(x[:, :3], in_dims=0), b(x[:, 3:], in_dims=0)], dim=1)  # two forwards
+            b.compute_loss(out, y, F.cross_entropy).sum().backward()
+            outs.append(out)
+        assert batch._backends.last.label == "vmap"
+        _assert_same_step(batch, ref, *outs)
+
+
+class _ItemLayer(nn.Module):
+    """Calls .item(), which vmap cannot batch: auto must fall back to the loop, and restore BN stats."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1.0 + 0.0 * x.sum().item())
+
+
+def test_auto_replaces_a_backend_that_fails_by_the_loop_and_restores_buffers() -> None:
+    def make(i: int) -> nn.Module:
+        torch.manual_seed(i)
+        return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), _ItemLayer(), nn.Linear(6, 2)).double()
+
+    batch = mb.ModelBatch([make(i) for i in range(N)])
+    ref = mb.ModelBatch([make(i) for i in range(N)], backend="loop")
+    assert batch.backend_choice == {"training": "vmap", "inference": "loop"}
+    x = torch.randn(N, 8, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"^ModelBatch: backend 'vmap' failed on this model \(.*'loop'"):
+        out = batch(x, in_dims=0)
+    _assert_close(out, ref(x, in_dims=0), "output")
+    for name, buf in ref.stacked_buffers().items():
+        assert torch.equal(batch.stacked_buffers()[name], buf), f"{name} updated more than once"
+    assert batch.backend_choice == {"training": "loop", "inference": "loop"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second attempt, no second warning
+        _assert_close(batch(x, in_dims=0), ref(x, in_dims=0), "second output")

@@ -35,11 +35,11 @@ def test_a_node_that_joins_mid_sweep_gets_a_server_and_members(tmp_path):
                     time.sleep(0.5)
 
     try:
-        searcher = ModelBatchSearcher(recipe(), slots_per_gpu=1, reports=2, random_state=0)
+        searcher = ModelBatchSearcher(recipe(), slots_per_gpu=1, reports=5, random_state=0)
         analysis = tune.run(
             searcher.trainable(),
             config={"lr": tune.loguniform(1e-3, 3e-2), "seed": tune.randint(0, 10_000)},
-            num_samples=10,
+            num_samples=12,
             search_alg=searcher,
             metric="val_loss",
             mode="min",
@@ -49,7 +49,7 @@ def test_a_node_that_joins_mid_sweep_gets_a_server_and_members(tmp_path):
             callbacks=[AddNode()],
         )
         df = analysis.dataframe()
-        assert len(df) == 10 and df["server_node"].nunique() == 2  # members trained on the new node too
+        assert len(df) == 12 and df["server_node"].nunique() == 2  # members trained on the new node too
         assert len(searcher.server_stats()) == 2
     finally:
         ray.shutdown()

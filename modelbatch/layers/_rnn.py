@@ -103,7 +103,7 @@ class _PlainRNNBase(nn.RNNBase):
             raise TypeError(
                 f"ModelBatch: {name} received a PackedSequence, which a pack cannot run (vmap needs one "
                 "tensor per input). Pad the sequences instead (nn.utils.rnn.pad_packed_sequence) and "
-                "mask the padded steps in the loss."
+                "mask the padded steps in the loss, or pass backend='loop' (it runs nn.LSTM's own kernel)."
             )
         if input.dim() not in (2, 3):
             raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
