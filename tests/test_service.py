@@ -6,11 +6,13 @@ that every sweep shares; member trials take 0.01 CPU each.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -171,34 +173,54 @@ tune.run(searcher.trainable(), config={{"lr": 0.01}}, search_alg=searcher, metri
     assert "the cluster's 1 CPUs all go to slot servers" in out.stderr, out.stderr[-3000:]
 
 
-def test_weights_one_to_three_share_a_full_server_one_to_three(cluster, tmp_path):
-    """4 slots for both sweeps together, each with more members in flight than its share (3 and 7):
-    slot-seconds measured over the times when both have members waiting."""
+def test_weights_one_to_three_share_a_full_server_one_to_three(cluster):
+    """Two sweeps (as two drivers' searchers open them) on a 4-slot service, each keeping more members
+    waiting than its share: member after member joins as a relay does, trains 2 reports, and leaves."""
+    from ray import cloudpickle
+
     from tune_integration._service import connect
 
     wait_for(lambda: service_status() is None, IDLE_STOP_S + 60, "the previous test's service stopped")
     service = connect({"slots_per_gpu": 4, "idle_stop_s": None})  # as `modelbatch service start` does
-    args = ["--samples", "14", "--reports", "2"]
-    drivers = [
-        start_driver(cluster, tmp_path / f"{t}.json", t, *args, "--weight", w, "--slots", slots)
-        for t, w, slots in (("light", "1", "3"), ("heavy", "3", "7"))
+    options = {"example_configs": [], "checkpoint_every": None, "reports": 2, "park_after_s": 30.0}
+    tenants = {"light": (1.0, 3), "heavy": (3.0, 7)}  # weight, members kept in flight
+    sweeps = {}
+    for tenant, (weight, slots) in tenants.items():
+        spec = {"job_id": f"job-{tenant}", "tenant": tenant, "weight": weight, "max_slots": None}
+        spec |= {"priority": 0, "recipe": cloudpickle.dumps(recipe()), "slots": slots, "options": options}
+        sweeps[tenant] = ray.get(service.open_sweep.remote(spec))["sweep"]
+    stop = threading.Event()
+
+    def member_after_member(tenant: str, worker: int) -> None:
+        for n in itertools.count():
+            trial = f"{tenant}-{worker}-{n}"
+            try:
+                join = service.join.remote(f"job-{tenant}", trial, {"lr": 0.01, "seed": n}, None, None)
+                server, sweep, _ = ray.get(join)
+                for _ in range(2):
+                    ray.get(server.next_result.remote(sweep, trial))
+                ray.get(service.release.remote(sweep, trial))
+            except ray.exceptions.RayError:
+                if stop.is_set():  # the service stopped at the end of the test
+                    return
+                raise
+
+    workers = [
+        threading.Thread(target=member_after_member, args=(t, w), daemon=True)
+        for t, (_, slots) in tenants.items()
+        for w in range(slots)
     ]
-    contended = {"light": 0.0, "heavy": 0.0}
-    last = None
     try:
-        while any(d.poll() is None for d in drivers):
-            status = service_status()
-            if status is not None and {"light", "heavy"} <= set(status["tenants"]):
-                now = {t: status["tenants"][t] for t in contended}
-                both_wait = last and all(last[t]["queued"] and now[t]["queued"] for t in contended)
-                if both_wait:
-                    for t in contended:  # both kept members waiting for a slot over this interval
-                        contended[t] += now[t]["slot_seconds"] - last[t]["slot_seconds"]
-                last = now
-            time.sleep(0.5)
-        for driver in drivers:
-            finish(driver)
+        for worker in workers:
+            worker.start()
+        wait_for(lambda: (service_status()["tenants"]["light"]["slot_seconds"] or 0) > 1, 120, "training")
+        start = {t: v["slot_seconds"] for t, v in service_status()["tenants"].items()}
+        time.sleep(20)
+        status = service_status()
+        end = {t: v["slot_seconds"] for t, v in status["tenants"].items()}
+        assert all(status["tenants"][t]["queued"] > 0 for t in tenants)  # both still kept members waiting
     finally:
+        stop.set()
         ray.get(service.stop.remote())
-    assert contended["light"] > 0
-    assert contended["heavy"] / contended["light"] == pytest.approx(3.0, rel=0.2)
+    used = {t: end[t] - start[t] for t in tenants}
+    assert used["heavy"] / used["light"] == pytest.approx(3.0, rel=0.2)
