@@ -222,5 +222,8 @@ def test_weights_one_to_three_share_a_full_server_one_to_three(cluster):
     finally:
         stop.set()
         ray.get(service.stop.remote())
+        for worker in workers:  # their calls fail now that the service stopped; none may outlive Ray
+            worker.join(timeout=120)
+    assert not any(worker.is_alive() for worker in workers)
     used = {t: end[t] - start[t] for t in tenants}
     assert used["heavy"] / used["light"] == pytest.approx(3.0, rel=0.2)
