@@ -438,8 +438,7 @@ class Service:
             }
             for sid, s in self.sweeps.items()
         }
-        settings = {k: v for k, v in self.settings.items()}
-        return {"servers": servers, "tenants": tenants, "sweeps": sweeps, "settings": settings}
+        return {"servers": servers, "tenants": tenants, "sweeps": sweeps, "settings": dict(self.settings)}
 
     async def stop(self) -> None:
         """Close every sweep, kill the servers and exit (their CPUs/GPUs are free again)."""
@@ -642,7 +641,7 @@ class SweepClient:
     def __init__(
         self, service: Any, sweep_id: str, servers: list[dict[str, Any]], max_slots: int | None
     ) -> None:
-        self.service, self.id, self.servers, self.max_slots = service, sweep_id, servers, max_slots
+        self.service, self.id, self.max_slots = service, sweep_id, max_slots
         self.slots = sum(s["slots"] for s in servers)  # over all servers; grows as servers join
         self._closed = threading.Event()
         self._renewed = time.monotonic()
