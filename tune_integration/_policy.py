@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 SHARE_WINDOW_S = 60.0
 """The window of :meth:`FairShare.shares` (slot-seconds over the last minute)."""
+HISTORY_EVERY_S = 1.0
+"""Resolution of the slot-seconds history behind :meth:`FairShare.shares`."""
 
 
 @dataclass
@@ -216,7 +218,8 @@ class FairShare:
             for _, (sweep, _) in self.placed.items():
                 self.tenants[self.sweeps[sweep].tenant].slot_seconds += dt
             self._now = now
-        self._history.append((now, self._totals()))
+        if not self._history or now - self._history[-1][0] >= HISTORY_EVERY_S:  # not on every event
+            self._history.append((now, self._totals()))
         while self._history and self._history[0][0] < now - 2 * SHARE_WINDOW_S:
             self._history.popleft()
 
