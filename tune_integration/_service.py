@@ -677,12 +677,16 @@ class SweepClient:
                     self.service.renew.remote(self.id)
 
 
+def is_tune_run(frame: Any) -> bool:
+    """Whether ``frame`` is a call of ``ray.tune.tune.run`` (``Tuner.fit`` calls it too)."""
+    return frame.f_code.co_name == "run" and frame.f_globals.get("__name__") == "ray.tune.tune"
+
+
 def tune_running() -> bool:
     """Whether a thread of this process is inside Tune's run loop (``ray.tune.tune.run``)."""
     for frame in sys._current_frames().values():
         while frame is not None:
-            code = frame.f_code
-            if code.co_name == "run" and code.co_filename.endswith(os.path.join("ray", "tune", "tune.py")):
+            if is_tune_run(frame):
                 return True
             frame = frame.f_back
     return False

@@ -21,6 +21,8 @@ from ray.tune.impl.placeholder import _FunctionResolver, _RefResolver, resolve_p
 from ray.tune.search import Searcher, SearchGenerator
 from ray.tune.search.variant_generator import generate_variants
 
+from ._service import is_tune_run
+
 TOKENS = (_FunctionResolver.TOKEN, _RefResolver.TOKEN)
 Resolvers = Mapping[tuple, list]
 """Tune's map from a placeholder's path in the space to its resolvers."""
@@ -50,7 +52,7 @@ def tune_run_locals() -> Mapping[str, Any]:
     """
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "run" and frame.f_globals.get("__name__") == "ray.tune.tune":
+        if is_tune_run(frame):
             return frame.f_locals
         frame = frame.f_back
     return {}
