@@ -25,10 +25,11 @@ class Contention:
     """Simulated sweeps on ``policy``: each member holds its slot ``hold`` seconds, then leaves and
     its sweep queues a new one at once (a sweep keeps the members it was given queued)."""
 
-    def __init__(self, policy: FairShare, clock: Clock, hold: float = 1.0) -> None:
-        self.policy, self.clock, self.hold = policy, clock, hold
+    def __init__(self, policy: FairShare, clock: Clock, hold: float = 1.0, preempt: bool = False) -> None:
+        self.policy, self.clock, self.hold, self.preempt = policy, clock, hold, preempt
         self.ids = itertools.count()
         self.started: dict[str, float] = {}
+        self.resume: dict[str, float] = {}  # parked member -> how long it had held its slot
 
     def queue(self, sweep: str, members: int) -> None:
         for _ in range(members):
@@ -48,6 +49,12 @@ class Contention:
     def _assign(self) -> None:
         for member, _ in self.policy.assign():
             self.started[member] = self.clock.now
+        if self.preempt:  # a parked member queues again, its time so far kept (exact resume)
+            for parked, granted, _ in self.policy.preempt():
+                held = self.clock.now - self.started.pop(parked)
+                self.policy.request(parked, parked.split("/")[0])
+                self.resume[parked] = held
+                self.started[granted] = self.clock.now - self.resume.pop(granted, 0.0)
 
 
 def contended(policy: FairShare, clock: Clock, sweeps: dict[str, int], seconds: float) -> Contention:
@@ -141,3 +148,71 @@ def test_closing_a_sweep_or_losing_a_server_frees_its_slots():
     assert policy.live() == 0 and policy.queued() == 0
     with pytest.raises(KeyError, match="no open sweep"):
         policy.request("late", "a")
+
+
+def preempting(policy: FairShare, parked: list[str]) -> list[tuple[str, str, int]]:
+    """``policy.preempt()``; each parked member queues again at once, as its relay does."""
+    moves = policy.preempt()
+    for member, _, _ in moves:
+        parked.append(member)
+        policy.request(member, member.split("/")[0])
+    return moves
+
+
+def test_a_late_tenant_takes_its_share_at_once_from_members_that_never_leave():
+    """Members that hold their slot for good (long training): bob gets his 3/4 by parking alice's."""
+    policy, _ = two_tenants(weights=(1.0, 3.0), capacity=4)
+    for i in range(10):
+        policy.request(f"a/{i}", "a")
+    policy.assign()
+    assert policy.live(tenant="alice") == 8
+    for i in range(10):
+        policy.request(f"b/{i}", "b")
+    assert policy.assign() == []  # no free slot
+    parked: list[str] = []
+    moves = preempting(policy, parked)
+    assert len(moves) == 6 and all(m.startswith("a/") for m in parked)
+    assert all(g.startswith("b/") for _, g, _ in moves)
+    assert policy.live(tenant="bob") == 6 and policy.live(tenant="alice") == 2
+    assert preempting(policy, parked) == [] and policy.assign() == []  # stable: no move undoes another
+    assert set(parked) == {"a/7", "a/6", "a/5", "a/4", "a/3", "a/2"}  # the newest of alice's first
+
+
+def test_preemption_keeps_equal_shares_stable_and_respects_max_slots_and_keep():
+    policy, _ = two_tenants(weights=(1.0, 1.0), capacity=2, b={"max_slots": 1})
+    for i in range(4):
+        policy.request(f"a/{i}", "a")
+    policy.assign()
+    for i in range(3):
+        policy.request(f"b/{i}", "b")
+    assert policy.preempt(keep={"a/0", "a/1", "a/2", "a/3"}) == []  # all joining: none may be parked
+    moves = policy.preempt()
+    assert len(moves) == 1 and policy.live(tenant="bob") == 1  # max_slots 1
+    policy.request(moves[0][0], "a")
+    assert policy.preempt() == []  # alice 3 vs bob 1 but bob is at max_slots
+
+
+def test_a_higher_priority_tenant_parks_lower_priority_members():
+    policy, _ = two_tenants(weights=(5.0, 1.0), capacity=2, b={"priority": 1})
+    for i in range(4):
+        policy.request(f"a/{i}", "a")
+    policy.assign()
+    for i in range(3):
+        policy.request(f"b/{i}", "b")
+    parked: list[str] = []
+    preempting(policy, parked)
+    assert policy.live(tenant="bob") == 3 and policy.live(tenant="alice") == 1
+    assert preempting(policy, parked) == []  # alice's requeued members cannot park bob's
+
+
+def test_with_long_members_a_late_tenant_gets_its_share_at_once_and_keeps_it():
+    policy, clock = two_tenants(capacity=4)
+    sim = Contention(policy, clock, hold=50.0, preempt=True)  # members hold slots far longer than the test
+    sim.queue("a", 20)
+    sim.run(5)
+    assert policy.live(tenant="alice") == 8
+    sim.queue("b", 20)  # bob's share at once, not after alice's members finish
+    assert policy.live(tenant="bob") == 6 and policy.live(tenant="alice") == 2
+    sim.run(20)
+    shares = policy.shares(window_s=20)
+    assert shares["bob"] / shares["alice"] == pytest.approx(3.0, rel=0.05)

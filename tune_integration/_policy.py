@@ -19,6 +19,12 @@ of the slots tends to its share of the weights, and a tenant with nothing queued
 share to the others (work-conserving). A member goes to the server that already trains most
 members of its sweep's architecture (so packs fill), then to the one with most free slots.
 
+A tenant that arrives at a full cluster does not wait for slots to turn over: :meth:`FairShare.preempt`
+moves slots to it from tenants over their share, one at a time while the move makes the shares more
+even (the donor holds more slots per unit of weight than the receiver will after the move), and
+from any tenant of a lower ``priority``. The service parks the members that lose their slot (their
+state kept; they queue again and continue exactly), so no member is killed to make room.
+
 Slot-seconds (slots held, integrated over the clock) are kept per tenant for status and fairness
 reports (:meth:`FairShare.shares`).
 """
@@ -82,6 +88,7 @@ class FairShare:
         self.placed: dict[str, tuple[str, int]] = {}  # member -> (sweep, server)
         self.keys: dict[str, str | None] = {}  # placed member -> architecture key
         self.queue: dict[str, _Request] = {}
+        self.granted: dict[str, int] = {}  # placed member -> when (for the newest-first choice of preempt)
         self._order = 0
         self._now = clock()
         self._history: deque[tuple[float, dict[str, float]]] = deque()
@@ -155,6 +162,7 @@ class FairShare:
             return None
         self._advance()  # the slot-seconds it held up to now
         self.keys.pop(member, None)
+        self.granted.pop(member, None)
         return self.placed.pop(member)[1]
 
     def assign(self) -> list[tuple[str, int]]:
@@ -165,11 +173,32 @@ class FairShare:
             if grant is None:
                 return grants
             request, server = grant
-            self._advance()
-            del self.queue[request.member]
-            self.placed[request.member] = (request.sweep, server)
-            self.keys[request.member] = request.key
+            self._place(request, server)
             grants.append((request.member, server))
+
+    def preempt(self, keep: Iterable[str] = ()) -> list[tuple[str, str, int]]:
+        """Move slots from tenants over their share (or of a lower priority) to tenants waiting.
+
+        Call it after :meth:`assign` (free slots go first). A queued member with no room anywhere
+        takes the slot of a placed member of another tenant on a server where its sweep has room:
+        one of a lower ``priority``, else of the tenant holding the most slots per unit of weight,
+        as long as that tenant holds more per unit of weight than the receiver will after the
+        move (so a move is never undone by the next). The newest placed member
+        of the donor is chosen; ``keep`` lists members that must not be chosen (still joining).
+
+        Returns ``(parked, granted, server)`` per move: ``parked`` lost its slot (released here;
+        the caller parks it and queues it again), ``granted`` holds it now.
+        """
+        keep = set(keep)
+        moves = []
+        while True:
+            move = self._next_move(keep)
+            if move is None:
+                return moves
+            parked, request, server = move
+            self.release(parked)
+            self._place(request, server)
+            moves.append((parked, request.member, server))
 
     # ------------------------------------------------------------------ accounting
     def live(self, tenant: str | None = None, sweep: str | None = None, server: int | None = None) -> int:
@@ -201,13 +230,31 @@ class FairShare:
         """Each tenant's fraction of the slot-seconds held over the last ``window_s`` seconds."""
         self._advance()
         now, current = self._now, self._totals()
-        past = next(((t, totals) for t, totals in self._history if t >= now - window_s), None)
-        base = past[1] if past is not None else {}
+        base = self._totals_at(now - window_s)
         used = {name: current[name] - base.get(name, 0.0) for name in current}
         total = sum(used.values())
         return {name: (u / total if total > 0 else 0.0) for name, u in used.items()}
 
     # ------------------------------------------------------------------ internals
+    def _totals_at(self, when: float) -> dict[str, float]:
+        """Each tenant's slot-seconds at ``when``, interpolated between the history's entries (between
+        events the slots held are constant, so the totals grow linearly); ``{}`` before the first."""
+        before = after = None
+        for entry in self._history:
+            if entry[0] <= when:
+                before = entry
+            else:
+                after = entry
+                break
+        if before is None:
+            return {} if after is None or when < after[0] else after[1]
+        if after is None:
+            return before[1]
+        f = (when - before[0]) / (after[0] - before[0])
+        return {n: v + f * (after[1].get(n, 0.0) - v) for n, v in before[1].items()} | {
+            n: f * v for n, v in after[1].items() if n not in before[1]
+        }
+
     def _totals(self) -> dict[str, float]:
         return {name: t.slot_seconds for name, t in self.tenants.items()}
 
@@ -220,8 +267,19 @@ class FairShare:
             self._now = now
         if not self._history or now - self._history[-1][0] >= HISTORY_EVERY_S:  # not on every event
             self._history.append((now, self._totals()))
-        while self._history and self._history[0][0] < now - 2 * SHARE_WINDOW_S:
-            self._history.popleft()
+        while len(self._history) > 1 and self._history[1][0] <= now - 2 * SHARE_WINDOW_S:
+            self._history.popleft()  # keeps one entry at or before the oldest window start
+
+    def _place(self, request: _Request, server: int) -> None:
+        self._advance()
+        del self.queue[request.member]
+        self.placed[request.member] = (request.sweep, server)
+        self.keys[request.member] = request.key
+        self._order += 1
+        self.granted[request.member] = self._order
+
+    def _under_max(self, tenant: Tenant) -> bool:
+        return tenant.max_slots is None or self.live(tenant=tenant.name) < tenant.max_slots
 
     def _room(self, sweep: str) -> list[int]:
         """Servers with a free slot for a member of ``sweep``."""
@@ -239,7 +297,7 @@ class FairShare:
             tenant = self.tenants[self.sweeps[request.sweep].tenant]
             if tenant.name in candidates:
                 continue
-            if tenant.max_slots is not None and self.live(tenant=tenant.name) >= tenant.max_slots:
+            if not self._under_max(tenant):
                 continue
             room = self._room(request.sweep)
             if room:
@@ -253,6 +311,35 @@ class FairShare:
 
         request, room = candidates[min(candidates, key=rank)]
         return request, self._server_for(request, room)
+
+    def _next_move(self, keep: set[str]) -> tuple[str, _Request, int] | None:
+        """The best (parked member, request, server) of :meth:`preempt`, or ``None``."""
+        oldest: dict[str, _Request] = {}  # tenant -> its oldest request that may take a slot
+        for request in sorted(self.queue.values(), key=lambda r: r.order):
+            tenant = self.tenants[self.sweeps[request.sweep].tenant]
+            if tenant.name not in oldest and self._under_max(tenant):
+                oldest[tenant.name] = request
+
+        def load(name: str, extra: int = 0) -> float:
+            return (self.live(tenant=name) + extra) / self.tenants[name].weight
+
+        for name in sorted(oldest, key=lambda n: (-self.tenants[n].priority, load(n), oldest[n].order)):
+            request, receiver = oldest[name], self.tenants[name]
+            caps = self.sweeps[request.sweep].caps
+            servers = {s for s in self.capacity if self.live(sweep=request.sweep, server=s) < caps.get(s, 0)}
+            victims = []
+            for member, (sweep, server) in self.placed.items():
+                donor = self.tenants[self.sweeps[sweep].tenant]
+                if server not in servers or donor.name == name or member in keep:
+                    continue
+                lower = donor.priority < receiver.priority
+                if lower or (donor.priority == receiver.priority and load(donor.name) > load(name, 1)):
+                    rank = (donor.priority, -load(donor.name), -self.granted[member])
+                    victims.append((rank, member, server))
+            if victims:
+                _, member, server = min(victims)
+                return member, request, server
+        return None
 
     def _server_for(self, request: _Request, room: Iterable[int]) -> int:
         def same(server: int) -> int:
