@@ -1,9 +1,10 @@
 """A sweep driver for the packing-service tests, run as its own process (one Ray job per driver).
 
 ``python service_driver.py ADDRESS OUT TENANT [--samples N] [--reports N] [--slots N] [--weight W]
-[--time-budget S] [--linger S]``: connects to the cluster at ADDRESS, runs a sweep of the tests'
-recipe as TENANT and writes every trial's results to OUT (JSON). ``--linger`` keeps the process
-(and its searcher) alive that long after Tune returns, as a notebook would.
+[--priority P] [--time-budget S] [--linger S] [--after TENANT:N]``: connects to the cluster at
+ADDRESS, runs a sweep of the tests' recipe as TENANT and writes every trial's results to OUT
+(JSON). ``--linger`` keeps the process (and its searcher) alive that long after Tune returns, as a
+notebook would; ``--after`` starts the sweep once TENANT has N members training in the service.
 """
 
 from __future__ import annotations
@@ -32,16 +33,21 @@ def main() -> None:
     parser.add_argument("--reports", type=int, default=3)
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--priority", type=int, default=0)
     parser.add_argument("--time-budget", type=float, default=None)
     parser.add_argument("--linger", type=float, default=0.0)
+    parser.add_argument("--after", default=None)
     args = parser.parse_args()
     ray.init(address=args.address, log_to_driver=False)
+    if args.after is not None:
+        wait_for_live(*args.after.split(":"))
     searcher = ModelBatchSearcher(
         recipe(),
         slots_per_gpu=args.slots,
         reports=args.reports,
         tenant=args.tenant,
         weight=args.weight,
+        priority=args.priority,
         random_state=sum(map(ord, args.tenant)),
     )
     space = {"lr": tune.loguniform(1e-3, 3e-2), "seed": tune.randint(0, 10_000)}
@@ -66,6 +72,12 @@ def main() -> None:
     args.out.write_text(json.dumps(rows, default=str))
     print("DONE", flush=True)
     time.sleep(args.linger)
+
+
+def wait_for_live(tenant: str, members: str) -> None:
+    service = ray.get_actor("service", namespace="modelbatch")
+    while ray.get(service.status.remote())["tenants"].get(tenant, {}).get("live", 0) < int(members):
+        time.sleep(0.2)
 
 
 if __name__ == "__main__":

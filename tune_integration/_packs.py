@@ -65,6 +65,7 @@ class Packs:
         self.next_pack = 0
         self.members_hosted = 0
         self.parks = 0
+        self.evictions = 0
 
     def live(self, pid: int) -> dict[str, int]:
         """``member -> slot`` of the pack's members still training (``{}`` for a dropped pack)."""
@@ -101,6 +102,19 @@ class Packs:
         self.leave(trial_id)
         self.parked[trial_id] = state
         self.parks += 1
+
+    def evict(self, trial_id: str) -> bytes | None:
+        """Take a training (or parked) member out for good, its state serialized for its relay to
+        join again with (``None``: it is not training here, e.g. it just finished)."""
+        state = self.parked.get(trial_id)
+        pid = self.pack_of.get(trial_id)
+        if state is None and (pid is None or trial_id not in self.packs[pid].live()):
+            return None
+        if state is None:
+            state = self.packs[pid].member_state(trial_id)
+        self.leave(trial_id)
+        self.evictions += 1
+        return _dumps(state)
 
     def unpark(self, trial_id: str) -> int:
         """Put a parked member back into a pack of its architecture; returns the pack id."""

@@ -32,6 +32,9 @@ def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
     ``tune.run(resume=...)`` / ``Tuner.restore`` never pass ``suggest``; they bring their
     checkpoint instead, from which the server continues the member exactly.
 
+    A member parked by the service (its slot went to another tenant) gets its state instead of a
+    result and joins again with it: it continues exactly, on whichever server has room.
+
     When the server dies (it is restarted by Ray) the relay joins again with the last checkpoint
     it received (kept in memory; none: from the start) and skips the results it re-trains up to
     the last ``training_iteration`` it reported, so Tune sees every iteration once. A trial
@@ -69,6 +72,10 @@ def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
             server, sweep, _ = ray.get(service.join.remote(job, trial_id, config, state, relay))
             continue
         lost = 0
+        if "parked" in reply:  # its slot went to another tenant: queue again, continue exactly
+            state = reply["parked"]
+            server, sweep, _ = ray.get(service.join.remote(job, trial_id, config, state, relay))
+            continue
         if reply["checkpoint"] is not None:
             state = reply["checkpoint"]
         iteration = reply["result"].get("training_iteration", 0)

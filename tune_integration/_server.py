@@ -14,6 +14,10 @@ paused the trial, as HyperBand and PBT do, or its process died) is parked: taken
 pack with its state kept, so the others go on; it continues exactly when it asks again, or
 from its checkpoint when Tune restarts it.
 
+A member whose slot the service gives to another tenant (:meth:`~._policy.FairShare.preempt`) is
+evicted: its state goes back to its relay in place of its next result (``{"parked": state}``),
+and the relay queues for a slot again with it, so it continues exactly wherever it lands.
+
 A server whose process dies is restarted by Ray (``max_restarts``, see :mod:`._service`) with
 no sweeps; the service tells it each sweep again when a member joins, and each relay joins
 again with the last checkpoint it holds (see :mod:`._relay`).
@@ -55,6 +59,7 @@ class SlotServer:
         self.park_after: dict[str, float] = {}
         self.waiting: dict[tuple[str, str], asyncio.Future] = {}
         self.asked_at: dict[tuple[str, str], float] = {}
+        self.evicted: dict[tuple[str, str], bytes] = {}  # states not yet handed to their relays
         self.watchdog: asyncio.Task | None = None
         self.ticking: set[PackKey] = set()
         self.tasks: set[asyncio.Task] = set()
@@ -67,7 +72,8 @@ class SlotServer:
         return {**self.where, "device": self.device}
 
     def stats(self, sweep_id: str | None = None) -> dict[str, Any]:
-        """:meth:`info` plus ``live`` and ``parked`` members, ``packs`` and ``parks`` (of one sweep, or all).
+        """:meth:`info` plus ``live`` and ``parked`` members, ``packs``, ``parks`` and ``evictions`` (of one
+        sweep, or all).
 
         Also ``tenants`` (live members per tenant), ``memory`` (bytes used and free on the device) and
         ``restarted``: whether Ray restarted this server after its process died.
@@ -86,6 +92,7 @@ class SlotServer:
             "parked": sum(len(p.parked) for p in chosen),
             "packs": sum(len(p.packs) for p in chosen),
             "parks": sum(p.parks for p in chosen),
+            "evictions": sum(p.evictions for p in chosen),
             "tenants": tenants,
             "memory": _memory(self.device),
             "restarted": ray.get_runtime_context().was_current_actor_reconstructed,
@@ -111,6 +118,8 @@ class SlotServer:
             packs = self.sweeps.pop(sweep_id, None)
             self.tenants.pop(sweep_id, None)
             self.park_after.pop(sweep_id, None)
+        for member in [m for m in self.evicted if m[0] == sweep_id]:
+            del self.evicted[member]
         if packs is None:
             return
         for member in [*packs.pack_of, *packs.parked]:
@@ -127,17 +136,38 @@ class SlotServer:
         async with self.lock:
             packs = self.sweeps.get(sweep_id)
             pid = packs.leave(trial_id) if packs is not None else None
+            self.evicted.pop((sweep_id, trial_id), None)
         self._answer(
             (sweep_id, trial_id), RuntimeError(f"ModelBatchSearcher: member {trial_id} left its slot.")
         )
         if pid is not None:
             self._maybe_tick((sweep_id, pid))
 
+    async def evict(self, sweep_id: str, trial_id: str) -> bool:
+        """Take a member out so that its slot goes to another (the service preempts it); its relay
+        gets ``{"parked": state}`` for its next result. ``False``: it was not training here."""
+        async with self.lock:
+            packs = self.sweeps.get(sweep_id)
+            pid = packs.pack_of.get(trial_id) if packs is not None else None
+            blob = await self._in_thread(packs.evict, trial_id) if packs is not None else None
+            if blob is None:
+                return False
+            self.evicted[sweep_id, trial_id] = blob
+        member = (sweep_id, trial_id)
+        if member in self.waiting:
+            self._answer(member, {"parked": self.evicted.pop(member)})
+        if pid is not None:
+            self._maybe_tick((sweep_id, pid))  # the rest of its pack may be ready now
+        return True
+
     async def next_result(self, sweep_id: str, trial_id: str) -> dict[str, Any]:
         """The member's next report once every live member of its pack has asked for theirs.
 
-        Returns ``{"result": metrics, "checkpoint": bytes | None, "final": bool}``.
+        Returns ``{"result": metrics, "checkpoint": bytes | None, "final": bool}``, or
+        ``{"parked": state}`` when the member was evicted (:meth:`evict`).
         """
+        if (sweep_id, trial_id) in self.evicted:
+            return {"parked": self.evicted.pop((sweep_id, trial_id))}
         loop = asyncio.get_running_loop()
         if self.watchdog is None:
             self.watchdog = loop.create_task(self._park_absent_members())

@@ -224,6 +224,7 @@ class Service:
         self.opening = 0
         self.joining: set[str] = set()
         self.member_locks: dict[str, asyncio.Lock] = {}
+        self.tasks: set[asyncio.Task] = set()
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     # ------------------------------------------------------------------ tenants' sweeps
@@ -589,6 +590,22 @@ class Service:
                 await self._quiet_call(index, "leave", sweep_id, member.split(":", 1)[1])
         await self._kick()
 
+    def _park(self, member: str, index: int, granted: str) -> None:
+        """Evict a member whose slot went to ``granted``: its relay gets its state and joins again."""
+        logger.info(
+            f"ModelBatchSearcher: member {member} parked on server {index}; its slot goes to {granted}."
+        )
+        sweep_id, trial_id = member.split(":", 1)
+        # Submitted now, before the receiver can join, so that the server frees the slot first.
+        ref = self.servers[index].handle.evict.remote(sweep_id, trial_id)
+        task = asyncio.get_running_loop().create_task(self._evicted(ref))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _evicted(self, ref: Any) -> None:
+        with contextlib.suppress(ray.exceptions.RayActorError):  # a dead server: its members rejoin anyway
+            await ref
+
     def _lock_of(self, member: str) -> asyncio.Lock:
         """Joins and leaves of one member run one at a time (a dead trial's leave vs its retry's join)."""
         return self.member_locks.setdefault(member, asyncio.Lock())
@@ -600,8 +617,11 @@ class Service:
             record.watch.cancel()
 
     async def _kick(self) -> None:
-        """Give free slots to waiting members and wake them."""
+        """Give free slots to waiting members, and slots of over-share tenants' members (parked) to
+        members of tenants under their share; wake them."""
         self.policy.assign()
+        for parked, granted, index in self.policy.preempt(keep=self.joining - self.policy.queue.keys()):
+            self._park(parked, index, granted)
         async with self.changed:
             self.changed.notify_all()
 
