@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -119,6 +119,29 @@ class Recipe:
     num_workers: int = 0
     pin_memory: bool | None = None
     loader_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str | None:
+        """A content hash of the training problem: two recipes with the same fingerprint train
+        every config the same (data, model and loss code, optimizer, batch size, every setting).
+
+        Functions count by their code, constants and the globals they use, not by the file that
+        defines them, so the same recipe built by two users' scripts matches; ``None`` when the
+        recipe holds something whose behaviour cannot be captured (then it matches nothing). The
+        packing service lets members of sweeps with equal fingerprints share packs.
+
+        Example:
+            >>> import torch, modelbatch as mb
+            >>> X, y = torch.randn(8, 2), torch.randn(8, 1)
+            >>> make = lambda: mb.Recipe(model=lambda cfg: torch.nn.Linear(2, 1), optimizer="sgd",
+            ...     loss=torch.nn.functional.mse_loss, train_data=(X, y), batch_size=4)
+            >>> make().fingerprint() == make().fingerprint()
+            True
+            >>> make().fingerprint() == mb.Recipe(**{**vars(make()), "batch_size": 2}).fingerprint()
+            False
+        """
+        from ._fingerprint import fingerprint
+
+        return fingerprint({f.name: getattr(self, f.name) for f in fields(self)})
 
     def __post_init__(self) -> None:
         api = "mb.Recipe"
