@@ -216,3 +216,35 @@ def test_with_long_members_a_late_tenant_gets_its_share_at_once_and_keeps_it():
     sim.run(20)
     shares = policy.shares(window_s=20)
     assert shares["bob"] / shares["alice"] == pytest.approx(3.0, rel=0.05)
+
+
+def test_members_are_admitted_by_their_measured_memory_within_the_servers_budget():
+    policy = FairShare(clock=Clock())
+    policy.add_server(0, capacity=16)
+    policy.set_memory(0, 100)
+    policy.add_sweep("a", "alice", caps={0: 16})
+    policy.add_sweep("b", "bob", caps={0: 16})
+    policy.set_cap("a", 0, 16, member_bytes=30, data_bytes=10)  # 10 + 3 * 30 = 100 fits, 4 do not
+    policy.set_cap("b", 0, 16, member_bytes=20, data_bytes=0)
+    for i in range(5):
+        policy.request(f"a/{i}", "a")
+    policy.assign()
+    assert policy.live(sweep="a") == 3 and policy.memory_used(0) == 100
+    policy.request("b/0", "b")
+    assert policy.assign() == []  # 100 + 20 > 100 although slots are free
+    (parked, granted, _), *more = policy.preempt()  # alice 3 > bob 1: one of hers makes room for bob's
+    assert granted == "b/0" and parked.startswith("a/") and not more
+    assert policy.memory_used(0) == 10 + 2 * 30 + 20
+    policy.set_cap("b", 0, 16, member_bytes=80)
+    policy.request("b/1", "b")
+    assert policy.assign() == [] and policy.preempt() == []  # no single member's slot frees 80 bytes
+
+
+def test_without_measured_memory_members_are_admitted_by_slots_alone():
+    policy = FairShare(clock=Clock())
+    policy.add_server(0, capacity=4)
+    policy.set_memory(0, 1)
+    policy.add_sweep("a", "alice", caps={0: 4})
+    for i in range(4):
+        policy.request(f"a/{i}", "a")
+    assert len(policy.assign()) == 4

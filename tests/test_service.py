@@ -109,6 +109,7 @@ def test_two_drivers_share_one_server_at_the_same_time_and_every_member_is_exact
         finish(driver)
     rec = recipe()
     spans = {}
+    pack_tenants: dict[str, set] = {}
     for tenant, out in outs.items():
         trials = read(out)
         assert len(trials) == 4 and all(t["status"] == "TERMINATED" for t in trials.values())
@@ -116,11 +117,14 @@ def test_two_drivers_share_one_server_at_the_same_time_and_every_member_is_exact
         for trial in trials.values():
             frame = pd.DataFrame(trial["results"])
             assert set(frame["tenant"]) == {tenant} and set(frame["server"]) == {0}  # one shared server
-            assert_matches_fit(rec, trial["config"], frame)
+            assert_matches_fit(rec, trial["config"], frame)  # float64, also when packed with bob's
             times += frame["timestamp"].tolist()
+            for pack in frame["pack_id"]:
+                pack_tenants.setdefault(pack, set()).add(tenant)
         spans[tenant] = (min(times), max(times))
     (a0, a1), (b0, b1) = spans.values()
     assert a0 <= b1 and b0 <= a1  # both sweeps trained at the same time
+    assert {"alice", "bob"} in pack_tenants.values()  # one recipe: their members shared a pack
     assert open_sweeps() == {}
 
 
@@ -260,3 +264,40 @@ def test_weights_one_to_three_share_a_full_server_one_to_three(cluster):
     assert not any(worker.is_alive() for worker in workers)
     used = {t: end[t] - start[t] for t in tenants}
     assert used["heavy"] / used["light"] == pytest.approx(3.0, rel=0.2)
+
+
+def test_members_are_admitted_by_measured_memory_and_one_too_large_for_a_server_says_so(cluster):
+    """An operator's memory budget per server: a sweep whose single member does not fit is refused
+    at open; one whose members fit two at a time trains two at a time although it has 4 slots."""
+    import torch
+    from ray import cloudpickle
+
+    from tune_integration._packs import member_memory
+    from tune_integration._service import connect
+
+    wait_for(lambda: service_status() is None, IDLE_STOP_S + 60, "the previous test's service stopped")
+    configs = [{"lr": 0.01, "seed": 0}]
+    member, data = member_memory(recipe(), configs, torch.device("cpu"))
+    options = {"example_configs": configs, "checkpoint_every": None, "reports": 1000, "park_after_s": 30.0}
+    spec = {"tenant": "t", "weight": 1.0, "max_slots": None, "priority": 0, "slots": 4, "options": options}
+    spec["recipe"] = cloudpickle.dumps(recipe())
+    service = connect({"idle_stop_s": None, "memory_budget_gib": (data + member / 2) / 2**30})
+    try:
+        with pytest.raises(ray.exceptions.RayTaskError, match=r"one member of this sweep needs ~.* GiB"):
+            ray.get(service.open_sweep.remote({**spec, "job_id": "job-big"}))
+    finally:
+        ray.get(service.stop.remote())
+    wait_for(lambda: service_status() is None, 60, "the service stopped")
+    service = connect({"idle_stop_s": None, "memory_budget_gib": (data + 2.5 * member) / 2**30})
+    try:
+        sweep = ray.get(service.open_sweep.remote({**spec, "job_id": "job-fits"}))["sweep"]
+        joins = [
+            service.join.remote("job-fits", f"m{i}", {"lr": 0.01, "seed": i}, None, None) for i in range(4)
+        ]
+        admitted = {"tenant": "t", "slots": 4, "live": 2, "queued": 2}  # two wait: no memory for them
+        wait_for(
+            lambda: service_status()["sweeps"][sweep] == admitted, 120, "two members admitted, two queued"
+        )
+    finally:
+        ray.get(service.stop.remote())
+    del joins

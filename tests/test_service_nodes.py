@@ -1,7 +1,9 @@
-"""A GPU node that joins the cluster mid-sweep gets a slot server of the packing service, and members."""
+"""Nodes that come and go mid-sweep: a GPU node that joins gets a slot server of the packing service,
+and members; the members of a node that is lost continue exactly on the servers that remain."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pandas as pd
@@ -54,3 +56,63 @@ def test_a_node_that_joins_mid_sweep_gets_a_server_and_trains_members_there():
     finally:
         ray.shutdown()
         grown.shutdown()
+
+
+def member_as_a_relay(service, job: str, member: str, config: dict, results: list) -> None:
+    """What a relay trial does (without Tune): join, take results, and when its server is gone join
+    again with the last checkpoint it got, skipping results it already has."""
+    state, reported = None, 0
+    server, sweep, _ = ray.get(service.join.remote(job, member, config, None, None))
+    while True:
+        try:
+            reply = ray.get(server.next_result.remote(sweep, member), timeout=300)
+        except ray.exceptions.RayActorError:
+            server, sweep, _ = ray.get(service.join.remote(job, member, config, state, None))
+            continue
+        state = reply["checkpoint"] or state
+        if reply["result"]["training_iteration"] > reported:
+            results.append(reply["result"])
+            reported = reply["result"]["training_iteration"]
+        if reply["final"]:
+            ray.get(service.release.remote(sweep, member))
+            return
+
+
+def test_the_members_of_a_lost_node_continue_exactly_on_the_servers_left():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1})
+    doomed = cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        rec = recipe()
+        searcher = ModelBatchSearcher(rec, slots_per_gpu=1, reports=4)
+        SearchGenerator(searcher).set_search_properties("val_loss", "min", {"lr": 0.01})
+        assert searcher.capacity == 2  # a server per GPU: one on each node
+        service = searcher._sweep.service
+        job = ray.get_runtime_context().get_job_id()
+        configs = {"a": {"lr": 0.01, "seed": 1}, "b": {"lr": 0.02, "seed": 2}}
+        results: dict[str, list] = {m: [] for m in configs}
+        members = [
+            threading.Thread(target=member_as_a_relay, args=(service, job, m, c, results[m]), daemon=True)
+            for m, c in configs.items()
+        ]
+        for thread in members:
+            thread.start()
+        deadline = time.monotonic() + 180
+        while not all(results.values()):
+            assert time.monotonic() < deadline, "the members did not start training"
+            time.sleep(0.2)
+        nodes = {r[0]["server_node"] for r in results.values()}
+        assert len(nodes) == 2  # one member on each node
+        cluster.remove_node(doomed)
+        for thread in members:
+            thread.join(timeout=400)
+        assert not any(thread.is_alive() for thread in members)
+        head = ray.get_runtime_context().get_node_id()
+        for m, config in configs.items():
+            assert [r["training_iteration"] for r in results[m]] == [1, 2, 3, 4]
+            assert results[m][-1]["server_node"] == head  # the lost node's member moved to the head's server
+            assert_matches_fit(rec, config, pd.DataFrame(results[m]))
+        searcher.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

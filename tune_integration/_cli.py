@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """The service's status as text: one line per server, then one per tenant."""
+    """The service's status as text: one line per server (then one per pack: members per tenant), then
+    one per tenant."""
     lines = ["servers:"]
     for s in status["servers"]:
         memory = s.get("memory", {})
@@ -75,7 +76,11 @@ def format_status(status: dict[str, Any]) -> str:
             f"  {'up' if s.get('alive') else 'dead'}  slots {s.get('capacity', 0)}  live {s.get('live', 0)}"
             f"  packs {s.get('packs', 0)}  members per tenant: {tenants}"
             f"  memory used {_gib(memory.get('used'))} free {_gib(memory.get('free'))}"
+            f"  parked {s.get('parked', 0)}  evictions {s.get('evictions', 0)}"
         )
+        for pack in s.get("pack_tenants", []):
+            members = ", ".join(f"{t}: {n}" for t, n in pack["members"].items())
+            lines.append(f"    pack {pack['pack_id']}  {pack['pack']}  {members}")
     lines.append("tenants:" if status["tenants"] else "tenants: none")
     for name, t in status["tenants"].items():
         cap = t["max_slots"] if t["max_slots"] is not None else "-"
@@ -119,6 +124,11 @@ def _parser() -> argparse.ArgumentParser:
                 "--idle-stop-s", type=float, help="stop this long after the last sweep left (default: never)"
             )
             cmd.add_argument(
+                "--memory-budget-gib",
+                type=float,
+                help="at most this much of each server's device memory for packs (default: 80%% of its free)",
+            )
+            cmd.add_argument(
                 "--tenants", type=Path, help="TOML file: [tenants.NAME] weight=, max_slots=, priority="
             )
             for flag, kind in (("weight", float), ("max-slots", int), ("priority", int)):
@@ -156,7 +166,14 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
                 )
             tenants.setdefault(name, {})[key] = parsed
     _check_tenants(tenants, "flags")
-    return {"slots_per_gpu": args.slots_per_gpu, "idle_stop_s": args.idle_stop_s, "tenants": tenants}
+    if args.memory_budget_gib is not None and not args.memory_budget_gib > 0:
+        raise ValueError(f"{PROG} start: --memory-budget-gib must be > 0, got {args.memory_budget_gib}.")
+    return {
+        "slots_per_gpu": args.slots_per_gpu,
+        "idle_stop_s": args.idle_stop_s,
+        "memory_budget_gib": args.memory_budget_gib,
+        "tenants": tenants,
+    }
 
 
 def read_tenants(path: Path) -> dict[str, dict[str, Any]]:

@@ -39,11 +39,14 @@ AUTO_MEMORY_FRACTION = 0.8
 
 
 class Packs:
-    """The packs of one server: at most ``slots`` members each, one pack per architecture.
+    """The packs of one recipe on a server: at most ``slots`` members each, one pack per architecture.
 
     A pack is created for the first member of an architecture and dropped when its last member
-    leaves. Members are keyed by Tune trial id. A parked member waits outside its pack, its
-    state kept in memory, until it comes back (:meth:`unpark`): exact, like a checkpoint.
+    leaves. Members are keyed by any hashable id (the server uses ``(sweep id, trial id)``: sweeps
+    of one recipe fingerprint share these packs); each member has its own report limit and
+    checkpoint interval (its sweep's; the constructor's by default). A parked member waits
+    outside its pack, its state kept in memory, until it comes back (:meth:`unpark`): exact, like
+    a checkpoint.
     """
 
     def __init__(
@@ -59,21 +62,37 @@ class Packs:
         self.checkpoint_every, self.reports = checkpoint_every, reports
         self.device = recipe.resolve_device() if isinstance(recipe, mb.Recipe) else _default_device()
         self.slots = slots if slots != "auto" else auto_slots(recipe, example_configs, self.device)
+        self.member_bytes: int | None = None  # memory of one member and of the data (None: not measured)
+        self.data_bytes = 0
+        if isinstance(recipe, mb.Recipe) and example_configs:
+            try:
+                self.member_bytes, self.data_bytes = member_memory(recipe, example_configs, self.device)
+            except Exception:  # a config the sample could not build: members are admitted unmeasured,
+                if slots == "auto":  # and the build error comes with the member that has it
+                    raise
         self.packs: dict[int, Any] = {}
-        self.pack_of: dict[str, int] = {}
-        self.parked: dict[str, dict[str, Any]] = {}
+        self.pack_of: dict[Any, int] = {}
+        self.parked: dict[Any, dict[str, Any]] = {}
+        self.limits: dict[Any, tuple[int | None, int | None]] = {}  # member -> (reports, checkpoint_every)
         self.next_pack = 0
-        self.members_hosted = 0
-        self.parks = 0
-        self.evictions = 0
 
     def live(self, pid: int) -> dict[str, int]:
         """``member -> slot`` of the pack's members still training (``{}`` for a dropped pack)."""
         pack = self.packs.get(pid)
         return pack.live() if pack is not None else {}
 
-    def join(self, trial_id: str, config: dict[str, Any], state: bytes | None) -> int:
-        """Add a member (restored from ``state`` if given) to its architecture's pack; returns the pack id."""
+    def join(
+        self,
+        trial_id: Any,
+        config: dict[str, Any],
+        state: bytes | None,
+        limits: tuple[int | None, int | None] | None = None,
+    ) -> int:
+        """Add a member (restored from ``state`` if given) to its architecture's pack; returns the pack id.
+
+        ``limits``: the member's ``(reports, checkpoint_every)`` (it ends after that many reports;
+        ``None`` each: no end, no checkpoints); by default the constructor's.
+        """
         self.leave(trial_id)  # a restarted trial: drop its stale slot
         if state is None:
             pid = self._pack_for(config)
@@ -81,29 +100,23 @@ class Packs:
         else:
             pid = self._restore(trial_id, load_member_state(state))
         self.pack_of[trial_id] = pid
-        self.members_hosted += 1
+        self.limits[trial_id] = limits if limits is not None else (self.reports, self.checkpoint_every)
         return pid
 
-    def leave(self, trial_id: str) -> int | None:
+    def leave(self, trial_id: Any) -> int | None:
         """Free the member's slot (or forget it, parked); returns its pack id (``None`` if none)."""
         self.parked.pop(trial_id, None)
-        pid = self.pack_of.pop(trial_id, None)
-        if pid is not None:
-            pack = self.packs[pid]
-            pack.remove(trial_id)
-            if len(pack.free_slots()) == pack.capacity:
-                del self.packs[pid]
-        return pid
+        self.limits.pop(trial_id, None)
+        return self._take_out(trial_id)
 
-    def park(self, trial_id: str) -> None:
+    def park(self, trial_id: Any) -> None:
         """Take a member out of its pack, keeping its state, so the others train on without it."""
         pid = self.pack_of[trial_id]
         state = self.packs[pid].member_state(trial_id)
-        self.leave(trial_id)
+        self._take_out(trial_id)
         self.parked[trial_id] = state
-        self.parks += 1
 
-    def evict(self, trial_id: str) -> bytes | None:
+    def evict(self, trial_id: Any) -> bytes | None:
         """Take a training (or parked) member out for good, its state serialized for its relay to
         join again with (``None``: it is not training here, e.g. it just finished)."""
         state = self.parked.get(trial_id)
@@ -113,15 +126,23 @@ class Packs:
         if state is None:
             state = self.packs[pid].member_state(trial_id)
         self.leave(trial_id)
-        self.evictions += 1
         return _dumps(state)
 
-    def unpark(self, trial_id: str) -> int:
+    def _take_out(self, trial_id: Any) -> int | None:
+        pid = self.pack_of.pop(trial_id, None)
+        if pid is not None:
+            pack = self.packs[pid]
+            pack.remove(trial_id)
+            if len(pack.free_slots()) == pack.capacity:
+                del self.packs[pid]
+        return pid
+
+    def unpark(self, trial_id: Any) -> int:
         """Put a parked member back into a pack of its architecture; returns the pack id."""
         pid = self.pack_of[trial_id] = self._restore(trial_id, self.parked.pop(trial_id))
         return pid
 
-    def train(self, pid: int, where: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    def train(self, pid: int, where: Mapping[str, Any]) -> dict[Any, dict[str, Any]]:
         """Train the pack one report interval: ``{member: {"result", "checkpoint", "final"}}``.
 
         A member with a NaN or infinite result ends with it; that result's ``"error"`` says why
@@ -137,16 +158,16 @@ class Packs:
             if bad:  # the member ends; its last result says why
                 result["error"] = f"non-finite {bad[0][0]} ({bad[0][1]}) at report {it}"
             finite = not bad
-            final = not finite or (self.reports is not None and it >= self.reports)
+            reports, every = self.limits.get(member, (self.reports, self.checkpoint_every))
+            final = not finite or (reports is not None and it >= reports)
             if final:
                 pack.stop(member, "finished" if finite else result["error"])
-            every = self.checkpoint_every
             due = every is not None and (final or it % every == 0)
             blob = _dumps(pack.member_state(member)) if due else None
             replies[member] = {"result": result, "checkpoint": blob, "final": final}
         return replies
 
-    def _restore(self, trial_id: str, state: dict[str, Any]) -> int:
+    def _restore(self, trial_id: Any, state: dict[str, Any]) -> int:
         state["slot_state"] = replace(state["slot_state"], member_id=trial_id)
         pid = self._pack_for(state["slot_state"].config)
         self.packs[pid].restore_member(state)
@@ -210,10 +231,8 @@ def auto_slots(
 ) -> int:
     """Members that fit in ``AUTO_MEMORY_FRACTION`` of the device's free memory (at most ``AUTO_MAX_SLOTS``).
 
-    One member's memory (weights, gradients, Adam-sized optimizer state, activations of one
-    batch and the step's workspace) is measured with :func:`modelbatch.estimate_memory` for each
-    of ``configs`` (a sample of the search space); the largest counts. The pack's copy of the
-    training and validation tensors is taken off the budget first (a ``Dataset`` is streamed).
+    One member's memory is :func:`member_memory` of ``configs`` (a sample of the search space);
+    the pack's copy of the training and validation tensors is taken off the budget first.
     """
     if not isinstance(recipe, mb.Recipe):
         raise ValueError(
@@ -225,6 +244,24 @@ def auto_slots(
             "ModelBatchSearcher: slots_per_gpu='auto' needs a sample of the search space to measure a "
             "member; pass the space to tune.run(config=...) / Tuner(param_space=...) or an int slots_per_gpu."
         )
+    per_member, data_bytes = member_memory(recipe, configs, device)
+    budget = AUTO_MEMORY_FRACTION * free_memory(device) - data_bytes
+    cap = AUTO_MAX_SLOTS["cuda" if device.type == "cuda" else "cpu"]
+    if device.type != "cuda":
+        cap = min(cap, AUTO_SLOTS_PER_CPU * (os.cpu_count() or 1))
+    return max(1, min(cap, int(budget // max(per_member, 1))))
+
+
+def member_memory(
+    recipe: mb.Recipe, configs: Sequence[Mapping[str, Any]], device: torch.device
+) -> tuple[int, int]:
+    """``(bytes per member, bytes of the recipe's data on the device)`` for the largest of ``configs``.
+
+    One member's memory (weights, gradients, Adam-sized optimizer state, activations of one
+    batch and the step's workspace) is measured with :func:`modelbatch.estimate_memory` once per
+    architecture among ``configs``. Data tensors live on the device for the whole sweep (counted
+    once per recipe); a ``Dataset`` is streamed a batch at a time (not counted).
+    """
     X = example_batch(recipe.train_data, recipe.batch_size)[0]
     example = X.to(recipe.dtype if X.is_floating_point() else X.dtype)
     models = {}  # one per architecture: hyperparameters do not change a member's memory
@@ -242,15 +279,10 @@ def auto_slots(
             device=device,
         )
         per_member = max(per_member, estimate.total)
-    # Tensors live on the device for the whole sweep; a Dataset is streamed a batch at a time.
     data = [t for d in (recipe.train_data, recipe.val_data) if isinstance(d, tuple) for t in d]
     itemsize = torch.finfo(recipe.dtype).bits // 8
     data_bytes = sum(t.numel() * (itemsize if t.is_floating_point() else t.element_size()) for t in data)
-    budget = AUTO_MEMORY_FRACTION * free_memory(device) - data_bytes
-    cap = AUTO_MAX_SLOTS["cuda" if device.type == "cuda" else "cpu"]
-    if device.type != "cuda":
-        cap = min(cap, AUTO_SLOTS_PER_CPU * (os.cpu_count() or 1))
-    return max(1, min(cap, int(budget // max(per_member, 1))))
+    return per_member, data_bytes
 
 
 def free_memory(device: torch.device) -> int:

@@ -12,12 +12,14 @@ Terms:
 * a **tenant** has a ``weight``, an optional ``max_slots`` over all its sweeps, and a ``priority``.
 
 A queued member gets a slot when a server has room for it (under the server's capacity and
-its sweep's cap there) and its tenant is under ``max_slots``. Among the tenants with such
+its sweep's cap there, and within the server's memory budget by the measured memory of its
+sweep's members and data, where measured) and its tenant is under ``max_slots``. Among the tenants with such
 members, slots go first to the highest ``priority``, then to the tenant holding the fewest
 slots per unit of weight, then to the oldest request: under contention every tenant's share
 of the slots tends to its share of the weights, and a tenant with nothing queued leaves its
 share to the others (work-conserving). A member goes to the server that already trains most
-members of its sweep's architecture (so packs fill), then to the one with most free slots.
+members of its key (its architecture within its recipe: so packs fill, across sweeps of one
+recipe too), then to the one with most free slots.
 
 A tenant that arrives at a full cluster does not wait for slots to turn over: :meth:`FairShare.preempt`
 moves slots to it from tenants over their share, one at a time while the move makes the shares more
@@ -55,6 +57,8 @@ class Tenant:
 class _Sweep:
     tenant: str
     caps: dict[int, int] = field(default_factory=dict)
+    member_bytes: dict[int, int] = field(default_factory=dict)  # server -> one member's memory there
+    data_bytes: dict[int, int] = field(default_factory=dict)  # server -> its recipe's data there
 
 
 @dataclass
@@ -83,6 +87,7 @@ class FairShare:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.capacity: dict[int, int | None] = {}
+        self.memory: dict[int, int | None] = {}  # server -> bytes its packs may fill
         self.tenants: dict[str, Tenant] = {}
         self.sweeps: dict[str, _Sweep] = {}
         self.placed: dict[str, tuple[str, int]] = {}  # member -> (sweep, server)
@@ -128,9 +133,29 @@ class FairShare:
         )
         self.sweeps[sweep] = _Sweep(tenant, dict(caps))
 
-    def set_cap(self, sweep: str, server: int, cap: int) -> None:
-        """The sweep's slots on a server that joined after it opened."""
+    def set_cap(
+        self, sweep: str, server: int, cap: int, member_bytes: int | None = None, data_bytes: int = 0
+    ) -> None:
+        """The sweep's slots on a server (one that joined after it opened, too), and the measured
+        memory of one of its members and of its data there (``None``: not measured, admitted by slots)."""
         self.sweeps[sweep].caps[server] = cap
+        if member_bytes is not None:
+            self.sweeps[sweep].member_bytes[server] = member_bytes
+            self.sweeps[sweep].data_bytes[server] = data_bytes
+
+    def set_memory(self, server: int, budget: int | None) -> None:
+        """The bytes the server's packs may fill (``None``: no memory limit, slots only)."""
+        self.memory[server] = budget
+
+    def memory_used(self, server: int, leaving: str | None = None) -> int:
+        """Measured bytes the server's members hold: each member, plus each sweep's data once."""
+        used, sweeps = 0, set()
+        for member, (sweep, srv) in self.placed.items():
+            if srv != server or member == leaving:
+                continue
+            used += self.sweeps[sweep].member_bytes.get(server, 0)
+            sweeps.add(sweep)
+        return used + sum(self.sweeps[s].data_bytes.get(server, 0) for s in sweeps)
 
     def remove_sweep(self, sweep: str) -> list[str]:
         """Close a sweep: its queued members are dropped and its placed members' slots freed (returned)."""
@@ -145,7 +170,8 @@ class FairShare:
 
     # ------------------------------------------------------------------ members
     def request(self, member: str, sweep: str, key: str | None = None) -> None:
-        """Queue ``member`` of ``sweep`` for a slot (``key``: its architecture, for packing)."""
+        """Queue ``member`` of ``sweep`` for a slot (``key``: what it packs with, its architecture
+        within its recipe; members of one key go to the same server when they can)."""
         if sweep not in self.sweeps:
             raise KeyError(f"FairShare: no open sweep {sweep!r}")
         self._order += 1
@@ -281,14 +307,26 @@ class FairShare:
     def _under_max(self, tenant: Tenant) -> bool:
         return tenant.max_slots is None or self.live(tenant=tenant.name) < tenant.max_slots
 
+    def _fits(self, sweep: str, server: int, leaving: str | None = None) -> bool:
+        """Whether one more member of ``sweep`` fits the server's memory (``leaving``'s freed)."""
+        budget, need = self.memory.get(server), self.sweeps[sweep].member_bytes.get(server)
+        if budget is None or need is None:
+            return True
+        placed_here = any(
+            s == sweep and srv == server and m != leaving for m, (s, srv) in self.placed.items()
+        )
+        data = 0 if placed_here else self.sweeps[sweep].data_bytes.get(server, 0)
+        return self.memory_used(server, leaving) + need + data <= budget
+
     def _room(self, sweep: str) -> list[int]:
-        """Servers with a free slot for a member of ``sweep``."""
+        """Servers with a free slot (and the memory) for a member of ``sweep``."""
         caps = self.sweeps[sweep].caps
         return [
             server
             for server in self.capacity
             if self.live(server=server) < self.server_capacity(server)
             and self.live(sweep=sweep, server=server) < caps.get(server, 0)
+            and self._fits(sweep, server)
         ]
 
     def _next_grant(self) -> tuple[_Request, int] | None:
@@ -333,7 +371,8 @@ class FairShare:
                 if server not in servers or donor.name == name or member in keep:
                     continue
                 lower = donor.priority < receiver.priority
-                if lower or (donor.priority == receiver.priority and load(donor.name) > load(name, 1)):
+                fair = donor.priority == receiver.priority and load(donor.name) > load(name, 1)
+                if (lower or fair) and self._fits(request.sweep, server, leaving=member):
                     rank = (donor.priority, -load(donor.name), -self.granted[member])
                     victims.append((rank, member, server))
             if victims:
@@ -342,14 +381,11 @@ class FairShare:
         return None
 
     def _server_for(self, request: _Request, room: Iterable[int]) -> int:
-        def same(server: int) -> int:
+        def same(server: int) -> int:  # keys name the architecture and what may share its packs
             return sum(
                 1
-                for m, (s, srv) in self.placed.items()
-                if s == request.sweep
-                and srv == server
-                and request.key is not None
-                and self.keys[m] == request.key
+                for m, (_, srv) in self.placed.items()
+                if srv == server and request.key is not None and self.keys[m] == request.key
             )
 
         def free(server: int) -> int:

@@ -431,7 +431,10 @@ class ModelBatchSearcher(Searcher):
         if self._sweep is not None:
             return
         check_room_for_relays()
-        examples = self._example_configs() if self.slots_per_gpu == "auto" else []
+        if self.slots_per_gpu == "auto":
+            examples = self._example_configs()
+        else:  # for the servers' memory admission, when the space is known here
+            examples = self._example_configs(own_rng=True) if self._space else []
         spec = {
             "job_id": ray.get_runtime_context().get_job_id(),
             "tenant": self.tenant,
@@ -445,6 +448,7 @@ class ModelBatchSearcher(Searcher):
                 "checkpoint_every": self.checkpoint_every,
                 "reports": self.reports,
                 "park_after_s": self.park_after_s,
+                "fingerprint": self.recipe.fingerprint() if isinstance(self.recipe, mb.Recipe) else None,
             },
         }
         for attempt in range(3):
@@ -518,13 +522,18 @@ class ModelBatchSearcher(Searcher):
         except Exception:  # a factory that needs real tensors (e.g. an init reading values)
             return build_model(self.recipe, config, seed)
 
-    def _example_configs(self) -> list[dict[str, Any]]:
+    def _example_configs(self, own_rng: bool = False) -> list[dict[str, Any]]:
+        """Configs of the space for the servers to measure a member's memory on (``"auto"`` slots,
+        admission). ``own_rng``: drawn with a generator of their own (the sweep's draws stay as they
+        are) and ``[]`` where Tune's placeholders cannot be resolved yet (nothing to measure)."""
         sampler = SpaceSampler()
         sampler.set_search_properties(None, None, self._space or {})
-        if isinstance(self._inner, SpaceSampler):
+        if isinstance(self._inner, SpaceSampler) and not own_rng:
             sampler.rng = self._inner.rng
         samples = sampler.samples(AUTO_SAMPLES)
         resolved = _resolved(samples, self._resolvers)
+        if own_rng:
+            return resolved
         if samples and not resolved:
             raise ValueError(
                 f"{API}: slots_per_gpu='auto' measures members on configs of the search space, but "

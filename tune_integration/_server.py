@@ -45,119 +45,184 @@ class UnknownSweep(RuntimeError):
     """The server does not know the sweep (it restarted since the sweep opened): add it again."""
 
 
+Member = tuple[str, str]
+"""``(sweep id, trial id)``: a member trial of one sweep (trial ids of two drivers may collide)."""
 PackKey = tuple[str, int]
-"""``(sweep id, pack id)``: a pack of one sweep on this server."""
+"""``(group, pack id)``: a pack of one recipe group on this server."""
 
 
 class SlotServer:
-    """Hosts the member trials the service assigns to it (an asyncio Ray actor)."""
+    """Hosts the member trials the service assigns to it (an asyncio Ray actor).
+
+    Sweeps whose recipes have the same fingerprint (:meth:`modelbatch.Recipe.fingerprint`) and
+    the same slots form one *group*: their members share packs, whatever tenant they belong to.
+    """
 
     def __init__(self, index: int) -> None:
         self.where = {"server": index, "server_node": ray.get_runtime_context().get_node_id()}
-        self.sweeps: dict[str, Any] = {}  # sweep id -> Packs
-        self.tenants: dict[str, str] = {}
-        self.park_after: dict[str, float] = {}
-        self.waiting: dict[tuple[str, str], asyncio.Future] = {}
-        self.asked_at: dict[tuple[str, str], float] = {}
-        self.evicted: dict[tuple[str, str], bytes] = {}  # states not yet handed to their relays
+        self.groups: dict[str, Any] = {}  # group -> Packs of its sweeps
+        self.group_of: dict[str, str] = {}  # sweep id -> group
+        self.tenants: dict[str, str] = {}  # sweep id -> tenant
+        self.options: dict[str, dict[str, Any]] = {}  # sweep id -> reports, checkpoint_every, park_after_s
+        self.counts: dict[str, dict[str, int]] = {}  # sweep id -> parks, evictions
+        self.waiting: dict[Member, asyncio.Future] = {}
+        self.asked_at: dict[Member, float] = {}
+        self.evicted: dict[Member, bytes] = {}  # states not yet handed to their relays
         self.watchdog: asyncio.Task | None = None
         self.ticking: set[PackKey] = set()
         self.tasks: set[asyncio.Task] = set()
         self.lock = asyncio.Lock()  # one mutation or training at a time
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-server")
         self.device = _device()
+        self.pack_serial: dict[tuple[str, int], int] = {}  # (group, pack id) -> this server's pack number
+        self.budget: int | None = None  # bytes packs may fill (measured at the first sweep)
 
     def info(self) -> dict[str, Any]:
         """``server``, ``server_node``, ``device``."""
         return {**self.where, "device": self.device}
 
     def stats(self, sweep_id: str | None = None) -> dict[str, Any]:
-        """:meth:`info` plus ``live`` and ``parked`` members, ``packs``, ``parks`` and ``evictions`` (of one
-        sweep, or all).
+        """:meth:`info` plus ``live`` and ``parked`` members, ``packs``, ``parks`` and ``evictions`` (of
+        one sweep, or all).
 
-        Also ``tenants`` (live members per tenant), ``memory`` (bytes used and free on the device) and
-        ``restarted``: whether Ray restarted this server after its process died.
+        Also ``tenants`` (live members per tenant), ``pack_tenants`` (per pack: its label and live
+        members per tenant), ``memory`` (bytes used and free on the device) and ``restarted``:
+        whether Ray restarted this server after its process died.
         """
-        chosen = [self.sweeps[sweep_id]] if sweep_id in self.sweeps else []
-        if sweep_id is None:
-            chosen = list(self.sweeps.values())
+        sweeps = [sweep_id] if sweep_id is not None else list(self.group_of)
+        chosen = {m for g in {self.group_of[s] for s in sweeps if s in self.group_of} for m in self._all(g)}
+        chosen = {m for m in chosen if m[0] in sweeps}
         tenants: dict[str, int] = {}
-        for sid, packs in self.sweeps.items():
-            tenants[self.tenants[sid]] = tenants.get(self.tenants[sid], 0) + len(packs.pack_of)
-        device = str(self.sweeps[sweep_id].device) if sweep_id in self.sweeps else self.device
+        pack_tenants = []
+        for group, packs in self.groups.items():
+            for pid, pack in packs.packs.items():
+                members = [m for m in pack.live() if sweep_id is None or m[0] == sweep_id]
+                if not members:
+                    continue
+                counts: dict[str, int] = {}
+                for sweep, _ in members:
+                    counts[self.tenants.get(sweep, "?")] = counts.get(self.tenants.get(sweep, "?"), 0) + 1
+                label = pack_label_of(pack, pid)
+                pack_tenants.append({"pack": label, "pack_id": self._pack_id(group, pid), "members": counts})
+        for sweep, packs in ((s, self.groups[g]) for s, g in self.group_of.items()):
+            live = sum(1 for m in packs.pack_of if m[0] == sweep)
+            tenants[self.tenants[sweep]] = tenants.get(self.tenants[sweep], 0) + live
+        device = (
+            str(self.groups[self.group_of[sweep_id]].device) if sweep_id in self.group_of else self.device
+        )
         return {
             **self.where,
             "device": device,
-            "live": sum(len(p.pack_of) for p in chosen),
-            "parked": sum(len(p.parked) for p in chosen),
-            "packs": sum(len(p.packs) for p in chosen),
-            "parks": sum(p.parks for p in chosen),
-            "evictions": sum(p.evictions for p in chosen),
+            "live": sum(1 for m in chosen if self._packs_of(m[0]).pack_of.get(m) is not None),
+            "parked": sum(1 for m in chosen if m in self._packs_of(m[0]).parked),
+            "packs": len(pack_tenants),
+            "parks": sum(self.counts.get(s, {}).get("parks", 0) for s in sweeps),
+            "evictions": sum(self.counts.get(s, {}).get("evictions", 0) for s in sweeps),
             "tenants": tenants,
+            "pack_tenants": pack_tenants,
             "memory": _memory(self.device),
             "restarted": ray.get_runtime_context().was_current_actor_reconstructed,
         }
 
-    async def add_sweep(self, sweep_id: str, tenant: str, recipe: bytes, slots: Any, options: dict) -> int:
-        """Host a sweep's packs (``recipe``: cloudpickled); returns the sweep's slots on this server."""
-        async with self.lock:
-            if sweep_id not in self.sweeps:
-                from ._packs import Packs  # torch: only in the server process
+    async def add_sweep(
+        self, sweep_id: str, tenant: str, recipe: bytes, slots: Any, options: dict
+    ) -> dict[str, Any]:
+        """Host a sweep's members (``recipe``: cloudpickled).
 
-                options = dict(options)
-                self.park_after[sweep_id] = float(options.pop("park_after_s", 30.0))
-                self.sweeps[sweep_id] = await self._in_thread(
-                    lambda: Packs(cloudpickle.loads(recipe), slots, **options)
-                )
+        Returns the sweep's ``slots`` on this server, the measured ``member_bytes`` of one member
+        and ``data_bytes`` of its recipe's data (``None``/0: not measured, no example configs), and
+        this server's ``budget_bytes`` (the share of its device's memory that packs may fill).
+
+        ``options``: ``reports``, ``checkpoint_every``, ``park_after_s`` (the sweep's own),
+        ``example_configs`` (for ``slots="auto"``) and ``fingerprint`` (the recipe's, or ``None``:
+        its members share packs only with each other).
+        """
+        options = dict(options)
+        fingerprint = options.pop("fingerprint", None)
+        group = f"{fingerprint}/{slots}" if fingerprint is not None else f"sweep/{sweep_id}"
+        async with self.lock:
+            if sweep_id not in self.group_of:
+                if group not in self.groups:
+                    from ._packs import Packs  # torch: only in the server process
+
+                    examples = options.get("example_configs", ())
+                    self.groups[group] = await self._in_thread(
+                        lambda: Packs(cloudpickle.loads(recipe), slots, example_configs=examples)
+                    )
+                self.group_of[sweep_id] = group
                 self.tenants[sweep_id] = tenant
-            return self.sweeps[sweep_id].slots
+                self.counts[sweep_id] = {"parks": 0, "evictions": 0}
+                self.options[sweep_id] = {
+                    "reports": options.get("reports"),
+                    "checkpoint_every": options.get("checkpoint_every", 1),
+                    "park_after_s": float(options.get("park_after_s", 30.0)),
+                }
+            if self.budget is None:
+                self.budget = await self._in_thread(_budget, self.groups[group].device)
+            packs = self.groups[group]
+            return {
+                "slots": packs.slots,
+                "member_bytes": packs.member_bytes,
+                "data_bytes": packs.data_bytes,
+                "budget_bytes": self.budget,
+            }
 
     async def drop_sweep(self, sweep_id: str) -> None:
         """Forget a closed sweep: its members' slots and parked states (idempotent)."""
         async with self.lock:
-            packs = self.sweeps.pop(sweep_id, None)
+            group = self.group_of.pop(sweep_id, None)
             self.tenants.pop(sweep_id, None)
-            self.park_after.pop(sweep_id, None)
-        for member in [m for m in self.evicted if m[0] == sweep_id]:
-            del self.evicted[member]
-        if packs is None:
-            return
-        for member in [*packs.pack_of, *packs.parked]:
-            self._answer((sweep_id, member), RuntimeError(f"ModelBatchSearcher: sweep {sweep_id} closed."))
+            self.options.pop(sweep_id, None)
+            self.counts.pop(sweep_id, None)
+            for member in [m for m in self.evicted if m[0] == sweep_id]:
+                del self.evicted[member]
+            if group is None:
+                return
+            packs = self.groups[group]
+            gone = [m for m in self._all(group) if m[0] == sweep_id]
+            touched = {packs.leave(m) for m in gone} - {None}
+            if group not in self.group_of.values():
+                del self.groups[group]
+        for member in gone:
+            self._answer(member, RuntimeError(f"ModelBatchSearcher: sweep {sweep_id} closed."))
+        for pid in touched:
+            self._maybe_tick((group, pid))  # other sweeps' members of those packs go on
 
     async def join(self, sweep_id: str, trial_id: str, config: dict[str, Any], state: bytes | None) -> None:
         """Put a member into a free slot of its architecture's pack (restored from ``state`` if given)."""
         async with self.lock:
             packs = self._packs(sweep_id)
-            await self._in_thread(packs.join, trial_id, config, state)
+            opts = self.options[sweep_id]
+            limits = (opts["reports"], opts["checkpoint_every"])
+            await self._in_thread(packs.join, (sweep_id, trial_id), config, state, limits)
 
     async def leave(self, sweep_id: str, trial_id: str) -> None:
         """Free the member's slot (idempotent)."""
+        member = (sweep_id, trial_id)
         async with self.lock:
-            packs = self.sweeps.get(sweep_id)
-            pid = packs.leave(trial_id) if packs is not None else None
-            self.evicted.pop((sweep_id, trial_id), None)
-        self._answer(
-            (sweep_id, trial_id), RuntimeError(f"ModelBatchSearcher: member {trial_id} left its slot.")
-        )
+            packs = self._packs_of(sweep_id)
+            pid = packs.leave(member) if packs is not None else None
+            self.evicted.pop(member, None)
+        self._answer(member, RuntimeError(f"ModelBatchSearcher: member {trial_id} left its slot."))
         if pid is not None:
-            self._maybe_tick((sweep_id, pid))
+            self._maybe_tick((self.group_of[sweep_id], pid))
 
     async def evict(self, sweep_id: str, trial_id: str) -> bool:
         """Take a member out so that its slot goes to another (the service preempts it); its relay
         gets ``{"parked": state}`` for its next result. ``False``: it was not training here."""
+        member = (sweep_id, trial_id)
         async with self.lock:
-            packs = self.sweeps.get(sweep_id)
-            pid = packs.pack_of.get(trial_id) if packs is not None else None
-            blob = await self._in_thread(packs.evict, trial_id) if packs is not None else None
+            packs = self._packs_of(sweep_id)
+            pid = packs.pack_of.get(member) if packs is not None else None
+            blob = await self._in_thread(packs.evict, member) if packs is not None else None
             if blob is None:
                 return False
-            self.evicted[sweep_id, trial_id] = blob
-        member = (sweep_id, trial_id)
+            self.evicted[member] = blob
+            self.counts[sweep_id]["evictions"] += 1
         if member in self.waiting:
             self._answer(member, {"parked": self.evicted.pop(member)})
         if pid is not None:
-            self._maybe_tick((sweep_id, pid))  # the rest of its pack may be ready now
+            self._maybe_tick((self.group_of[sweep_id], pid))  # the rest of its pack may be ready now
         return True
 
     async def next_result(self, sweep_id: str, trial_id: str) -> dict[str, Any]:
@@ -166,41 +231,56 @@ class SlotServer:
         Returns ``{"result": metrics, "checkpoint": bytes | None, "final": bool}``, or
         ``{"parked": state}`` when the member was evicted (:meth:`evict`).
         """
-        if (sweep_id, trial_id) in self.evicted:
-            return {"parked": self.evicted.pop((sweep_id, trial_id))}
+        member = (sweep_id, trial_id)
+        if member in self.evicted:
+            return {"parked": self.evicted.pop(member)}
         loop = asyncio.get_running_loop()
         if self.watchdog is None:
             self.watchdog = loop.create_task(self._park_absent_members())
-        packs = self.sweeps.get(sweep_id)
-        if packs is not None and trial_id in packs.parked:
+        packs = self._packs_of(sweep_id)
+        if packs is not None and member in packs.parked:
             async with self.lock:
-                if trial_id in packs.parked:
-                    await self._in_thread(packs.unpark, trial_id)
-        pid = packs.pack_of.get(trial_id) if packs is not None else None
+                if member in packs.parked:
+                    await self._in_thread(packs.unpark, member)
+        pid = packs.pack_of.get(member) if packs is not None else None
         if pid is None:  # the server restarted since the member joined
             raise SlotLost(f"ModelBatchSearcher: member {trial_id} has no slot on server {self.where}.")
         future = loop.create_future()
-        self.waiting[sweep_id, trial_id], self.asked_at[sweep_id, trial_id] = future, loop.time()
-        self._maybe_tick((sweep_id, pid))
+        self.waiting[member], self.asked_at[member] = future, loop.time()
+        self._maybe_tick((self.group_of[sweep_id], pid))
         return await future
 
     # ------------------------------------------------------------------ lockstep
     def _packs(self, sweep_id: str) -> Any:
-        packs = self.sweeps.get(sweep_id)
+        packs = self._packs_of(sweep_id)
         if packs is None:
             raise UnknownSweep(
                 f"ModelBatchSearcher: server {self.where['server']} does not host sweep {sweep_id}."
             )
         return packs
 
-    def _live(self, key: PackKey) -> dict[str, int]:
-        packs = self.sweeps.get(key[0])
+    def _packs_of(self, sweep_id: str) -> Any:
+        group = self.group_of.get(sweep_id)
+        return self.groups.get(group) if group is not None else None
+
+    def _all(self, group: str) -> list[Member]:
+        """Every member of a group: training, stopped in a pack, or parked."""
+        packs = self.groups.get(group)
+        return [*packs.pack_of, *packs.parked] if packs is not None else []
+
+    def _pack_id(self, group: str, pid: int) -> str:
+        """``"<server>/<n>"``: the pack's number on this server (results' ``pack_id``)."""
+        serial = self.pack_serial.setdefault((group, pid), len(self.pack_serial))
+        return f"{self.where['server']}/{serial}"
+
+    def _live(self, key: PackKey) -> dict[Member, int]:
+        packs = self.groups.get(key[0])
         return packs.live(key[1]) if packs is not None else {}
 
-    def _ready(self, key: PackKey) -> dict[str, int]:
+    def _ready(self, key: PackKey) -> dict[Member, int]:
         """The pack's live members when every one of them waits for a result, else ``{}``."""
         live = self._live(key)
-        return live if live and all((key[0], m) in self.waiting for m in live) else {}
+        return live if live and all(m in self.waiting for m in live) else {}
 
     def _maybe_tick(self, key: PackKey) -> None:
         if key in self.ticking or not self._ready(key):
@@ -211,25 +291,26 @@ class SlotServer:
         task.add_done_callback(self.tasks.discard)
 
     async def _tick(self, key: PackKey) -> None:
-        sweep_id, pid = key
-        live: dict[str, int] = {}
+        group, pid = key
+        live: dict[Member, int] = {}
         try:
             async with self.lock:
                 live = self._ready(key)  # members may have joined or left while this waited for the lock
                 if not live:
                     return
-                where = {**self.where, "tenant": self.tenants[sweep_id]}
-                replies = await self._in_thread(self.sweeps[sweep_id].train, pid, where)
+                where = {**self.where, "pack_id": self._pack_id(group, pid)}
+                replies = await self._in_thread(self.groups[group].train, pid, where)
         except Exception as exc:
             for member in live:
-                self._answer((sweep_id, member), exc)
+                self._answer(member, exc)
             return
         finally:
             self.ticking.discard(key)
         for member, reply in replies.items():
-            self._answer((sweep_id, member), reply)
+            reply["result"]["tenant"] = self.tenants.get(member[0])
+            self._answer(member, reply)
 
-    def _answer(self, member: tuple[str, str], reply: Any) -> None:
+    def _answer(self, member: Member, reply: Any) -> None:
         self.asked_at.pop(member, None)
         future = self.waiting.pop(member, None)
         if future is None or future.done():
@@ -243,26 +324,45 @@ class SlotServer:
         """Every few seconds: park the live members that keep the rest of their pack waiting too long."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(max(min(self.park_after.values(), default=30.0) / 4, 0.05))
-            for sweep_id, packs in list(self.sweeps.items()):
-                park_after = self.park_after.get(sweep_id, 30.0)
+            after = [o["park_after_s"] for o in self.options.values()]
+            await asyncio.sleep(max(min(after, default=30.0) / 4, 0.05))
+            for group, packs in list(self.groups.items()):
                 for pid in list(packs.packs):
-                    key = (sweep_id, pid)
-                    asked = [
-                        self.asked_at[sweep_id, m] for m in packs.live(pid) if (sweep_id, m) in self.waiting
-                    ]
+                    key = (group, pid)
+                    live = packs.live(pid)
+                    asked = [self.asked_at[m] for m in live if m in self.waiting]
+                    park_after = min(
+                        (self.options[m[0]]["park_after_s"] for m in live if m[0] in self.options),
+                        default=30.0,
+                    )
                     if not asked or key in self.ticking or loop.time() - min(asked) < park_after:
                         continue
                     async with self.lock:
-                        if self.sweeps.get(sweep_id) is not packs:
+                        if self.groups.get(group) is not packs:
                             continue
                         for member in packs.live(pid):
-                            if (sweep_id, member) not in self.waiting:
+                            if member not in self.waiting:
                                 await self._in_thread(packs.park, member)
+                                if member[0] in self.counts:
+                                    self.counts[member[0]]["parks"] += 1
                     self._maybe_tick(key)
 
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+def pack_label_of(pack: Any, pid: int) -> str:
+    """The readable label of a pack (its architecture's), as results' ``pack`` say."""
+    from ._packs import pack_label
+
+    return pack_label(str(getattr(pack, "signature", pid)))
+
+
+def _budget(device: Any) -> int:
+    """The bytes of ``device`` that packs may fill: the same share of its free memory as ``"auto"``."""
+    from ._packs import AUTO_MEMORY_FRACTION, free_memory
+
+    return int(AUTO_MEMORY_FRACTION * free_memory(device))
 
 
 def _device() -> str:

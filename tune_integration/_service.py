@@ -202,12 +202,20 @@ class Service:
 
     Settings: ``slots_per_gpu`` (int: every server's slots over all sweeps; ``None``: sized for
     its sweeps, the most slots any open sweep has there), ``idle_stop_s`` (``None``: run until
-    stopped), ``tenants`` (``{name: {"weight", "max_slots", "priority"}}``: an operator's values,
-    which override what a sweep asks for).
+    stopped), ``memory_budget_gib`` (at most this much of a server's device memory for packs;
+    ``None``: 80 % of its free memory; members are admitted by their measured memory),
+    ``tenants`` (``{name: {"weight", "max_slots", "priority"}}``: an operator's values, which
+    override what a sweep asks for).
     """
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        self.settings = {"slots_per_gpu": None, "idle_stop_s": IDLE_STOP_S, "tenants": {}, **settings}
+        self.settings = {
+            "slots_per_gpu": None,
+            "idle_stop_s": IDLE_STOP_S,
+            "memory_budget_gib": None,
+            "tenants": {},
+            **settings,
+        }
         self.policy = FairShare()
         self.servers: list[_Server] = []
         self.sweeps: dict[str, _Sweep] = {}
@@ -351,7 +359,7 @@ class Service:
         self.joining.add(member)
         try:
             while True:
-                self.policy.request(member, sweep_id, self.keys.get(member))
+                self.policy.request(member, sweep_id, self._pack_key(sweep_id, member))
                 await self._kick()
                 async with self.changed:
                     await self.changed.wait_for(
@@ -550,12 +558,25 @@ class Service:
         if sweep is None or not self.servers[index].info or (index in sweep.slots and not again):
             return
         spec = sweep.spec
-        slots = await self._call(
+        hosted = await self._call(
             index, "add_sweep", sweep_id, sweep.tenant, spec["recipe"], spec["slots"], spec["options"]
         )
-        sweep.slots[index] = slots  # its members in flight there; the server's capacity bounds those training
+        member, data, budget = hosted["member_bytes"], hosted["data_bytes"], hosted["budget_bytes"]
+        if self.settings["memory_budget_gib"] is not None:  # an operator's cap
+            budget = min(budget, int(self.settings["memory_budget_gib"] * 2**30))
+        if member is not None and member + data > budget:
+            device = self.servers[index].info.get("device")
+            raise RuntimeError(
+                f"ModelBatchSearcher: one member of this sweep needs ~{(member + data) / 2**30:.2f} GiB "
+                f"(mb.estimate_memory, data included) but slot server {index} ({device}) has "
+                f"{budget / 2**30:.2f} GiB for packs; use a smaller model or batch_size, or a larger device."
+            )
+        sweep.slots[index] = hosted[
+            "slots"
+        ]  # its members in flight there; the server's capacity bounds those
+        self.policy.set_memory(index, budget)
         if sweep_id in self.policy.sweeps:
-            self.policy.set_cap(sweep_id, index, sweep.slots[index])
+            self.policy.set_cap(sweep_id, index, hosted["slots"], member_bytes=member, data_bytes=data)
 
     async def _server_join(
         self, index: int, sweep_id: str, trial_id: str, config: dict, state: bytes | None
@@ -624,6 +645,17 @@ class Service:
             self._park(parked, index, granted)
         async with self.changed:
             self.changed.notify_all()
+
+    def _pack_key(self, sweep_id: str, member: str) -> str | None:
+        """What a member packs with: its architecture within its recipe group (sweeps of one recipe
+        fingerprint and slots share packs on a server, see :class:`~._server.SlotServer`)."""
+        key = self.keys.get(member)
+        if key is None:
+            return None
+        spec = self.sweeps[sweep_id].spec
+        fingerprint = spec["options"].get("fingerprint")
+        group = f"{fingerprint}/{spec['slots']}" if fingerprint is not None else sweep_id
+        return f"{group}|{key}"
 
     def _sweep_servers(self, sweep_id: str) -> list[dict[str, Any]]:
         slots = self.sweeps[sweep_id].slots
