@@ -6,10 +6,9 @@ when it is asked to run more members at once than ``fits``, in the forward or in
 
 from __future__ import annotations
 
-import re
-
 import copy
 import os
+import re
 import signal
 import sys
 
