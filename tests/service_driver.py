@@ -1,10 +1,11 @@
 """A sweep driver for the packing-service tests, run as its own process (one Ray job per driver).
 
 ``python service_driver.py ADDRESS OUT TENANT [--samples N] [--reports N] [--slots N] [--weight W]
-[--priority P] [--time-budget S] [--linger S] [--after TENANT:N]``: connects to the cluster at
-ADDRESS, runs a sweep of the tests' recipe as TENANT and writes every trial's results to OUT
+[--priority P] [--time-budget S] [--linger S] [--after TENANT:N] [--barrier DIR:N]``: connects to
+the cluster at ADDRESS, runs a sweep of the tests' recipe as TENANT and writes every trial's results to OUT
 (JSON). ``--linger`` keeps the process (and its searcher) alive that long after Tune returns, as a
-notebook would; ``--after`` starts the sweep once TENANT has N members training in the service.
+notebook would; ``--after`` starts the sweep once TENANT has N members training in the service;
+``--barrier`` once N drivers (this one included) got there (files in DIR).
 """
 
 from __future__ import annotations
@@ -37,10 +38,16 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=None)
     parser.add_argument("--linger", type=float, default=0.0)
     parser.add_argument("--after", default=None)
+    parser.add_argument("--barrier", default=None)
     args = parser.parse_args()
     ray.init(address=args.address, log_to_driver=False)
     if args.after is not None:
         wait_for_live(*args.after.split(":"))
+    if args.barrier is not None:
+        folder, drivers = args.barrier.rsplit(":", 1)
+        (Path(folder) / args.tenant).touch()
+        while len(list(Path(folder).iterdir())) < int(drivers):
+            time.sleep(0.1)
     searcher = ModelBatchSearcher(
         recipe(),
         slots_per_gpu=args.slots,

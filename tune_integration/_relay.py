@@ -13,6 +13,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from ._server import SERVER_LOST
 from ._service import SlotLost, find_service
 
 CHECKPOINT_FILE = "member.pt"
@@ -62,7 +63,7 @@ def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
     while True:
         try:
             reply = ray.get(server.next_result.remote(sweep, trial_id))
-        except (ray.exceptions.RayActorError, SlotLost) as exc:
+        except (*SERVER_LOST, SlotLost) as exc:
             lost += 1
             if lost > MAX_REJOINS:
                 raise RuntimeError(

@@ -45,6 +45,12 @@ class UnknownSweep(RuntimeError):
     """The server does not know the sweep (it restarted since the sweep opened): add it again."""
 
 
+SERVER_GONE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnschedulableError)
+"""A slot server gone for good: its process died past its restarts, or its node is gone (a server is
+pinned to its node, so Ray cannot restart it elsewhere)."""
+SERVER_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
+"""A call to a slot server that did not return: the server died, restarts, or its node is gone."""
+
 Member = tuple[str, str]
 """``(sweep id, trial id)``: a member trial of one sweep (trial ids of two drivers may collide)."""
 PackKey = tuple[str, int]

@@ -39,7 +39,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ._policy import FairShare, Tenant
-from ._server import SlotLost, SlotServer, UnknownSweep
+from ._server import SERVER_GONE, SERVER_LOST, SlotLost, SlotServer, UnknownSweep
 
 __all__ = ["SlotLost", "connect", "find_service"]
 
@@ -62,6 +62,8 @@ SERVER_RESTARTS = 3
 RESTART_TIMEOUT_S = 300.0
 """How long the service waits for a restarting slot server before it gives up on a call."""
 LOOKUP_TIMEOUT_S = 120.0
+HEAD_NODE = "node:__internal_head__"
+"""The resource Ray gives the head node only: the service runs there (the cluster ends with it anyway)."""
 
 
 class ServiceStopping(RuntimeError):
@@ -113,6 +115,7 @@ def connect(settings: dict[str, Any] | None = None) -> ray.actor.ActorHandle:
                 lifetime="detached",
                 get_if_exists=True,
                 num_cpus=0,
+                resources={HEAD_NODE: 0.001},  # it outlives any other node's loss
                 max_concurrency=10_000,
             )
             .remote(settings or {})
@@ -371,7 +374,7 @@ class Service:
                     index = self.policy.placed[member][1]
                     try:
                         await self._server_join(index, sweep_id, trial_id, config, state)
-                    except ray.exceptions.ActorDiedError:  # gone for good: try another server
+                    except SERVER_GONE:  # gone for good: try another server
                         continue
                     except BaseException:
                         self._forget(member)
@@ -405,7 +408,7 @@ class Service:
                 continue
             try:
                 stats = await self._call(index, "stats", sweep_id)
-            except ray.exceptions.ActorDiedError:
+            except SERVER_GONE:
                 stats = {**server.info, "live": 0, "parked": 0, "died": True}
             out.append(
                 {**stats, "slots": sweep.slots[index], "members_hosted": sweep.members_hosted.get(index, 0)}
@@ -418,7 +421,7 @@ class Service:
         for index, server in enumerate(self.servers):
             row = {**server.info, "alive": server.alive, "capacity": self.policy.server_capacity(index)}
             if server.alive:
-                with contextlib.suppress(ray.exceptions.RayActorError):
+                with contextlib.suppress(*SERVER_LOST):
                     row |= await self._call(index, "stats", None)
             servers.append(row)
         shares = self.policy.shares()
@@ -624,7 +627,7 @@ class Service:
         task.add_done_callback(self.tasks.discard)
 
     async def _evicted(self, ref: Any) -> None:
-        with contextlib.suppress(ray.exceptions.RayActorError):  # a dead server: its members rejoin anyway
+        with contextlib.suppress(*SERVER_LOST):  # a dead server: its members rejoin anyway
             await ref
 
     def _lock_of(self, member: str) -> asyncio.Lock:
@@ -662,7 +665,7 @@ class Service:
         return [{**self.servers[i].info, "slots": n} for i, n in slots.items()]
 
     async def _quiet_call(self, index: int, method: str, *args: Any) -> Any:
-        with contextlib.suppress(ray.exceptions.RayActorError):
+        with contextlib.suppress(*SERVER_LOST):
             return await self._call(index, method, *args)
 
     async def _call(self, index: int, method: str, *args: Any) -> Any:
@@ -675,7 +678,7 @@ class Service:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
-            except ray.exceptions.ActorDiedError:
+            except SERVER_GONE:
                 self._server_died(index)
                 raise
 
