@@ -12,7 +12,8 @@ of the searched values against ``best_val_loss``), and writes into ``--out`` (de
 ``history.parquet`` (one row per member per report), ``learning_curves.png`` (every member's
 validation curves, the best highlighted) and ``best.json``.
 
-Run from the repository root after ``pip install -e ".[dev]"`` (about 80 CPU-seconds over all its processes):
+Run from the repository root after ``pip install -e ".[dev]"`` (about 80 CPU-seconds over all its
+processes: about 1 min on 2 idle cores, 2-3 min on a busy machine):
     python examples/sweep.py
     python examples/sweep.py --num-samples 8 --epochs 3          # a quick first look
     python examples/sweep.py --num-samples 256 --epochs 30 --searcher optuna --name big
