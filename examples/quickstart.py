@@ -6,7 +6,7 @@ set: at each step the pack gathers a ``[N, B, 64]`` batch (row ``i`` drawn from 
 permutation) and runs ``batch(xb, in_dims=0)``. At the end the best member is taken out with
 ``batch.member(i)`` and checked to give the same validation accuracy on its own.
 
-Run from the repository root after ``pip install -e .`` (about 10 s on 2 CPU cores):
+Run from the repository root after ``pip install -e .`` (about 30 CPU-seconds; 1 min on a busy 2-core CPU):
     python examples/quickstart.py
     python examples/quickstart.py --members 64 --epochs 20 --seed 1
 """

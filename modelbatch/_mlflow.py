@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import base64
 import collections
 import hashlib
 import json
@@ -57,7 +58,8 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,7 @@ _PERMANENT_ERRORS = {
     "RESOURCE_ALREADY_EXISTS",
 }
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]")
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the MLflow UI's saved views: experiment tags (MLflow 3.x)
 
 
 # ---------------------------------------------------------------------------- values and keys
@@ -151,6 +154,49 @@ def member_status(reason: str) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def sweep_view(
+    name: str, run_key_prefix: str, params: Sequence[str], metric: str, mode: str, created_ms: int
+) -> str:
+    """An MLflow UI saved view (the value of a ``mlflow.sharedViewState.<id>`` experiment tag).
+
+    It shows the runs whose ``modelbatch.run_key`` starts with ``run_key_prefix`` (a sweep's members),
+    best ``best_<metric>`` first with that metric and ``params`` as columns, and one chart section: a
+    parallel-coordinates plot of ``params`` against ``best_<metric>`` over all those runs, and the
+    members' ``metric`` curves by step. The format is the one the UI of MLflow 3.17 writes when a user
+    saves a view (compressed JSON, ``deflate;`` + base64); older UIs do not list saved views.
+    """
+    section, best = "modelbatch-sweep", f"best_{metric}"
+    chart = {"runsCountToCompare": 1000, "metricSectionId": section, "deleted": False, "isGenerated": False}
+    charts = [
+        {"uuid": "modelbatch-parallel", "type": "PARALLEL", **chart, "showAllRuns": True,
+         "selectedParams": list(params), "selectedMetrics": [best]},
+        {"uuid": "modelbatch-curve", "type": "LINE", **chart, "displayName": metric, "metricKey": metric,
+         "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear", "range": {},
+         "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [],
+         "ignoreOutliers": False, "useGlobalXaxisKey": True, "useGlobalLineSmoothing": True},
+    ]  # fmt: skip
+    state = {
+        "searchFilter": f"tags.`{RUN_KEY_TAG}` LIKE '{run_key_prefix}%'",
+        "orderByKey": f"metrics.`{best}`",
+        "orderByAsc": mode == "min",
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": [f"metrics.`{best}`", *(f"params.`{p}`" for p in params), "tags.`status`"],
+        "runsHiddenMode": "SHOWALL",
+        "compareRunCharts": charts,
+        "compareRunSections": [
+            {"uuid": section, "name": name, "display": True, "isReordered": False, "deleted": False}
+        ],
+        "hideEmptyCharts": True,
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+    }
+    packed = zlib.compress(json.dumps(state, separators=(",", ":")).encode())
+    blob = "deflate;" + base64.b64encode(packed).decode("ascii")
+    return json.dumps({"name": name, "createdAt": created_ms, "updatedAt": created_ms, "state": blob})
 
 
 # ---------------------------------------------------------------------------- the writer (any thread)
@@ -234,6 +280,7 @@ class _Writer:
         self.artifact_location = artifact_location
         self.experiment_id: str | None = None
         self.runs: dict[str, _Run] = {}
+        self.experiment_tags: dict[str, str] = {}  # to set on the experiment (the sweep's saved view)
         self.rejected: list[tuple[_Run, str]] = []  # chunks MLflow refused, with the reason
         self.lock = threading.Lock()
         self.connections = 4 if tracking_uri.startswith(("http://", "https://")) else 1  # sqlite: one writer
@@ -274,6 +321,13 @@ class _Writer:
         """
         with self.lock:
             runs = [r for r in self.runs.values() if r.pending()]
+            experiment_tags = dict(self.experiment_tags)
+        for key, value in experiment_tags.items():
+            check()
+            self.client.set_experiment_tag(self.resolve_experiment(), key, value)
+            with self.lock:
+                if self.experiment_tags.get(key) is value:
+                    del self.experiment_tags[key]
         first, members = [r for r in runs if r.parent is None], [r for r in runs if r.parent is not None]
         self._flush_runs(first, check)
         width = min(self.connections, len(members))
@@ -498,6 +552,10 @@ class MLflowLogger:
         close_timeout: seconds :meth:`close` waits for an unreachable server before spilling.
         spill_path: where to write what could not be logged (default ``./mlflow-spill-<id>.jsonl``).
         artifact_location: artifact root of the experiment if this logger creates it.
+        view_params: with ``metric``, save an MLflow UI view of this sweep (experiment tag
+            ``mlflow.sharedViewState.<id>``; in the UI's *Views* menu, named after the parent run):
+            the members only, best ``best_<metric>`` first, and a parallel-coordinates plot of these
+            params (e.g. the searched ones) against ``best_<metric>``. :meth:`view_url` opens it.
 
     Example:
         >>> import tempfile, modelbatch as mb
@@ -532,10 +590,16 @@ class MLflowLogger:
         spill_path: str | os.PathLike | None = None,
         artifact_location: str | None = None,
         sweep_key: str | None = None,
+        view_params: Sequence[str] | None = None,
     ) -> None:
         api = "MLflowLogger"
         if mode not in ("min", "max"):
             raise ValueError(f"{api}: mode must be 'min' or 'max', got {mode!r}.")
+        if view_params is not None and (metric is None or isinstance(view_params, str)):
+            raise ValueError(
+                f"{api}: view_params must be a list of param names and needs metric=... (the plot's "
+                f"axis), got view_params={view_params!r}, metric={metric!r}."
+            )
         if not flush_interval > 0 or not close_timeout >= 0:
             raise ValueError(f"{api}: flush_interval must be > 0 and close_timeout >= 0.")
         self.tracking_uri = tracking_uri
@@ -553,6 +617,8 @@ class MLflowLogger:
             Path(spill_path) if spill_path else Path.cwd() / f"mlflow-spill-{self.sweep_key[:8]}.jsonl"
         )
         self.artifact_location = artifact_location
+        self.view_params = None if view_params is None else [clean_key(p) for p in view_params]
+        self.view_id = "modelbatch" + hashlib.sha1(self.sweep_key.encode()).hexdigest()[:16]
         self._members: dict[Any, _Member] = {}
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
@@ -587,6 +653,9 @@ class MLflowLogger:
             clean_key(k): _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in {**self.tags, **(tags or {})}.items()
         }
         self._writer.runs[parent.key] = parent
+        if self.view_params is not None:
+            view = sweep_view(name, f"{self.sweep_key}-", self.view_params, self.metric, self.mode, _now_ms())
+            self._writer.experiment_tags[VIEW_TAG_PREFIX + self.view_id] = view
         self._state = "running"
         self._thread = threading.Thread(target=self._work, name="modelbatch-mlflow", daemon=True)
         self._thread.start()
@@ -773,6 +842,19 @@ class MLflowLogger:
                 stacklevel=2,
             )
         return self._spilled
+
+    def view_url(self, ui: str | None = None) -> str | None:
+        """The address of this sweep's saved view (``view_params``) in the MLflow UI at ``ui``
+        (default: the tracking server, or ``http://127.0.0.1:5000`` of ``mlflow ui``); ``None``
+        before the experiment is known (its first write) or without ``view_params``."""
+        experiment_id = self._writer.experiment_id if self._writer else None
+        if self.view_params is None or experiment_id is None:
+            return None
+        if ui is None:
+            remote = str(self.tracking_uri).startswith(("http://", "https://"))
+            ui = str(self.tracking_uri) if remote else "http://127.0.0.1:5000"
+        query = f"viewStateShareKey={self.view_id}&compareRunsMode=CHART&workflowType=machine_learning"
+        return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
     def run_id(self, member_id: Any | None = None) -> str | None:
         """The MLflow run id of ``member_id`` (``None``: the parent run) once created."""

@@ -368,3 +368,53 @@ def test_a_resumed_sweep_continues_its_parent_and_member_runs(sqlite_uri) -> Non
     assert _history(client, runs["m-a"].info.run_id, "loss") == [(1, 0.5), (2, 0.2), (3, 0.3)]
     assert runs["m-a"].data.metrics["best_loss"] == 0.2 and runs["m-a"].data.metrics["best_iteration"] == 2
     assert runs["m-b"].data.tags["status"] == "stopped early"
+
+
+def _saved_view(client: MlflowClient, experiment_id: str, view_id: str) -> dict:
+    """A saved view as the MLflow UI reads it: the tag's JSON, its state inflated."""
+    import base64
+    import zlib
+
+    view = json.loads(client.get_experiment(experiment_id).tags[f"mlflow.sharedViewState.{view_id}"])
+    assert view["state"].startswith("deflate;")
+    view["state"] = json.loads(zlib.decompress(base64.b64decode(view["state"][len("deflate;") :])))
+    return view
+
+
+def test_view_params_save_a_ui_view_of_the_sweep_members(sqlite_uri) -> None:
+    """The saved view selects exactly this sweep's members (MLflow's own search runs its filter) and
+    plots the given params against best_<metric>; a second sweep in the experiment gets its own."""
+    loggers = []
+    for sweep in ("first", "second"):
+        logger = MLflowLogger(
+            sqlite_uri, "views", run_name=sweep, metric="loss", mode="min", view_params=["lr", "w"]
+        )
+        logger.start()
+        for i in range(3):
+            logger.start_member(f"{sweep}{i}", {"lr": 0.1 * (i + 1), "w": i, "seed": i})
+            logger.log_member(f"{sweep}{i}", {"loss": 1.0 / (i + 1)}, step=1)
+        assert logger.close() is None
+        loggers.append(logger)
+    client = MlflowClient(sqlite_uri)
+    experiment_id = client.get_experiment_by_name("views").experiment_id
+    for logger in loggers:
+        view = _saved_view(client, experiment_id, logger.view_id)
+        state = view["state"]
+        assert view["name"] == logger.run_name
+        found = client.search_runs([experiment_id], filter_string=state["searchFilter"])
+        mine = {logger.run_id(f"{logger.run_name}{i}") for i in range(3)}
+        assert {r.info.run_id for r in found} == mine
+        (plot,) = [c for c in state["compareRunCharts"] if c["type"] == "PARALLEL"]
+        assert plot["selectedParams"] == ["lr", "w"] and plot["selectedMetrics"] == ["best_loss"]
+        assert plot["showAllRuns"] and state["runsHiddenMode"] == "SHOWALL"
+        assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`best_loss`", True)
+        assert {"params.`lr`", "params.`w`", "metrics.`best_loss`"} <= set(state["selectedColumns"])
+        url = logger.view_url()
+        assert url == (
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?viewStateShareKey="
+            f"{logger.view_id}&compareRunsMode=CHART&workflowType=machine_learning"
+        )
+    assert loggers[0].view_id != loggers[1].view_id
+    assert MLflowLogger(sqlite_uri, "views").view_url() is None  # no view_params: no view
+    with pytest.raises(ValueError, match=r"view_params .* needs metric="):
+        MLflowLogger(sqlite_uri, "views", view_params=["lr"])

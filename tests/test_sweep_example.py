@@ -40,8 +40,12 @@ def check_outputs(out: Path, members: int, epochs: int) -> pd.DataFrame:
     return history
 
 
-def check_mlflow(tracking_uri: str, history: pd.DataFrame, searcher: str) -> None:
-    """One FINISHED parent with the sweep's params and summary; one complete child run per member."""
+def check_mlflow(tracking_uri: str, history: pd.DataFrame, searcher: str) -> str:
+    """One FINISHED parent with the sweep's params and summary; one complete child run per member;
+    the sweep's saved UI view selects exactly those members. Returns the view's address."""
+    import base64
+    import zlib
+
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -67,14 +71,45 @@ def check_mlflow(tracking_uri: str, history: pd.DataFrame, searcher: str) -> Non
         assert sorted(steps) == rows["training_iteration"].tolist()  # complete, each report once
         assert run.data.metrics["best_val_loss"] == pytest.approx(rows["val_loss"].min())
         assert "best_val_loss" not in run.data.tags and "step" not in run.data.metrics
+    (key, view), *others = [(k, json.loads(v)) for k, v in experiment.tags.items() if "ViewState" in k]
+    assert not others and view["name"] == parent.info.run_name
+    state = json.loads(zlib.decompress(base64.b64decode(view["state"].removeprefix("deflate;"))))
+    found = client.search_runs([experiment.experiment_id], state["searchFilter"], max_results=1000)
+    assert {r.info.run_id for r in found} == {r.info.run_id for r in children.values()}
+    (plot,) = [c for c in state["compareRunCharts"] if c["type"] == "PARALLEL"]
+    assert plot["selectedParams"] == ["lr", "weight_decay", "width", "dropout"]
+    assert plot["selectedMetrics"] == ["best_val_loss"]
+    view_id = key.removeprefix("mlflow.sharedViewState.")
+    return (
+        f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey={view_id}"
+        "&compareRunsMode=CHART&workflowType=machine_learning"
+    )
+
+
+def check_raw_logs(experiment: Path, history: pd.DataFrame, members: int, sessions: int = 2) -> None:
+    """Tune's own per-trial logs: every member completed once, nothing lost across the sessions."""
+    raw = [pd.read_csv(p) for p in experiment.glob("*/progress.csv")]
+    assert len(raw) == members
+    for frame in raw:
+        iterations = frame["training_iteration"].tolist()
+        assert sorted(set(iterations)) == list(range(1, max(iterations) + 1))
+        # Tune restores a trial from the last checkpoint it registered before a Ctrl-C, so the
+        # report in flight at that moment may be made again (the history keeps the first, as MLflow).
+        assert len(iterations) - len(set(iterations)) <= sessions - 1
+    assert len(history) == sum(frame["training_iteration"].nunique() for frame in raw)
 
 
 class Sweep:
     """examples/sweep.py in a subprocess; stderr read in the background (the progress bar fills it)."""
 
-    def __init__(self, cwd: Path, args: list[str]) -> None:
+    def __init__(self, cwd: Path, args: list[str], command: list[str] | None = None) -> None:
         self.process = subprocess.Popen(
-            [*SWEEP, *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command or [*SWEEP, *args],
+            cwd=cwd,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.errors: list[str] = []
         self.reader = threading.Thread(
@@ -99,33 +134,81 @@ class Sweep:
         return stdout, "".join(self.errors)
 
 
-def run_continue_command(stdout: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run the printed ``Continue with:`` command as a user would paste it."""
+def all_members_started(experiment: Path, members: int):
+    """Near the end: the last member's trial folder exists (every config suggested), ASHA's grace
+    period (2 epochs) still ahead of it."""
+    return lambda: len([p for p in experiment.glob("modelbatch_member_*") if p.is_dir()]) >= members
+
+
+def continue_command(stdout: str) -> list[str]:
+    """The printed ``Continue with:`` command, run with this interpreter."""
     command = shlex.split(stdout.split("Continue with: ", 1)[1].splitlines()[0])
     assert command[0] == "python" and command[1].endswith("examples/sweep.py")
+    return [sys.executable, *command[1:]]
+
+
+def check_asha(experiment: Path, history: pd.DataFrame, epochs: int) -> None:
+    """ASHA's rungs, as Tune saved them at the end of the last session, hold every member that
+    reached each rung (those of earlier sessions too) at its value there; replaying each rung in
+    the order ASHA filled it gives exactly the members that stopped at that rung."""
+    import numpy as np
+    from ray import cloudpickle
+
+    # the last session's file (named by its start time; a final sync rewrites every session's file)
+    newest = max(experiment.glob("callback-states-*.pkl"))
+    states = cloudpickle.loads(newest.read_bytes())
+    (scheduler,) = [s["scheduler"] for s in states.values() if isinstance(s, dict) and "scheduler" in s]
+    (bracket,) = scheduler["_brackets"]
+    last = history.groupby("trial_id")["training_iteration"].max().to_dict()
+    value = history.set_index(["trial_id", "training_iteration"])["val_loss"]
+    for milestone, recorded in bracket._rungs:
+        assert set(recorded) == {t for t, n in last.items() if n >= milestone}, milestone
+        earlier: list[float] = []
+        for trial_id, reward in recorded.items():
+            assert reward == pytest.approx(-value[trial_id, milestone])  # ASHA maximizes -val_loss
+            if milestone < epochs:
+                cutoff = np.nanpercentile(earlier, 100 * (1 - 1 / 3)) if earlier else None
+                stopped = cutoff is not None and reward < cutoff
+                assert (last[trial_id] == milestone) == stopped, (trial_id, milestone, last[trial_id])
+            earlier.append(reward)
+
+
+def run_continue_command(stdout: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the printed ``Continue with:`` command as a user would paste it."""
     return subprocess.run(
-        [sys.executable, *command[1:]], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
+        continue_command(stdout), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
     )
 
 
-def test_ctrl_c_while_ray_starts_then_continue_runs_the_sweep_end_to_end(tmp_path) -> None:
-    args = ["--num-samples", "6", "--epochs", "3", "--out", "out"]
-    state = tmp_path / "out" / "digits-sweep" / "sweep_args.json"  # written just before Ray starts
+def test_ctrl_c_while_ray_starts_and_near_the_end_then_continue_completes_the_sweep(tmp_path) -> None:
+    """Random searcher: Ctrl-C before anything ran, then again once every config was suggested."""
+    args = ["--num-samples", "6", "--epochs", "4", "--out", "out"]
+    experiment = tmp_path / "out" / "digits-sweep"
+    state = experiment / "sweep_args.json"  # written just before Ray starts
     stdout, stderr = Sweep(tmp_path, args).interrupt_when(state.exists)
     assert "Interrupted while" in stdout and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
 
+    near_end = Sweep(tmp_path, [], command=continue_command(stdout))
+    stdout, stderr = near_end.interrupt_when(all_members_started(experiment, 6))
+    assert near_end.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert "Tune saved the sweep" in stdout and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
+
     result = run_continue_command(stdout, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "best config:" in result.stdout
+    assert "(resumed)" in result.stdout and "best config:" in result.stdout
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in result.stdout
     assert "members done" in result.stderr  # the live progress bar
     for noise in ("Token authentication", "tensorboard --logdir", "Configuration for experiment", " INFO "):
         assert noise not in result.stdout + result.stderr, noise
-    history = check_outputs(tmp_path / "out", members=6, epochs=3)
-    check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", history, "random")
+    history = check_outputs(tmp_path / "out", members=6, epochs=4)
+    check_raw_logs(experiment, history, members=6)
+    check_asha(experiment, history, epochs=4)
+    view_url = check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", history, "random")
+    assert f"parallel coordinates of lr, weight_decay, width, dropout): {view_url}" in result.stdout
 
 
-def test_ctrl_c_mid_sweep_and_the_printed_command_resumes_that_sweep(tmp_path) -> None:
+def test_ctrl_c_mid_sweep_and_near_the_end_and_the_printed_command_resumes_that_sweep(tmp_path) -> None:
+    """Optuna searcher: Ctrl-C after the first report, then again once every config was suggested."""
     args = ["--num-samples", "8", "--epochs", "6", "--out", "out", "--slots", "4", "--searcher", "optuna"]
     args += ["--seed", "3", "--tracking-uri", f"sqlite:///{tmp_path / 'runs.db'}"]
     sweep = Sweep(tmp_path, args)
@@ -148,20 +231,18 @@ def test_ctrl_c_mid_sweep_and_the_printed_command_resumes_that_sweep(tmp_path) -
     )
     assert other.returncode == 2 and "--epochs 9 differs from the sweep's --epochs 6" in other.stderr
 
+    experiment = tmp_path / "out" / "digits-sweep"
+    near_end = Sweep(tmp_path, [], command=continue_command(stdout))
+    stdout, stderr = near_end.interrupt_when(all_members_started(experiment, 8))
+    assert near_end.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert "(resumed)" in stdout and "searcher optuna" in stdout, stdout[-3000:]
+
     resumed = run_continue_command(stdout, tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "(resumed)" in resumed.stdout and "searcher optuna" in resumed.stdout
     history = check_outputs(tmp_path / "out", members=8, epochs=6)
-    experiment = tmp_path / "out" / "digits-sweep"
-    raw = [pd.read_csv(p) for p in experiment.glob("*/progress.csv")]
-    assert len(raw) == 8
-    for frame in raw:  # every member completed once; nothing lost across the two runs
-        iterations = frame["training_iteration"].tolist()
-        assert sorted(set(iterations)) == list(range(1, max(iterations) + 1))
-        # Tune restores a trial from the last checkpoint it registered before the Ctrl-C, so the
-        # report in flight at that moment may be made again (the history keeps the last one).
-        assert len(iterations) - len(set(iterations)) <= 1
-    assert len(history) == sum(frame["training_iteration"].nunique() for frame in raw)
+    check_raw_logs(experiment, history, members=8, sessions=3)
+    check_asha(experiment, history, epochs=6)
     check_mlflow(f"sqlite:///{tmp_path / 'runs.db'}", history, "optuna")
 
 

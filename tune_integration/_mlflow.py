@@ -138,7 +138,9 @@ class MLflowCallback(Callback):
         **kwargs: more :class:`modelbatch.MLflowLogger` arguments (``run_name``, ``parent_run_id``,
             ``tags``, ``params``, ``flush_interval``, ``close_timeout``, ``spill_path``,
             ``artifact_location``, ``sweep_key``: a key kept with the experiment, so that even a
-            sweep restarted before Tune saved anything continues the same parent run).
+            sweep restarted before Tune saved anything continues the same parent run;
+            ``view_params``: save an MLflow UI view of the sweep with a parallel-coordinates plot of
+            these config keys against ``best_<metric>``, opened by :meth:`view_url`).
 
     If the server cannot be reached, results stay queued and are retried; at the end of the sweep the
     callback waits ``close_timeout`` seconds, then writes what is left to a spill file and warns with
@@ -183,6 +185,10 @@ class MLflowCallback(Callback):
     @property
     def tracking_uri(self) -> str | None:
         return self.logger.tracking_uri if self.logger else self.logger_kwargs["tracking_uri"]
+
+    def view_url(self, ui: str | None = None) -> str | None:
+        """The sweep's saved view in the MLflow UI (with ``view_params``; see ``MLflowLogger.view_url``)."""
+        return self.logger.view_url(ui) if self.logger else None
 
     def get_state(self) -> dict[str, Any] | None:
         """What a resumed sweep needs (Tune saves it in the experiment folder): the runs' key, members."""

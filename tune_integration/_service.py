@@ -284,7 +284,9 @@ class Service:
             max_slots=override.get("max_slots", spec.get("max_slots")),
             priority=int(override.get("priority", spec.get("priority", 0))),
         )
-        sweep = self.sweeps[sweep_id] = _Sweep(tenant, spec["job_id"], spec)
+        # its lease starts once it is open: adding it to the servers (measuring members for "auto"
+        # slots) may take longer than LEASE_S on a busy machine, with no driver renewing it yet
+        sweep = self.sweeps[sweep_id] = _Sweep(tenant, spec["job_id"], spec, renewed=float("inf"))
         self.job_sweep[spec["job_id"]] = sweep_id
         try:
             for index, server in enumerate(self.servers):
@@ -293,6 +295,7 @@ class Service:
         except BaseException:
             await self.close_sweep(sweep_id)
             raise
+        sweep.renewed = time.monotonic()
         logger.info(f"ModelBatchSearcher: sweep {sweep_id} of {tenant} opened with slots {sweep.slots}.")
         return {"sweep": sweep_id, "servers": self._sweep_servers(sweep_id)}
 
