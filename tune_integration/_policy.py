@@ -21,6 +21,11 @@ members of its sweep's architecture (so packs fill), then to the one with most f
 
 Slot-seconds (slots held, integrated over the clock) are kept per tenant for status and fairness
 reports (:meth:`FairShare.shares`).
+
+Every decision reads counts kept up to date on each change (slots held per server, per sweep, per
+tenant, per sweep on a server, per sweep and architecture on a server), never a scan of all
+members: a cluster simulator drives it at a thousand servers and ten thousand members. So a
+member is placed and freed only through ``_place``/``_unplace``, which keep those counts.
 """
 
 from __future__ import annotations
@@ -85,6 +90,12 @@ class FairShare:
         self._order = 0
         self._now = clock()
         self._history: deque[tuple[float, dict[str, float]]] = deque()
+        # slots held (only _place and _unplace change them); a count that falls to 0 is deleted
+        self._on_server: dict[int, int] = {}
+        self._of_sweep: dict[str, int] = {}
+        self._of_tenant: dict[str, int] = {}
+        self._sweep_on_server: dict[tuple[str, int], int] = {}
+        self._packs: dict[tuple[str, str], dict[int, int]] = {}  # (sweep, key) -> server -> members
 
     # ------------------------------------------------------------------ servers and sweeps
     def add_server(self, server: int, capacity: int | None) -> None:
@@ -119,6 +130,11 @@ class FairShare:
         self.tenants[tenant] = Tenant(
             tenant, weight, max_slots, priority, known.slot_seconds if known is not None else 0.0
         )
+        reopened = self.sweeps.get(sweep)
+        if reopened is not None and reopened.tenant != tenant:  # its slots move to the new tenant
+            held = self._of_sweep.get(sweep, 0)
+            _add(self._of_tenant, reopened.tenant, -held)
+            _add(self._of_tenant, tenant, held)
         self.sweeps[sweep] = _Sweep(tenant, dict(caps))
 
     def set_cap(self, sweep: str, server: int, cap: int) -> None:
@@ -154,8 +170,7 @@ class FairShare:
         if member not in self.placed:
             return None
         self._advance()  # the slot-seconds it held up to now
-        self.keys.pop(member, None)
-        return self.placed.pop(member)[1]
+        return self._unplace(member)
 
     def assign(self) -> list[tuple[str, int]]:
         """Give free slots to queued members, fairly (module docstring); returns ``(member, server)``."""
@@ -167,20 +182,29 @@ class FairShare:
             request, server = grant
             self._advance()
             del self.queue[request.member]
-            self.placed[request.member] = (request.sweep, server)
-            self.keys[request.member] = request.key
+            self._place(request.member, request.sweep, server, request.key)
             grants.append((request.member, server))
 
     # ------------------------------------------------------------------ accounting
     def live(self, tenant: str | None = None, sweep: str | None = None, server: int | None = None) -> int:
         """Slots held, filtered by tenant, sweep and server."""
-        return sum(
-            1
-            for s, srv in self.placed.values()
-            if (sweep is None or s == sweep)
-            and (tenant is None or self.sweeps[s].tenant == tenant)
-            and (server is None or srv == server)
-        )
+        if sweep is not None:
+            if tenant is not None and (sweep not in self.sweeps or self.sweeps[sweep].tenant != tenant):
+                return 0
+            if server is None:
+                return self._of_sweep.get(sweep, 0)
+            return self._sweep_on_server.get((sweep, server), 0)
+        if tenant is not None:
+            if server is None:
+                return self._of_tenant.get(tenant, 0)
+            return sum(
+                self._sweep_on_server.get((name, server), 0)
+                for name, sw in self.sweeps.items()
+                if sw.tenant == tenant
+            )
+        if server is not None:
+            return self._on_server.get(server, 0)
+        return len(self.placed)
 
     def queued(self, tenant: str | None = None, sweep: str | None = None) -> int:
         return sum(
@@ -208,6 +232,33 @@ class FairShare:
         return {name: (u / total if total > 0 else 0.0) for name, u in used.items()}
 
     # ------------------------------------------------------------------ internals
+    def _place(self, member: str, sweep: str, server: int, key: str | None) -> None:
+        """Give ``member`` a slot of ``sweep`` on ``server`` (moving it if it held one)."""
+        if member in self.placed:
+            self._count(member, -1)
+        self.placed[member] = (sweep, server)
+        self.keys[member] = key
+        self._count(member, +1)
+
+    def _unplace(self, member: str) -> int:
+        """Free the slot ``member`` holds; returns its server."""
+        self._count(member, -1)
+        self.keys.pop(member, None)
+        return self.placed.pop(member)[1]
+
+    def _count(self, member: str, sign: int) -> None:
+        sweep, server = self.placed[member]
+        _add(self._on_server, server, sign)
+        _add(self._of_sweep, sweep, sign)
+        _add(self._of_tenant, self.sweeps[sweep].tenant, sign)
+        _add(self._sweep_on_server, (sweep, server), sign)
+        key = self.keys.get(member)
+        if key is not None:
+            pack = self._packs.setdefault((sweep, key), {})
+            _add(pack, server, sign)
+            if not pack:
+                del self._packs[sweep, key]
+
     def _totals(self) -> dict[str, float]:
         return {name: t.slot_seconds for name, t in self.tenants.items()}
 
@@ -215,8 +266,8 @@ class FairShare:
         now = self.clock()
         dt = now - self._now
         if dt > 0:
-            for _, (sweep, _) in self.placed.items():
-                self.tenants[self.sweeps[sweep].tenant].slot_seconds += dt
+            for name, held in self._of_tenant.items():
+                self.tenants[name].slot_seconds += held * dt
             self._now = now
         if not self._history or now - self._history[-1][0] >= HISTORY_EVERY_S:  # not on every event
             self._history.append((now, self._totals()))
@@ -255,17 +306,21 @@ class FairShare:
         return request, self._server_for(request, room)
 
     def _server_for(self, request: _Request, room: Iterable[int]) -> int:
+        pack = self._packs.get((request.sweep, request.key), {}) if request.key is not None else {}
+
         def same(server: int) -> int:
-            return sum(
-                1
-                for m, (s, srv) in self.placed.items()
-                if s == request.sweep
-                and srv == server
-                and request.key is not None
-                and self.keys[m] == request.key
-            )
+            return pack.get(server, 0)
 
         def free(server: int) -> int:
             return self.server_capacity(server) - self.live(server=server)
 
         return max(room, key=lambda s: (same(s), free(s), -s))
+
+
+def _add(counts: dict, key, n: int) -> None:
+    """``counts[key] += n``, deleting the entry when it reaches 0 (counts of gone servers do not pile up)."""
+    total = counts.get(key, 0) + n
+    if total:
+        counts[key] = total
+    else:
+        counts.pop(key, None)
