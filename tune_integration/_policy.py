@@ -24,14 +24,16 @@ reports (:meth:`FairShare.shares`).
 
 Every decision reads counts kept up to date on each change (slots held per server, per sweep, per
 tenant, per sweep on a server, per sweep and architecture on a server), never a scan of all
-members: a cluster simulator drives it at a thousand servers and ten thousand members. So a
-member is placed and freed only through ``_place``/``_unplace``, which keep those counts.
+members; each sweep's queue in request order; each server's size and whether it has a free slot.
+A cluster simulator drives it at a thousand servers and ten thousand members. So a member is
+placed and freed only through ``_place``/``_unplace``, queued and unqueued only through
+``_enqueue``/``_dequeue``, and a server is resized through ``_resize``, which keep all of these.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -96,10 +98,14 @@ class FairShare:
         self._of_tenant: dict[str, int] = {}
         self._sweep_on_server: dict[tuple[str, int], int] = {}
         self._packs: dict[tuple[str, str], dict[int, int]] = {}  # (sweep, key) -> server -> members
+        self._waiting: dict[str, OrderedDict[str, _Request]] = {}  # sweep -> its requests, oldest first
+        self._slots: dict[int, int] = {}  # server -> server_capacity(server)
+        self._free: set[int] = set()  # servers holding fewer members than their slots
 
     # ------------------------------------------------------------------ servers and sweeps
     def add_server(self, server: int, capacity: int | None) -> None:
         self.capacity[server] = capacity
+        self._resize(server)
 
     def remove_server(self, server: int) -> list[str]:
         """Forget a server (it died for good); returns the members it held (their slots are freed)."""
@@ -110,6 +116,8 @@ class FairShare:
         lost = [m for m, (_, s) in self.placed.items() if s == server]
         for member in lost:
             self.release(member)
+        self._slots.pop(server, None)
+        self._free.discard(server)
         return lost
 
     def add_sweep(
@@ -136,20 +144,26 @@ class FairShare:
             _add(self._of_tenant, reopened.tenant, -held)
             _add(self._of_tenant, tenant, held)
         self.sweeps[sweep] = _Sweep(tenant, dict(caps))
+        self._waiting.setdefault(sweep, OrderedDict())
+        self._resize_sized_by_sweeps()
 
     def set_cap(self, sweep: str, server: int, cap: int) -> None:
         """The sweep's slots on a server that joined after it opened."""
         self.sweeps[sweep].caps[server] = cap
+        if server in self.capacity:
+            self._resize(server)
 
     def remove_sweep(self, sweep: str) -> list[str]:
         """Close a sweep: its queued members are dropped and its placed members' slots freed (returned)."""
         self._advance()
-        for member in [m for m, r in self.queue.items() if r.sweep == sweep]:
-            del self.queue[member]
+        for member in list(self._waiting.get(sweep, ())):
+            self._dequeue(member)
         placed = [m for m, (s, _) in self.placed.items() if s == sweep]
         for member in placed:
             self.release(member)
         self.sweeps.pop(sweep, None)
+        self._waiting.pop(sweep, None)
+        self._resize_sized_by_sweeps()
         return placed
 
     # ------------------------------------------------------------------ members
@@ -158,15 +172,15 @@ class FairShare:
         if sweep not in self.sweeps:
             raise KeyError(f"FairShare: no open sweep {sweep!r}")
         self._order += 1
-        self.queue[member] = _Request(member, sweep, key, self._order)
+        self._enqueue(_Request(member, sweep, key, self._order))
 
     def cancel(self, member: str) -> None:
         """Drop a queued request (its member gave up waiting)."""
-        self.queue.pop(member, None)
+        self._dequeue(member)
 
     def release(self, member: str) -> int | None:
         """Free the member's slot (or drop its request); returns the server it was on."""
-        self.queue.pop(member, None)
+        self._dequeue(member)
         if member not in self.placed:
             return None
         self._advance()  # the slot-seconds it held up to now
@@ -181,7 +195,7 @@ class FairShare:
                 return grants
             request, server = grant
             self._advance()
-            del self.queue[request.member]
+            self._dequeue(request.member)
             self._place(request.member, request.sweep, server, request.key)
             grants.append((request.member, server))
 
@@ -207,12 +221,14 @@ class FairShare:
         return len(self.placed)
 
     def queued(self, tenant: str | None = None, sweep: str | None = None) -> int:
-        return sum(
-            1
-            for r in self.queue.values()
-            if (sweep is None or r.sweep == sweep)
-            and (tenant is None or self.sweeps[r.sweep].tenant == tenant)
-        )
+        """Requests waiting for a slot, filtered by tenant and sweep."""
+        if sweep is not None:
+            if tenant is not None and (sweep not in self.sweeps or self.sweeps[sweep].tenant != tenant):
+                return 0
+            return len(self._waiting.get(sweep, ()))
+        if tenant is not None:
+            return sum(len(self._waiting[name]) for name, sw in self.sweeps.items() if sw.tenant == tenant)
+        return len(self.queue)
 
     def server_capacity(self, server: int) -> int:
         """The server's slots: its own capacity, or the most slots an open sweep has on it."""
@@ -246,6 +262,35 @@ class FairShare:
         self.keys.pop(member, None)
         return self.placed.pop(member)[1]
 
+    def _enqueue(self, request: _Request) -> None:
+        """Queue ``request`` (replacing its member's earlier one) behind every request before it."""
+        earlier = self.queue.get(request.member)
+        if earlier is not None:
+            self._waiting[earlier.sweep].pop(request.member, None)
+        self.queue[request.member] = request
+        self._waiting[request.sweep][request.member] = request
+
+    def _dequeue(self, member: str) -> None:
+        request = self.queue.pop(member, None)
+        if request is not None:
+            self._waiting[request.sweep].pop(member, None)
+
+    def _resize(self, server: int) -> None:
+        """Recompute the server's slots (:meth:`server_capacity`) and whether one is free."""
+        self._slots[server] = self.server_capacity(server)
+        self._refree(server)
+
+    def _resize_sized_by_sweeps(self) -> None:
+        for server, capacity in self.capacity.items():
+            if capacity is None:
+                self._resize(server)
+
+    def _refree(self, server: int) -> None:
+        if server in self._slots and self._on_server.get(server, 0) < self._slots[server]:
+            self._free.add(server)
+        else:
+            self._free.discard(server)
+
     def _count(self, member: str, sign: int) -> None:
         sweep, server = self.placed[member]
         _add(self._on_server, server, sign)
@@ -258,6 +303,7 @@ class FairShare:
             _add(pack, server, sign)
             if not pack:
                 del self._packs[sweep, key]
+        self._refree(server)
 
     def _totals(self) -> dict[str, float]:
         return {name: t.slot_seconds for name, t in self.tenants.items()}
@@ -276,34 +322,39 @@ class FairShare:
 
     def _room(self, sweep: str) -> list[int]:
         """Servers with a free slot for a member of ``sweep``."""
-        caps = self.sweeps[sweep].caps
-        return [
-            server
-            for server in self.capacity
-            if self.live(server=server) < self.server_capacity(server)
-            and self.live(sweep=sweep, server=server) < caps.get(server, 0)
-        ]
+        caps, held = self.sweeps[sweep].caps, self._sweep_on_server
+        if len(caps) < len(self._free):
+            return [s for s, cap in caps.items() if s in self._free and held.get((sweep, s), 0) < cap]
+        return [s for s in self._free if held.get((sweep, s), 0) < caps.get(s, 0)]
+
+    def _has_room(self, sweep: str) -> bool:
+        caps, held = self.sweeps[sweep].caps, self._sweep_on_server
+        if len(caps) < len(self._free):
+            return any(s in self._free and held.get((sweep, s), 0) < cap for s, cap in caps.items())
+        return any(held.get((sweep, s), 0) < caps.get(s, 0) for s in self._free)
 
     def _next_grant(self) -> tuple[_Request, int] | None:
-        candidates: dict[str, tuple[_Request, list[int]]] = {}  # tenant -> its oldest placeable request
-        for request in sorted(self.queue.values(), key=lambda r: r.order):
+        # A tenant's oldest placeable request is the oldest request of its first sweep (by oldest
+        # request) that has room: room depends on the sweep only, max_slots on the tenant only.
+        oldest = sorted((next(iter(w.values())) for w in self._waiting.values() if w), key=lambda r: r.order)
+        candidates: dict[str, _Request] = {}  # tenant -> its oldest placeable request
+        for request in oldest:
             tenant = self.tenants[self.sweeps[request.sweep].tenant]
             if tenant.name in candidates:
                 continue
-            if tenant.max_slots is not None and self.live(tenant=tenant.name) >= tenant.max_slots:
+            if tenant.max_slots is not None and self._of_tenant.get(tenant.name, 0) >= tenant.max_slots:
                 continue
-            room = self._room(request.sweep)
-            if room:
-                candidates[tenant.name] = (request, room)
+            if self._has_room(request.sweep):
+                candidates[tenant.name] = request
         if not candidates:
             return None
 
         def rank(name: str) -> tuple:
             tenant = self.tenants[name]
-            return (-tenant.priority, self.live(tenant=name) / tenant.weight, candidates[name][0].order)
+            return (-tenant.priority, self._of_tenant.get(name, 0) / tenant.weight, candidates[name].order)
 
-        request, room = candidates[min(candidates, key=rank)]
-        return request, self._server_for(request, room)
+        request = candidates[min(candidates, key=rank)]
+        return request, self._server_for(request, self._room(request.sweep))
 
     def _server_for(self, request: _Request, room: Iterable[int]) -> int:
         pack = self._packs.get((request.sweep, request.key), {}) if request.key is not None else {}
@@ -312,7 +363,7 @@ class FairShare:
             return pack.get(server, 0)
 
         def free(server: int) -> int:
-            return self.server_capacity(server) - self.live(server=server)
+            return self._slots[server] - self._on_server.get(server, 0)
 
         return max(room, key=lambda s: (same(s), free(s), -s))
 
