@@ -238,6 +238,7 @@ def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed):
     ref = Reference(policy)
     slot_seconds: dict[str, float] = {}
     members = [f"m{i}" for i in range(40)]
+    granted = 0
     for step in range(400):
         dt = rng.choice([0.0, 0.0, 0.3, 1.7])
         for sweep, _ in policy.placed.values():
@@ -274,6 +275,7 @@ def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed):
         elif op == "assign":
             expected = ref.assign()
             assert policy.assign() == expected, step
+            granted += len(expected)
         elif op == "lose" and policy.capacity:
             server = rng.choice(list(policy.capacity))
             held = [m for m, (_, s) in policy.placed.items() if s == server]
@@ -287,4 +289,4 @@ def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed):
     assert {n: t.slot_seconds for n, t in policy.tenants.items() if t.slot_seconds} == pytest.approx(
         {n: s for n, s in slot_seconds.items() if s}, rel=1e-9
     )
-    assert policy.live() > 0 and policy.queued() > 0  # the random walk did reach a busy state
+    assert granted >= 10  # the random walk did place members
