@@ -158,7 +158,7 @@ class FairShare:
         self._advance()
         for member in list(self._waiting.get(sweep, ())):
             self._dequeue(member)
-        placed = [m for m, (s, _) in self.placed.items() if s == sweep]
+        placed = [m for m, (s, _) in self.placed.items() if s == sweep] if self._of_sweep.get(sweep) else []
         for member in placed:
             self.release(member)
         self.sweeps.pop(sweep, None)
