@@ -32,9 +32,10 @@ placed and freed only through ``_place``/``_unplace``, queued and unqueued only 
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 SHARE_WINDOW_S = 60.0
@@ -101,6 +102,7 @@ class FairShare:
         self._waiting: dict[str, OrderedDict[str, _Request]] = {}  # sweep -> its requests, oldest first
         self._slots: dict[int, int] = {}  # server -> server_capacity(server)
         self._free: set[int] = set()  # servers holding fewer members than their slots
+        self._heap: list[tuple[int, int]] = []  # (-free slots, server) of every free server, and stale ones
 
     # ------------------------------------------------------------------ servers and sweeps
     def add_server(self, server: int, capacity: int | None) -> None:
@@ -286,8 +288,13 @@ class FairShare:
                 self._resize(server)
 
     def _refree(self, server: int) -> None:
-        if server in self._slots and self._on_server.get(server, 0) < self._slots[server]:
+        spare = self._spare(server) if server in self._slots else 0
+        if spare > 0:
             self._free.add(server)
+            heapq.heappush(self._heap, (-spare, server))
+            if len(self._heap) > 4 * len(self._free) + 64:  # mostly stale: rebuild
+                self._heap = [(-self._spare(s), s) for s in self._free]
+                heapq.heapify(self._heap)
         else:
             self._free.discard(server)
 
@@ -320,12 +327,13 @@ class FairShare:
         while self._history and self._history[0][0] < now - 2 * SHARE_WINDOW_S:
             self._history.popleft()
 
-    def _room(self, sweep: str) -> list[int]:
-        """Servers with a free slot for a member of ``sweep``."""
-        caps, held = self.sweeps[sweep].caps, self._sweep_on_server
-        if len(caps) < len(self._free):
-            return [s for s, cap in caps.items() if s in self._free and held.get((sweep, s), 0) < cap]
-        return [s for s in self._free if held.get((sweep, s), 0) < caps.get(s, 0)]
+    def _spare(self, server: int) -> int:
+        return self._slots[server] - self._on_server.get(server, 0)
+
+    def _fits(self, sweep: str, server: int) -> bool:
+        """Whether ``server`` has a free slot for a member of ``sweep``."""
+        held = self._sweep_on_server.get((sweep, server), 0)
+        return server in self._free and held < self.sweeps[sweep].caps.get(server, 0)
 
     def _has_room(self, sweep: str) -> bool:
         caps, held = self.sweeps[sweep].caps, self._sweep_on_server
@@ -334,38 +342,67 @@ class FairShare:
         return any(held.get((sweep, s), 0) < caps.get(s, 0) for s in self._free)
 
     def _next_grant(self) -> tuple[_Request, int] | None:
-        # A tenant's oldest placeable request is the oldest request of its first sweep (by oldest
-        # request) that has room: room depends on the sweep only, max_slots on the tenant only.
-        oldest = sorted((next(iter(w.values())) for w in self._waiting.values() if w), key=lambda r: r.order)
-        candidates: dict[str, _Request] = {}  # tenant -> its oldest placeable request
-        for request in oldest:
-            tenant = self.tenants[self.sweeps[request.sweep].tenant]
-            if tenant.name in candidates:
-                continue
-            if tenant.max_slots is not None and self._of_tenant.get(tenant.name, 0) >= tenant.max_slots:
-                continue
-            if self._has_room(request.sweep):
-                candidates[tenant.name] = request
-        if not candidates:
+        # Tenants in rank order (priority, then slots per weight); a tenant's candidate is the
+        # oldest request among its sweeps with room (room depends on the sweep only, max_slots on
+        # the tenant only); among tenants of the first rank that has one, the oldest request wins.
+        # A tenant's oldest request bounds its candidate, so tenants of one rank are tried oldest
+        # first and the search ends at the first tenant whose oldest request is younger than the best.
+        if not self._free:
             return None
-
-        def rank(name: str) -> tuple:
+        oldest: dict[str, list[_Request]] = {}  # tenant -> the oldest request of each of its sweeps
+        for waiting in self._waiting.values():
+            if waiting:
+                request = next(iter(waiting.values()))
+                oldest.setdefault(self.sweeps[request.sweep].tenant, []).append(request)
+        rank = {}
+        for name, requests in oldest.items():
             tenant = self.tenants[name]
-            return (-tenant.priority, self._of_tenant.get(name, 0) / tenant.weight, candidates[name].order)
+            held = self._of_tenant.get(name, 0)
+            if tenant.max_slots is None or held < tenant.max_slots:
+                rank[name] = (-tenant.priority, held / tenant.weight, min(r.order for r in requests))
+        best: tuple[tuple, _Request] | None = None  # (its tenant's rank, request)
+        for name in sorted(rank, key=rank.__getitem__):
+            if best is not None and (rank[name][:2] != best[0][:2] or rank[name][2] > best[1].order):
+                break
+            request = min(
+                (r for r in oldest[name] if self._has_room(r.sweep)), key=lambda r: r.order, default=None
+            )
+            if request is not None and (best is None or request.order < best[1].order):
+                best = (rank[name], request)
+        if best is None:
+            return None
+        return best[1], self._server_for(best[1])
 
-        request = candidates[min(candidates, key=rank)]
-        return request, self._server_for(request, self._room(request.sweep))
-
-    def _server_for(self, request: _Request, room: Iterable[int]) -> int:
-        pack = self._packs.get((request.sweep, request.key), {}) if request.key is not None else {}
-
-        def same(server: int) -> int:
-            return pack.get(server, 0)
-
-        def free(server: int) -> int:
-            return self._slots[server] - self._on_server.get(server, 0)
-
-        return max(room, key=lambda s: (same(s), free(s), -s))
+    def _server_for(self, request: _Request) -> int:
+        """Of the servers with room: most members of the request's sweep and architecture, then most
+        free slots, then the lowest index."""
+        sweep = request.sweep
+        pack = self._packs.get((sweep, request.key), {}) if request.key is not None else {}
+        best = max(
+            (s for s in pack if self._fits(sweep, s)),
+            key=lambda s: (pack[s], self._spare(s), -s),
+            default=None,
+        )
+        if best is not None:
+            return best
+        caps = self.sweeps[sweep].caps
+        if len(caps) < len(self._free):
+            return max((s for s in caps if self._fits(sweep, s)), key=lambda s: (self._spare(s), -s))
+        # The top of the heap of free servers (most free slots, lowest index) that fits the sweep.
+        # Every free server has an entry with its current free slots; other entries are stale.
+        heap, passed = self._heap, []
+        try:
+            while True:
+                spare, server = heap[0]
+                if server not in self._free or -spare != self._spare(server):
+                    heapq.heappop(heap)
+                elif self._fits(sweep, server):
+                    return server
+                else:
+                    passed.append(heapq.heappop(heap))
+        finally:
+            for entry in passed:
+                heapq.heappush(heap, entry)
 
 
 def _add(counts: dict, key, n: int) -> None:
