@@ -129,6 +129,19 @@ def test_members_go_to_the_server_training_their_architecture():
     assert dict(policy.assign()) == {"x2": 0, "y2": 1}  # then with their architecture
 
 
+def test_among_equal_tenants_the_oldest_placeable_request_goes_first():
+    """Alice's oldest request has no room (its sweep's cap is 0), so her candidate is a later one:
+    Bob's request, older than that candidate, goes first."""
+    policy = FairShare(clock=Clock())
+    policy.add_server(0, 1)
+    policy.add_sweep("a1", "alice", caps={0: 0})
+    policy.add_sweep("b", "bob", caps={0: 1})
+    policy.add_sweep("a2", "alice", caps={0: 1})
+    for member, sweep in [("a1-0", "a1"), ("b-0", "b"), ("a2-0", "a2")]:
+        policy.request(member, sweep)
+    assert policy.assign() == [("b-0", 0)]
+
+
 def test_closing_a_sweep_or_losing_a_server_frees_its_slots():
     policy, _ = two_tenants(capacity=2)
     for i in range(4):
@@ -224,8 +237,11 @@ class Reference:
             assert p.server_capacity(server) == self.capacity(server), server
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed):
+SHAPES = [(seed, 3, 5, 5) for seed in range(4)] + [(seed, 8, 12, 8) for seed in range(2)]
+
+
+@pytest.mark.parametrize("seed, tenants, sweeps, servers", SHAPES)
+def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed, tenants, sweeps, servers):
     """Servers, sweeps and members come and go at random (requests twice, releases of members that
     are queued, placed or unknown, a sweep reopened for another tenant, servers sized by their sweeps):
     after every operation each count agrees with a recount, every assign() grants exactly what trying
@@ -237,7 +253,7 @@ def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed):
     policy = FairShare(clock=clock)
     ref = Reference(policy)
     slot_seconds: dict[str, float] = {}
-    members = [f"m{i}" for i in range(40)]
+    members = [f"m{i}" for i in range(8 * servers)]
     granted = 0
     for step in range(400):
         dt = rng.choice([0.0, 0.0, 0.3, 1.7])
@@ -250,18 +266,18 @@ def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed):
             weights=[2, 2, 1, 12, 2, 6, 6, 0.5, 0.5],
         )[0]
         if op == "server":
-            policy.add_server(rng.randrange(5), rng.choice([None, 1, 2, 4]))
+            policy.add_server(rng.randrange(servers), rng.choice([None, 1, 2, 4]))
         elif op == "sweep":
             policy.add_sweep(
-                f"s{rng.randrange(5)}",
-                f"t{rng.randrange(3)}",
-                caps={s: rng.randrange(4) for s in range(5) if rng.random() < 0.8},
+                f"s{rng.randrange(sweeps)}",
+                f"t{rng.randrange(tenants)}",
+                caps={s: rng.randrange(4) for s in range(servers) if rng.random() < 0.8},
                 weight=rng.choice([1.0, 2.0, 0.5]),
                 max_slots=rng.choice([None, None, 3]),
                 priority=rng.choice([0, 0, 1]),
             )
         elif op == "cap" and policy.sweeps:
-            policy.set_cap(rng.choice(list(policy.sweeps)), rng.randrange(5), rng.randrange(4))
+            policy.set_cap(rng.choice(list(policy.sweeps)), rng.randrange(servers), rng.randrange(4))
         elif op == "request" and policy.sweeps:
             key = rng.choice([None, "k1", "k2"])
             policy.request(rng.choice(members), rng.choice(list(policy.sweeps)), key)
