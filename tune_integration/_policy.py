@@ -378,8 +378,9 @@ class FairShare:
         free slots, then the lowest index."""
         sweep = request.sweep
         pack = self._packs.get((sweep, request.key), {}) if request.key is not None else {}
+        near = pack if len(pack) <= len(self._free) else [s for s in self._free if s in pack]
         best = max(
-            (s for s in pack if self._fits(sweep, s)),
+            (s for s in near if self._fits(sweep, s)),
             key=lambda s: (pack[s], self._spare(s), -s),
             default=None,
         )
