@@ -5,7 +5,10 @@ simulated clock, simulated GPUs (one slot server each) and simulated sweeps, and
 same trace of sweeps:
 
 * ``service``: every sweep shares every GPU through FairShare (one tenant weight 1 each), members
-  packed per (sweep, architecture) on a GPU;
+  packed per (sweep, architecture) on a GPU, the GPU's packs taking turns in order (today's
+  slot server: its device lock is first come first served);
+* ``service-time``: the same, but the GPU's next turn goes to the pack that has had the least
+  device time so far (a new pack starts level with the least): a proposal for the slot server;
 * ``exclusive`` (baseline a, today): one sweep owns the whole cluster at a time, first come first
   served, packed;
 * ``partitions`` (baseline b): each tenant owns 1/n of the GPUs; its sweeps share them, packed;
@@ -13,33 +16,36 @@ same trace of sweeps:
   (``--tune-gpu-fraction``, default 0.25: 4 per GPU), no packing, members served first come first
   served over the whole cluster (one pending-trial queue, as Ray places trials when resources free).
 
-The model. A GPU trains its members in lockstep ticks, one epoch of each per tick (the slot
-server's report interval); a tick takes the sum over its packs of ``epoch_s * k / speedup(k)``
-for a pack of ``k`` members of one sweep and architecture, where ``epoch_s`` is the sweep's epoch
-of one member alone on a GPU and ``speedup(k)`` the pack's measured speedup over a plain loop of
-``k`` models (``benchmarks/results/engine-cpu-2core-x86_64-ab.json``, interleaved A/B column,
-``--model``, log-linear between the measured N; 1 for ``tune``: a GPU time-sliced between
-processes runs them one after another, as the loop column does). A member granted a slot
-during a tick joins the next one.
+The model. A GPU's packs take turns; a turn trains one epoch (the report interval) of every
+member of one pack (``k`` members of one sweep and architecture) and takes ``epoch_s * k /
+speedup(k)``, where ``epoch_s`` is the sweep's epoch of one member alone on a GPU and
+``speedup(k)`` the pack's measured speedup over a plain loop of ``k`` models
+(``benchmarks/results/engine-cpu-2core-x86_64-ab.json``, the interleaved A/B column ``ab_speedup``
+of ``--model``, log-linear in N between the measured N = 1, 16, 64, 256; these are CPU figures,
+no GPU was measured). For ``tune`` the speedup is 1: a GPU time-sliced between processes runs
+them one after another, as engine.py's loop column does. A member granted a slot joins its
+pack's next turn. Tune's own per-result cost and process starts are not modelled.
 
 The trace (``--seed``): ``n`` tenants (``--tenants``, default GPUs/32, at least 4); sweeps of a
-uniformly drawn tenant arrive as a Poisson process over ``--hours`` (uniform times given their
-count), as many as make the offered work ``--load`` times the cluster's packed capacity; each has
-a bounded-Pareto size (alpha 1.1, 8..4,096 configs), 1-4 architectures, a log-normal epoch
-(median 60 s, sigma 0.8) and ASHA-like stopping (grace 1, reduction 3, max 27 epochs: a third of
-the configs go on at each rung; which ones is drawn). Or ``--trace CSV`` with a Philly / Alibaba
-PAI shaped job log (see :func:`load_trace`).
+uniformly drawn tenant arrive as a Poisson process over ``--hours`` at the rate whose expected
+work as plain training (each config's epochs alone on a GPU) is ``--load`` times the cluster's
+GPU-seconds (the realized ``offered_load`` varies: sizes are heavy-tailed); each has a
+bounded-Pareto size (alpha 1.1, 8..4,096 configs), 1, 2 or 4 architectures, a log-normal epoch
+(median 60 s, sigma ``--epoch-sigma`` 0.8) and ASHA-like stopping (grace 1, reduction 3, max 27
+epochs: a third of the configs go on at each rung; which ones is drawn). Or ``--trace CSV``: a
+Philly / Alibaba PAI shaped job log (see :func:`load_trace`).
 
 Reported per policy and cluster size: mean and p95 sweep completion time (arrival to its last
-member's end), GPU utilization (share of GPU-seconds in a tick) under load (while some arrived
-member waits) and overall, slot occupancy, Jain's index of backlogged tenants' slot shares per
-``--window-s``, and finish-time fairness rho = completion time / the sweep's completion time alone
-on ``1/n`` of the cluster under the same system (max over tenants of their sweeps' mean; p95 and
-max over sweeps). Also the policy's decision time per GPU tick (releases and grants) measured
-during the 1,024-GPU service run, and a micro-benchmark of ticks at 1,024 GPUs and 10,000 live
-members (:func:`tick_benchmark`).
+member's end); GPU utilization (share of GPU-seconds in a turn) under load (while the arrived,
+unfinished members are at least as many as the GPUs) and overall; slot occupancy; members per
+pack; Jain's index of the slot-seconds of the tenants backlogged through each ``--window-s``;
+finish-time fairness rho = completion time / the sweep's completion time alone on ``1/n`` of the
+cluster under the same system (packed, or unpacked for ``tune``): the max over tenants of their
+sweeps' mean, the p95 and max over sweeps. Also the policy's time per GPU turn (releases and
+grants) in the largest ``service`` run, and :func:`tick_benchmark` at 1,024 GPUs and 10,240 live
+members. The JSON records ``os.getloadavg()``: timings from a loaded machine say little.
 
-    python benchmarks/cluster_sim.py                   # 64, 256, 1,024 GPUs, 4 policies (minutes)
+    python benchmarks/cluster_sim.py                   # 64, 256, 1,024 GPUs, 5 policies (minutes)
     python benchmarks/cluster_sim.py --quick           # 64 GPUs, a short trace (seconds)
     python benchmarks/cluster_sim.py --gpus 256 --trace philly.csv --tenants 8
 """
@@ -71,7 +77,7 @@ from tune_integration._policy import FairShare  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ENGINE_AB = RESULTS / "engine-cpu-2core-x86_64-ab.json"
-POLICIES = ("service", "exclusive", "partitions", "tune")
+POLICIES = ("service", "service-time", "exclusive", "partitions", "tune")
 RUNGS = (1, 3, 9, 27)  # ASHA grace 1, reduction 3, max_t 27
 SIZES = (8, 4096)
 PARETO_ALPHA = 1.1
@@ -235,7 +241,7 @@ class Run:
     finish: dict[int, float] = field(default_factory=dict)  # sweep -> its last member's end
     busy_s: list[float] = field(default_factory=list)  # per bucket: GPU-seconds in a tick
     live_s: list[float] = field(default_factory=list)  # per bucket: slot-seconds held
-    loaded_s: list[float] = field(default_factory=list)  # per bucket: seconds with an arrived member waiting
+    loaded_s: list[float] = field(default_factory=list)  # per bucket: seconds under load (module docstring)
     busy_loaded_s: float = 0.0
     jain: list[tuple[float, float]] = field(default_factory=list)  # (window end, Jain's index)
     decisions_s: list[float] = field(default_factory=list)  # policy time per GPU tick
@@ -263,6 +269,7 @@ class Cluster:
         if policy not in POLICIES:
             raise ValueError(f"cluster_sim: policy {policy!r} is not one of {POLICIES}")
         self.gpus, self.policy_name, self.tenants, self.timed = gpus, policy, tenants, timed
+        self.time_turns = policy == "service-time"
         self.trace, self._sweeps = trace, {s.id: s for s in trace}
         self.slots = slots
         self.speedup = (lambda k: 1.0) if policy == "tune" else speedup
@@ -273,7 +280,9 @@ class Cluster:
         per = max(1, gpus // len(tenants))
         self.partition = {t: range(i * per % gpus, i * per % gpus + per) for i, t in enumerate(tenants)}
         self.members: list[dict[str, tuple[Sweep, str]]] = [{} for _ in range(gpus)]  # server -> member
-        self.in_tick: list[list[str] | None] = [None] * gpus
+        self.packs: list[dict[tuple[int, str], dict[str, None]]] = [{} for _ in range(gpus)]  # in turn order
+        self.attained: list[dict[tuple[int, str], float]] = [{} for _ in range(gpus)]  # pack -> device-s
+        self.in_tick: list[tuple | None] = [None] * gpus  # (pack, its members, duration) training now
         self.done: dict[str, int] = {}
         self.budget: dict[str, int] = {}
         self.remaining: dict[int, int] = {}
@@ -282,6 +291,7 @@ class Cluster:
         self.held = Counter()  # tenant -> slots held (own count: the tune baseline queues as one tenant)
         self.held_s = Counter()  # tenant -> slot-seconds
         self.busy = 0
+        self.unfinished = 0  # arrived members not done
         self.run = Run()
         self.bucket_s, self.window_s = bucket_s, window_s
         self._events: list = []
@@ -312,6 +322,7 @@ class Cluster:
 
     def _arrive(self, sweep: Sweep) -> None:
         self.remaining[sweep.id] = len(sweep.budgets)
+        self.unfinished += len(sweep.budgets)
         if self.policy_name == "exclusive":
             self.unopened.append(sweep)
             self.unopened_members[sweep.tenant] += len(sweep.budgets)
@@ -339,7 +350,13 @@ class Cluster:
         for member, server in self.policy.assign():
             sweep_id, _, i = member.partition("/")
             sweep = self._sweeps[int(sweep_id)]
-            self.members[server][member] = (sweep, str(int(i) % sweep.keys))
+            key = str(int(i) % sweep.keys)
+            self.members[server][member] = (sweep, key)
+            pack = (sweep.id, key)
+            if pack not in self.packs[server]:  # a new pack joins the turns
+                self.packs[server][pack] = {}
+                self.attained[server][pack] = min(self.attained[server].values(), default=0.0)
+            self.packs[server][pack][member] = None
             self.held[sweep.tenant] += 1
             self.run.grants += 1
             granted.add(server)
@@ -348,32 +365,44 @@ class Cluster:
                 self._start(server)
 
     def _start(self, server: int) -> None:
-        members = self.members[server]
-        packs = Counter((sweep.id, key) for sweep, key in members.values())
-        epoch = {sweep.id: sweep.epoch_s for sweep, _ in members.values()}
-        duration = sum(epoch[s] * k / self.speedup(k) for (s, _), k in packs.items())
-        self.run.pack_sq += sum(k * k for k in packs.values())
-        self.run.pack_n += len(members)
-        self.in_tick[server] = list(members)
+        """The GPU's next pack trains one epoch of each of its members (one turn)."""
+        packs = self.packs[server]
+        # time turns: the pack with the least device time so far; else in turn: the longest waiting
+        pack = min(packs, key=self.attained[server].__getitem__) if self.time_turns else next(iter(packs))
+        members = list(packs[pack])
+        k = len(members)
+        duration = self._sweeps[pack[0]].epoch_s * k / self.speedup(k)
+        self.run.pack_sq += k * k
+        self.run.pack_n += k
+        self.in_tick[server] = (pack, members, duration)
         self.busy += 1
         self._push(self.now + duration, 1, server)
 
     def _tick_end(self, server: int, start: float) -> None:
         self.busy -= 1
-        for member in self.in_tick[server]:
+        pack, members, duration = self.in_tick[server]
+        self.in_tick[server] = None
+        packs = self.packs[server]
+        for member in members:
             self.done[member] = self.done.get(member, 0) + 1
             if self.done[member] >= self.budget[member]:
                 sweep, _ = self.members[server].pop(member)
+                del packs[pack][member]
                 self.policy.release(member)
                 self.held[sweep.tenant] -= 1
                 self.remaining[sweep.id] -= 1
+                self.unfinished -= 1
                 if self.remaining[sweep.id] == 0:
                     self._close(sweep)
-        self.in_tick[server] = None
+        waiting = packs.pop(pack)
+        attained = self.attained[server].pop(pack) + duration
+        if waiting:  # to the back of the turns
+            packs[pack] = waiting
+            self.attained[server][pack] = attained
         self._grant()
         if self.timed:
             self.run.decisions_s.append(time.perf_counter() - start)
-        if self.members[server] and self.in_tick[server] is None:
+        if packs and self.in_tick[server] is None:
             self._start(server)
 
     def _close(self, sweep: Sweep) -> None:
@@ -392,7 +421,7 @@ class Cluster:
 
     def _integrate(self, t: float) -> None:
         live = sum(self.held.values())
-        loaded = bool(self.policy.queue) or bool(self.unopened)
+        loaded = self.unfinished >= self.gpus  # enough members to keep every GPU busy
         while self._last < t:
             bucket = int(self._last // self.bucket_s)
             end = min(t, (bucket + 1) * self.bucket_s)
@@ -520,11 +549,11 @@ def tick_benchmark(
     for member, server in policy.assign():
         on[server].append(member)
     fill_s = time.perf_counter() - start
-    times, grants = [], 0
+    times, cpu, grants = [], [], 0
     for _ in range(ticks):
         now[0] += 0.01
         server = rng.randrange(servers)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for member in on[server]:
             policy.release(member)
         queue(len(on[server]))
@@ -533,7 +562,9 @@ def tick_benchmark(
             on[where].append(member)
             grants += 1
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     times.sort()
+    cpu.sort()
     return {
         "servers": servers,
         "slots_per_server": slots,
@@ -545,6 +576,8 @@ def tick_benchmark(
         "tick_median_ms": 1e3 * times[len(times) // 2],
         "tick_p99_ms": 1e3 * times[int(0.99 * len(times))],
         "tick_max_ms": 1e3 * times[-1],
+        "tick_cpu_median_ms": 1e3 * cpu[len(cpu) // 2],  # CPU time: less disturbed by a loaded machine
+        "tick_cpu_p99_ms": 1e3 * cpu[int(0.99 * len(cpu))],
         "grants_per_tick": grants / ticks,
         "decisions_per_s": grants / sum(times),
     }
@@ -560,17 +593,25 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 7), squeeze=False, sharey="row")
     for col, result in enumerate(results):
         top, bottom = axes[0][col], axes[1][col]
+        others = [r["makespan_s"] for name, r in result["policies"].items() if name != "exclusive"]
+        right = 1.2 * max(others or [r["makespan_s"] for r in result["policies"].values()]) / 3600
         for name, row in result["policies"].items():
+            label = name
+            if row["makespan_s"] / 3600 > right:
+                label += f" (to {row['makespan_s'] / 3600:.0f} h)"
             util = row["series"]["gpu_util"]
-            top.plot([(i + 0.5) * BUCKET_S / 3600 for i in range(len(util))], util, label=name, lw=1)
+            top.plot([(i + 0.5) * BUCKET_S / 3600 for i in range(len(util))], util, label=label, lw=1)
             points = row["series"]["rho_at_finish"]
-            bottom.scatter([t / 3600 for t, _ in points], [r for _, r in points], s=4, label=name)
+            bottom.scatter([t / 3600 for t, _ in points], [r for _, r in points], s=3, alpha=0.6, label=label)
         top.set_title(f"{result['gpus']} GPUs, {result['tenants']} tenants, {result['sweeps']} sweeps")
         top.set_ylabel("GPU utilization (5 min)")
         bottom.set_ylabel("ρ of each sweep at its end")
         bottom.set_yscale("log")
+        bottom.set_ylim(0.2, 100)
         bottom.axhline(1.5, color="grey", ls="--", lw=0.8)
         bottom.set_xlabel("simulated hours")
+        for ax in (top, bottom):
+            ax.set_xlim(0, right)
         top.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -579,8 +620,8 @@ def plot(results: list[dict], path: Path) -> None:
 def table(results: list[dict]) -> str:
     lines = [
         "| GPUs | policy | mean completion | p95 completion | GPU util under load | GPU util overall "
-        "| Jain (mean) | max ρ (tenants) | p95 ρ (sweeps) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| members/pack | Jain (mean) | max ρ (tenants) | p95 ρ (sweeps) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         for name, r in result["policies"].items():
@@ -589,7 +630,8 @@ def table(results: list[dict]) -> str:
             lines.append(
                 f"| {result['gpus']} | {name} | {r['mean_completion_s'] / 60:.1f} min "
                 f"| {r['p95_completion_s'] / 60:.1f} min | {util} | {100 * r['gpu_util_overall']:.1f} % "
-                f"| {jain} | {r['rho_max_over_tenants']:.2f} | {r['rho_p95_sweeps']:.2f} |"
+                f"| {r['members_per_pack']:.1f} | {jain} | {r['rho_max_over_tenants']:.2f} "
+                f"| {r['rho_p95_sweeps']:.2f} |"
             )
     return "\n".join(lines)
 
