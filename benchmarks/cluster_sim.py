@@ -507,8 +507,8 @@ def summarize(trace: list[Sweep], run: Run, alone: dict[int, float], gpus: int, 
         "grants": run.grants,
         "events": run.events,
         "series": {
-            "gpu_util": [b / (gpus * BUCKET_S) for b in run.busy_s],
-            "rho_at_finish": sorted((run.finish[s.id], rho[s.id]) for s in trace),
+            "gpu_util": [round(b / (gpus * BUCKET_S), 4) for b in run.busy_s],
+            "rho_at_finish": sorted((round(run.finish[s.id]), round(rho[s.id], 3)) for s in trace),
         },
     }
 
@@ -627,10 +627,11 @@ def table(results: list[dict]) -> str:
         for name, r in result["policies"].items():
             util = "–" if r["gpu_util_under_load"] is None else f"{100 * r['gpu_util_under_load']:.1f} %"
             jain = "–" if r["jain_mean"] is None else f"{r['jain_mean']:.3f}"
+            pack = "–" if name == "tune" else f"{r['members_per_pack']:.1f}"  # tune: no packs
             lines.append(
                 f"| {result['gpus']} | {name} | {r['mean_completion_s'] / 60:.1f} min "
                 f"| {r['p95_completion_s'] / 60:.1f} min | {util} | {100 * r['gpu_util_overall']:.1f} % "
-                f"| {r['members_per_pack']:.1f} | {jain} | {r['rho_max_over_tenants']:.2f} "
+                f"| {pack} | {jain} | {r['rho_max_over_tenants']:.2f} "
                 f"| {r['rho_p95_sweeps']:.2f} |"
             )
     return "\n".join(lines)
@@ -707,7 +708,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=1, help="cluster sizes simulated in parallel processes")
     args = parser.parse_args(argv)
     if args.quick:
-        args.gpus, args.hours, args.load, args.ticks = [64], 0.5, 2.0, 200
+        args.gpus, args.hours, args.load, args.ticks = [64], 0.5, 2.0, 100
     load_start = os.getloadavg()
     speedup = pack_speedup(args.model)
     if args.jobs > 1:
@@ -715,7 +716,7 @@ def main(argv: list[str] | None = None) -> dict:
             results = list(pool.map(run_size, args.gpus, [args] * len(args.gpus)))
     else:
         results = [run_size(gpus, args) for gpus in args.gpus]
-    bench_servers = 64 if args.quick else 1024
+    bench_servers = 32 if args.quick else 1024
     bench = tick_benchmark(servers=bench_servers, live=bench_servers * 10, ticks=args.ticks, seed=args.seed)
     print(f"policy ticks at {bench_servers} GPUs: {json.dumps(bench)}")
     print(table(results))
