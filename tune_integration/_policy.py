@@ -364,9 +364,7 @@ class FairShare:
         for name in sorted(rank, key=rank.__getitem__):
             if best is not None and (rank[name][:2] != best[0][:2] or rank[name][2] > best[1].order):
                 break
-            request = min(
-                (r for r in oldest[name] if self._has_room(r.sweep)), key=lambda r: r.order, default=None
-            )
+            request = next((r for r in sorted(oldest[name], key=_order) if self._has_room(r.sweep)), None)
             if request is not None and (best is None or request.order < best[1].order):
                 best = (rank[name], request)
         if best is None:
@@ -404,6 +402,10 @@ class FairShare:
         finally:
             for entry in passed:
                 heapq.heappush(heap, entry)
+
+
+def _order(request: _Request) -> int:
+    return request.order
 
 
 def _add(counts: dict, key, n: int) -> None:
