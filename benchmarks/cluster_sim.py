@@ -683,6 +683,20 @@ def run_size(gpus: int, args: argparse.Namespace) -> dict:
     return result
 
 
+def dumps(report: dict) -> str:
+    """The report as indented JSON, each time series on one line (they are long)."""
+    report, series = json.loads(json.dumps(report)), {}
+    for result in report["results"]:
+        for row in result["policies"].values():
+            for name, values in row["series"].items():
+                series[f"@series{len(series)}@"] = json.dumps(values, separators=(",", ":"))
+                row["series"][name] = f"@series{len(series) - 1}@"
+    text = json.dumps(report, indent=1)
+    for mark, values in series.items():
+        text = text.replace(f'"{mark}"', values)
+    return text + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpus", type=int, nargs="+", default=[64, 256, 1024])
@@ -741,7 +755,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tick_benchmark": bench,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.write_text(dumps(report))
     if not args.no_plot:
         plot(results, out.with_suffix(".png"))
     return report
