@@ -122,3 +122,21 @@ def test_equal_shares_give_a_jain_index_of_one():
     assert run.jain and all(j == pytest.approx(1.0) for _, j in run.jain)
     exclusive = cluster_sim.simulate(trace, 2, 4, "exclusive", speedup, ["t0", "t1"], window_s=20.0)
     assert min(j for _, j in exclusive.jain) == pytest.approx(0.5)  # one tenant holds everything
+
+
+def test_scale_quick_measures_a_slot_server_pack(tmp_path):
+    out = tmp_path / "scale.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert len(report["loadavg_start"]) == 3 and len(report["loadavg_end"]) == 3
+    rows = report["slot_server"]
+    assert [r["members"] for r in rows] == [1, 8]
+    for row in rows:
+        assert 0 < row["outside_training_ms"] < row["report_ms"]
+        assert row["report_ms_per_member"] == pytest.approx(row["report_ms"] / row["members"])
