@@ -136,6 +136,19 @@ def test_members_go_to_the_server_training_their_architecture():
     assert dict(policy.assign()) == {"x2": 0, "y2": 1}  # then with their architecture
 
 
+def test_among_equal_tenants_the_oldest_placeable_request_goes_first():
+    """Alice's oldest request has no room (its sweep's cap is 0), so her candidate is a later one:
+    Bob's request, older than that candidate, goes first."""
+    policy = FairShare(clock=Clock())
+    policy.add_server(0, 1)
+    policy.add_sweep("a1", "alice", caps={0: 0})
+    policy.add_sweep("b", "bob", caps={0: 1})
+    policy.add_sweep("a2", "alice", caps={0: 1})
+    for member, sweep in [("a1-0", "a1"), ("b-0", "b"), ("a2-0", "a2")]:
+        policy.request(member, sweep)
+    assert policy.assign() == [("b-0", 0)]
+
+
 def test_closing_a_sweep_or_losing_a_server_frees_its_slots():
     policy, _ = two_tenants(capacity=2)
     for i in range(4):
@@ -248,3 +261,155 @@ def test_without_measured_memory_members_are_admitted_by_slots_alone():
     for i in range(4):
         policy.request(f"a/{i}", "a")
     assert len(policy.assign()) == 4
+
+
+# ---------------------------------------------------------------------- the counts behind the decisions
+class Reference:
+    """The policy's rules recomputed from scratch out of ``policy``'s public state (its members, queue,
+    sweeps, servers and tenants) on every call: what the incremental counts must always agree with."""
+
+    def __init__(self, policy: FairShare) -> None:
+        self.p = policy
+
+    def live(self, tenant=None, sweep=None, server=None, placed=None) -> int:
+        placed = self.p.placed if placed is None else placed
+        return sum(
+            1
+            for s, srv in placed.values()
+            if (sweep is None or s == sweep)
+            and (tenant is None or self.p.sweeps[s].tenant == tenant)
+            and (server is None or srv == server)
+        )
+
+    def queued(self, tenant=None, sweep=None) -> int:
+        return sum(
+            1
+            for r in self.p.queue.values()
+            if (sweep is None or r.sweep == sweep)
+            and (tenant is None or self.p.sweeps[r.sweep].tenant == tenant)
+        )
+
+    def capacity(self, server: int) -> int:
+        capacity = self.p.capacity.get(server)
+        if capacity is not None:
+            return capacity
+        return max((sw.caps.get(server, 0) for sw in self.p.sweeps.values()), default=0)
+
+    def assign(self) -> list[tuple[str, int]]:
+        """The grants ``policy.assign()`` must make now, found by trying every request on every server."""
+        placed, keys, queue = dict(self.p.placed), dict(self.p.keys), dict(self.p.queue)
+        grants = []
+        while True:
+            best = None
+            for request in sorted(queue.values(), key=lambda r: r.order):
+                tenant = self.p.tenants[self.p.sweeps[request.sweep].tenant]
+                held = self.live(tenant=tenant.name, placed=placed)
+                if tenant.max_slots is not None and held >= tenant.max_slots:
+                    continue
+                caps = self.p.sweeps[request.sweep].caps
+                room = [
+                    s
+                    for s in self.p.capacity
+                    if self.live(server=s, placed=placed) < self.capacity(s)
+                    and self.live(sweep=request.sweep, server=s, placed=placed) < caps.get(s, 0)
+                ]
+                rank = (-tenant.priority, held / tenant.weight, request.order)
+                if room and (best is None or rank < best[0]):
+                    best = (rank, request, room)
+            if best is None:
+                return grants
+            _, request, room = best
+
+            def prefer(s, request=request):  # keys name what packs together (across sweeps of one recipe)
+                same = sum(
+                    1
+                    for m, (_, srv) in placed.items()
+                    if srv == s and request.key is not None and keys[m] == request.key
+                )
+                return (same, self.capacity(s) - self.live(server=s, placed=placed), -s)
+
+            server = max(room, key=prefer)
+            del queue[request.member]
+            placed[request.member], keys[request.member] = (request.sweep, server), request.key
+            grants.append((request.member, server))
+
+    def check(self) -> None:
+        p = self.p
+        tenants, sweeps, servers = [*p.tenants, "nobody"], [*p.sweeps, "none"], [*p.capacity, 99, None]
+        for tenant, sweep, server in itertools.product([*tenants, None], [*sweeps, None], servers):
+            assert p.live(tenant, sweep, server) == self.live(tenant, sweep, server), (tenant, sweep, server)
+        for tenant, sweep in itertools.product([*tenants, None], [*sweeps, None]):
+            assert p.queued(tenant, sweep) == self.queued(tenant, sweep), (tenant, sweep)
+        for server in p.capacity:
+            assert p.server_capacity(server) == self.capacity(server), server
+
+
+SHAPES = [(seed, 3, 5, 5) for seed in range(4)] + [(seed, 8, 12, 8) for seed in range(2)]
+
+
+@pytest.mark.parametrize("seed, tenants, sweeps, servers", SHAPES)
+def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed, tenants, sweeps, servers):
+    """Servers, sweeps and members come and go at random (requests twice, releases of members that
+    are queued, placed or unknown, a sweep reopened for another tenant, servers sized by their sweeps):
+    after every operation each count agrees with a recount, every assign() grants exactly what trying
+    every request on every server grants, and slot-seconds are those integrated here."""
+    import random
+
+    rng = random.Random(seed)
+    clock = Clock()
+    policy = FairShare(clock=clock)
+    ref = Reference(policy)
+    slot_seconds: dict[str, float] = {}
+    members = [f"m{i}" for i in range(8 * servers)]
+    granted = 0
+    for step in range(400):
+        dt = rng.choice([0.0, 0.0, 0.3, 1.7])
+        for sweep, _ in policy.placed.values():
+            name = policy.sweeps[sweep].tenant
+            slot_seconds[name] = slot_seconds.get(name, 0.0) + dt
+        clock.now += dt
+        op = rng.choices(
+            ["server", "sweep", "cap", "request", "cancel", "release", "assign", "lose", "close"],
+            weights=[2, 2, 1, 12, 2, 6, 6, 0.5, 0.5],
+        )[0]
+        if op == "server":
+            policy.add_server(rng.randrange(servers), rng.choice([None, 1, 2, 4]))
+        elif op == "sweep":
+            policy.add_sweep(
+                f"s{rng.randrange(sweeps)}",
+                f"t{rng.randrange(tenants)}",
+                caps={s: rng.randrange(4) for s in range(servers) if rng.random() < 0.8},
+                weight=rng.choice([1.0, 2.0, 0.5]),
+                max_slots=rng.choice([None, None, 3]),
+                priority=rng.choice([0, 0, 1]),
+            )
+        elif op == "cap" and policy.sweeps:
+            policy.set_cap(rng.choice(list(policy.sweeps)), rng.randrange(servers), rng.randrange(4))
+        elif op == "request" and policy.sweeps:
+            key = rng.choice([None, "k1", "k2"])
+            policy.request(rng.choice(members), rng.choice(list(policy.sweeps)), key)
+        elif op == "cancel":
+            policy.cancel(rng.choice(members))
+        elif op == "release":
+            member = rng.choice(members)
+            server = policy.placed[member][1] if member in policy.placed else None
+            assert policy.release(member) == server
+            assert member not in policy.placed and member not in policy.queue
+        elif op == "assign":
+            expected = ref.assign()
+            assert policy.assign() == expected, step
+            granted += len(expected)
+        elif op == "lose" and policy.capacity:
+            server = rng.choice(list(policy.capacity))
+            held = [m for m, (_, s) in policy.placed.items() if s == server]
+            assert policy.remove_server(server) == held
+        elif op == "close" and policy.sweeps:
+            sweep = rng.choice(list(policy.sweeps))
+            held = [m for m, (s, _) in policy.placed.items() if s == sweep]
+            assert policy.remove_sweep(sweep) == held
+        ref.check()
+    policy.shares()  # brings the slot-seconds up to the clock
+    assert {n: t.slot_seconds for n, t in policy.tenants.items() if t.slot_seconds} == pytest.approx(
+        {n: s for n, s in slot_seconds.items() if s}, rel=1e-9
+    )
+    assert granted >= 10  # the random walk did place members

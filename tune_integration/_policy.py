@@ -29,12 +29,22 @@ state kept; they queue again and continue exactly), so no member is killed to ma
 
 Slot-seconds (slots held, integrated over the clock) are kept per tenant for status and fairness
 reports (:meth:`FairShare.shares`).
+
+Every decision reads counts kept up to date on each change (slots held per server, per sweep, per
+tenant, per sweep on a server, per sweep and architecture on a server), never a scan of all
+members (except :meth:`FairShare.preempt`, which looks at the placed members of a server only when a
+tenant is waiting that may take one of their slots); each sweep's queue in request order; each
+server's size and whether it has a free slot.
+A cluster simulator drives it at a thousand servers and ten thousand members. So a member is
+placed and freed only through ``_place``/``_unplace``, queued and unqueued only through
+``_enqueue``/``_dequeue``, and a server is resized through ``_resize``, which keep all of these.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -97,10 +107,21 @@ class FairShare:
         self._order = 0
         self._now = clock()
         self._history: deque[tuple[float, dict[str, float]]] = deque()
+        # slots held (only _place and _unplace change them); a count that falls to 0 is deleted
+        self._on_server: dict[int, int] = {}
+        self._of_sweep: dict[str, int] = {}
+        self._of_tenant: dict[str, int] = {}
+        self._sweep_on_server: dict[tuple[str, int], int] = {}
+        self._packs: dict[str, dict[int, int]] = {}  # key -> server -> members
+        self._waiting: dict[str, OrderedDict[str, _Request]] = {}  # sweep -> its requests, oldest first
+        self._slots: dict[int, int] = {}  # server -> server_capacity(server)
+        self._free: set[int] = set()  # servers holding fewer members than their slots
+        self._heap: list[tuple[int, int]] = []  # (-free slots, server) of every free server, and stale ones
 
     # ------------------------------------------------------------------ servers and sweeps
     def add_server(self, server: int, capacity: int | None) -> None:
         self.capacity[server] = capacity
+        self._resize(server)
 
     def remove_server(self, server: int) -> list[str]:
         """Forget a server (it died for good); returns the members it held (their slots are freed)."""
@@ -111,6 +132,8 @@ class FairShare:
         lost = [m for m, (_, s) in self.placed.items() if s == server]
         for member in lost:
             self.release(member)
+        self._slots.pop(server, None)
+        self._free.discard(server)
         return lost
 
     def add_sweep(
@@ -131,7 +154,14 @@ class FairShare:
         self.tenants[tenant] = Tenant(
             tenant, weight, max_slots, priority, known.slot_seconds if known is not None else 0.0
         )
+        reopened = self.sweeps.get(sweep)
+        if reopened is not None and reopened.tenant != tenant:  # its slots move to the new tenant
+            held = self._of_sweep.get(sweep, 0)
+            _add(self._of_tenant, reopened.tenant, -held)
+            _add(self._of_tenant, tenant, held)
         self.sweeps[sweep] = _Sweep(tenant, dict(caps))
+        self._waiting.setdefault(sweep, OrderedDict())
+        self._resize_sized_by_sweeps()
 
     def set_cap(
         self, sweep: str, server: int, cap: int, member_bytes: int | None = None, data_bytes: int = 0
@@ -142,30 +172,36 @@ class FairShare:
         if member_bytes is not None:
             self.sweeps[sweep].member_bytes[server] = member_bytes
             self.sweeps[sweep].data_bytes[server] = data_bytes
+        if server in self.capacity:
+            self._resize(server)
 
     def set_memory(self, server: int, budget: int | None) -> None:
         """The bytes the server's packs may fill (``None``: no memory limit, slots only)."""
         self.memory[server] = budget
 
     def memory_used(self, server: int, leaving: str | None = None) -> int:
-        """Measured bytes the server's members hold: each member, plus each sweep's data once."""
-        used, sweeps = 0, set()
-        for member, (sweep, srv) in self.placed.items():
-            if srv != server or member == leaving:
-                continue
-            used += self.sweeps[sweep].member_bytes.get(server, 0)
-            sweeps.add(sweep)
-        return used + sum(self.sweeps[s].data_bytes.get(server, 0) for s in sweeps)
+        """Measured bytes the server's members hold: each member, plus each sweep's data once
+        (``leaving``: as if that member had left)."""
+        used = 0
+        for name, sweep in self.sweeps.items():
+            held = self._sweep_on_server.get((name, server), 0)
+            if leaving is not None and self.placed.get(leaving) == (name, server):
+                held -= 1
+            if held > 0:
+                used += held * sweep.member_bytes.get(server, 0) + sweep.data_bytes.get(server, 0)
+        return used
 
     def remove_sweep(self, sweep: str) -> list[str]:
         """Close a sweep: its queued members are dropped and its placed members' slots freed (returned)."""
         self._advance()
-        for member in [m for m, r in self.queue.items() if r.sweep == sweep]:
-            del self.queue[member]
-        placed = [m for m, (s, _) in self.placed.items() if s == sweep]
+        for member in list(self._waiting.get(sweep, ())):
+            self._dequeue(member)
+        placed = [m for m, (s, _) in self.placed.items() if s == sweep] if self._of_sweep.get(sweep) else []
         for member in placed:
             self.release(member)
         self.sweeps.pop(sweep, None)
+        self._waiting.pop(sweep, None)
+        self._resize_sized_by_sweeps()
         return placed
 
     # ------------------------------------------------------------------ members
@@ -175,21 +211,19 @@ class FairShare:
         if sweep not in self.sweeps:
             raise KeyError(f"FairShare: no open sweep {sweep!r}")
         self._order += 1
-        self.queue[member] = _Request(member, sweep, key, self._order)
+        self._enqueue(_Request(member, sweep, key, self._order))
 
     def cancel(self, member: str) -> None:
         """Drop a queued request (its member gave up waiting)."""
-        self.queue.pop(member, None)
+        self._dequeue(member)
 
     def release(self, member: str) -> int | None:
         """Free the member's slot (or drop its request); returns the server it was on."""
-        self.queue.pop(member, None)
+        self._dequeue(member)
         if member not in self.placed:
             return None
         self._advance()  # the slot-seconds it held up to now
-        self.keys.pop(member, None)
-        self.granted.pop(member, None)
-        return self.placed.pop(member)[1]
+        return self._unplace(member)
 
     def assign(self) -> list[tuple[str, int]]:
         """Give free slots to queued members, fairly (module docstring); returns ``(member, server)``."""
@@ -199,7 +233,9 @@ class FairShare:
             if grant is None:
                 return grants
             request, server = grant
-            self._place(request, server)
+            self._advance()
+            self._dequeue(request.member)
+            self._place(request.member, request.sweep, server, request.key)
             grants.append((request.member, server))
 
     def preempt(self, keep: Iterable[str] = ()) -> list[tuple[str, str, int]]:
@@ -209,8 +245,8 @@ class FairShare:
         takes the slot of a placed member of another tenant on a server where its sweep has room:
         one of a lower ``priority``, else of the tenant holding the most slots per unit of weight,
         as long as that tenant holds more per unit of weight than the receiver will after the
-        move (so a move is never undone by the next). The newest placed member
-        of the donor is chosen; ``keep`` lists members that must not be chosen (still joining).
+        move (so a move is never undone by the next). The newest placed member of the donor is
+        chosen; ``keep`` lists members that must not be chosen (still joining).
 
         Returns ``(parked, granted, server)`` per move: ``parked`` lost its slot (released here;
         the caller parks it and queues it again), ``granted`` holds it now.
@@ -223,27 +259,40 @@ class FairShare:
                 return moves
             parked, request, server = move
             self.release(parked)
-            self._place(request, server)
+            self._dequeue(request.member)
+            self._place(request.member, request.sweep, server, request.key)
             moves.append((parked, request.member, server))
 
     # ------------------------------------------------------------------ accounting
     def live(self, tenant: str | None = None, sweep: str | None = None, server: int | None = None) -> int:
         """Slots held, filtered by tenant, sweep and server."""
-        return sum(
-            1
-            for s, srv in self.placed.values()
-            if (sweep is None or s == sweep)
-            and (tenant is None or self.sweeps[s].tenant == tenant)
-            and (server is None or srv == server)
-        )
+        if sweep is not None:
+            if tenant is not None and (sweep not in self.sweeps or self.sweeps[sweep].tenant != tenant):
+                return 0
+            if server is None:
+                return self._of_sweep.get(sweep, 0)
+            return self._sweep_on_server.get((sweep, server), 0)
+        if tenant is not None:
+            if server is None:
+                return self._of_tenant.get(tenant, 0)
+            return sum(
+                self._sweep_on_server.get((name, server), 0)
+                for name, sw in self.sweeps.items()
+                if sw.tenant == tenant
+            )
+        if server is not None:
+            return self._on_server.get(server, 0)
+        return len(self.placed)
 
     def queued(self, tenant: str | None = None, sweep: str | None = None) -> int:
-        return sum(
-            1
-            for r in self.queue.values()
-            if (sweep is None or r.sweep == sweep)
-            and (tenant is None or self.sweeps[r.sweep].tenant == tenant)
-        )
+        """Requests waiting for a slot, filtered by tenant and sweep."""
+        if sweep is not None:
+            if tenant is not None and (sweep not in self.sweeps or self.sweeps[sweep].tenant != tenant):
+                return 0
+            return len(self._waiting.get(sweep, ()))
+        if tenant is not None:
+            return sum(len(self._waiting[name]) for name, sw in self.sweeps.items() if sw.tenant == tenant)
+        return len(self.queue)
 
     def server_capacity(self, server: int) -> int:
         """The server's slots: its own capacity, or the most slots an open sweep has on it."""
@@ -262,6 +311,71 @@ class FairShare:
         return {name: (u / total if total > 0 else 0.0) for name, u in used.items()}
 
     # ------------------------------------------------------------------ internals
+    def _place(self, member: str, sweep: str, server: int, key: str | None) -> None:
+        """Give ``member`` a slot of ``sweep`` on ``server`` (moving it if it held one)."""
+        if member in self.placed:
+            self._count(member, -1)
+        self.placed[member] = (sweep, server)
+        self.keys[member] = key
+        self._order += 1
+        self.granted[member] = self._order
+        self._count(member, +1)
+
+    def _unplace(self, member: str) -> int:
+        """Free the slot ``member`` holds; returns its server."""
+        self._count(member, -1)
+        self.keys.pop(member, None)
+        self.granted.pop(member, None)
+        return self.placed.pop(member)[1]
+
+    def _enqueue(self, request: _Request) -> None:
+        """Queue ``request`` (replacing its member's earlier one) behind every request before it."""
+        earlier = self.queue.get(request.member)
+        if earlier is not None:
+            self._waiting[earlier.sweep].pop(request.member, None)
+        self.queue[request.member] = request
+        self._waiting[request.sweep][request.member] = request
+
+    def _dequeue(self, member: str) -> None:
+        request = self.queue.pop(member, None)
+        if request is not None:
+            self._waiting[request.sweep].pop(member, None)
+
+    def _resize(self, server: int) -> None:
+        """Recompute the server's slots (:meth:`server_capacity`) and whether one is free."""
+        self._slots[server] = self.server_capacity(server)
+        self._refree(server)
+
+    def _resize_sized_by_sweeps(self) -> None:
+        for server, capacity in self.capacity.items():
+            if capacity is None:
+                self._resize(server)
+
+    def _refree(self, server: int) -> None:
+        spare = self._spare(server) if server in self._slots else 0
+        if spare > 0:
+            self._free.add(server)
+            heapq.heappush(self._heap, (-spare, server))
+            if len(self._heap) > 4 * len(self._free) + 64:  # mostly stale: rebuild
+                self._heap = [(-self._spare(s), s) for s in self._free]
+                heapq.heapify(self._heap)
+        else:
+            self._free.discard(server)
+
+    def _count(self, member: str, sign: int) -> None:
+        sweep, server = self.placed[member]
+        _add(self._on_server, server, sign)
+        _add(self._of_sweep, sweep, sign)
+        _add(self._of_tenant, self.sweeps[sweep].tenant, sign)
+        _add(self._sweep_on_server, (sweep, server), sign)
+        key = self.keys.get(member)
+        if key is not None:
+            pack = self._packs.setdefault(key, {})
+            _add(pack, server, sign)
+            if not pack:
+                del self._packs[key]
+        self._refree(server)
+
     def _totals_at(self, when: float) -> dict[str, float]:
         """Each tenant's slot-seconds at ``when``, interpolated between the history's entries (between
         events the slots held are constant, so the totals grow linearly); ``{}`` before the first."""
@@ -288,91 +402,84 @@ class FairShare:
         now = self.clock()
         dt = now - self._now
         if dt > 0:
-            for _, (sweep, _) in self.placed.items():
-                self.tenants[self.sweeps[sweep].tenant].slot_seconds += dt
+            for name, held in self._of_tenant.items():
+                self.tenants[name].slot_seconds += held * dt
             self._now = now
         if not self._history or now - self._history[-1][0] >= HISTORY_EVERY_S:  # not on every event
             self._history.append((now, self._totals()))
         while len(self._history) > 1 and self._history[1][0] <= now - 2 * SHARE_WINDOW_S:
             self._history.popleft()  # keeps one entry at or before the oldest window start
 
-    def _place(self, request: _Request, server: int) -> None:
-        self._advance()
-        del self.queue[request.member]
-        self.placed[request.member] = (request.sweep, server)
-        self.keys[request.member] = request.key
-        self._order += 1
-        self.granted[request.member] = self._order
+    def _spare(self, server: int) -> int:
+        return self._slots[server] - self._on_server.get(server, 0)
 
-    def _under_max(self, tenant: Tenant) -> bool:
-        return tenant.max_slots is None or self.live(tenant=tenant.name) < tenant.max_slots
+    def _fits(self, sweep: str, server: int) -> bool:
+        """Whether ``server`` has a free slot (and the memory) for a member of ``sweep``."""
+        held = self._sweep_on_server.get((sweep, server), 0)
+        return (
+            server in self._free
+            and held < self.sweeps[sweep].caps.get(server, 0)
+            and self._memory_fits(sweep, server)
+        )
 
-    def _fits(self, sweep: str, server: int, leaving: str | None = None) -> bool:
-        """Whether one more member of ``sweep`` fits the server's memory (``leaving``'s freed)."""
+    def _memory_fits(self, sweep: str, server: int, leaving: str | None = None) -> bool:
+        """Whether one more member of ``sweep`` fits the server's memory budget (``leaving``'s freed)."""
         budget, need = self.memory.get(server), self.sweeps[sweep].member_bytes.get(server)
         if budget is None or need is None:
             return True
-        placed_here = any(
-            s == sweep and srv == server and m != leaving for m, (s, srv) in self.placed.items()
-        )
-        data = 0 if placed_here else self.sweeps[sweep].data_bytes.get(server, 0)
+        held = self._sweep_on_server.get((sweep, server), 0)
+        if leaving is not None and self.placed.get(leaving) == (sweep, server):
+            held -= 1
+        data = 0 if held > 0 else self.sweeps[sweep].data_bytes.get(server, 0)
         return self.memory_used(server, leaving) + need + data <= budget
 
-    def _room(self, sweep: str) -> list[int]:
-        """Servers with a free slot (and the memory) for a member of ``sweep``."""
-        caps = self.sweeps[sweep].caps
-        return [
-            server
-            for server in self.capacity
-            if self.live(server=server) < self.server_capacity(server)
-            and self.live(sweep=sweep, server=server) < caps.get(server, 0)
-            and self._fits(sweep, server)
-        ]
-
-    def _next_grant(self) -> tuple[_Request, int] | None:
-        candidates: dict[str, tuple[_Request, list[int]]] = {}  # tenant -> its oldest placeable request
-        for request in sorted(self.queue.values(), key=lambda r: r.order):
-            tenant = self.tenants[self.sweeps[request.sweep].tenant]
-            if tenant.name in candidates:
-                continue
-            if not self._under_max(tenant):
-                continue
-            room = self._room(request.sweep)
-            if room:
-                candidates[tenant.name] = (request, room)
-        if not candidates:
-            return None
-
-        def rank(name: str) -> tuple:
-            tenant = self.tenants[name]
-            return (-tenant.priority, self.live(tenant=name) / tenant.weight, candidates[name][0].order)
-
-        request, room = candidates[min(candidates, key=rank)]
-        return request, self._server_for(request, room)
+    def _has_room(self, sweep: str) -> bool:
+        caps, held = self.sweeps[sweep].caps, self._sweep_on_server
+        if len(caps) < len(self._free):
+            servers = (s for s, cap in caps.items() if s in self._free and held.get((sweep, s), 0) < cap)
+        else:
+            servers = (s for s in self._free if held.get((sweep, s), 0) < caps.get(s, 0))
+        return any(self._memory_fits(sweep, s) for s in servers)
 
     def _next_move(self, keep: set[str]) -> tuple[str, _Request, int] | None:
         """The best (parked member, request, server) of :meth:`preempt`, or ``None``."""
         oldest: dict[str, _Request] = {}  # tenant -> its oldest request that may take a slot
-        for request in sorted(self.queue.values(), key=lambda r: r.order):
+        for waiting in self._waiting.values():
+            if not waiting:
+                continue
+            request = next(iter(waiting.values()))
             tenant = self.tenants[self.sweeps[request.sweep].tenant]
-            if tenant.name not in oldest and self._under_max(tenant):
+            if tenant.max_slots is not None and self._of_tenant.get(tenant.name, 0) >= tenant.max_slots:
+                continue
+            if tenant.name not in oldest or request.order < oldest[tenant.name].order:
                 oldest[tenant.name] = request
 
         def load(name: str, extra: int = 0) -> float:
-            return (self.live(tenant=name) + extra) / self.tenants[name].weight
+            return (self._of_tenant.get(name, 0) + extra) / self.tenants[name].weight
 
+        def may_give(donor: Tenant, receiver: Tenant) -> bool:
+            if donor.name == receiver.name:
+                return False
+            if donor.priority != receiver.priority:
+                return donor.priority < receiver.priority
+            return load(donor.name) > load(receiver.name, 1)
+
+        holding = [self.tenants[name] for name in self._of_tenant]
         for name in sorted(oldest, key=lambda n: (-self.tenants[n].priority, load(n), oldest[n].order)):
             request, receiver = oldest[name], self.tenants[name]
+            donors = {d.name for d in holding if may_give(d, receiver)}
+            if not donors:  # checked per tenant before any member is looked at
+                continue
             caps = self.sweeps[request.sweep].caps
-            servers = {s for s in self.capacity if self.live(sweep=request.sweep, server=s) < caps.get(s, 0)}
+            servers = {
+                s for s in self.capacity if self._sweep_on_server.get((request.sweep, s), 0) < caps.get(s, 0)
+            }
             victims = []
             for member, (sweep, server) in self.placed.items():
                 donor = self.tenants[self.sweeps[sweep].tenant]
-                if server not in servers or donor.name == name or member in keep:
+                if donor.name not in donors or server not in servers or member in keep:
                     continue
-                lower = donor.priority < receiver.priority
-                fair = donor.priority == receiver.priority and load(donor.name) > load(name, 1)
-                if (lower or fair) and self._fits(request.sweep, server, leaving=member):
+                if self._memory_fits(request.sweep, server, leaving=member):
                     rank = (donor.priority, -load(donor.name), -self.granted[member])
                     victims.append((rank, member, server))
             if victims:
@@ -380,15 +487,77 @@ class FairShare:
                 return member, request, server
         return None
 
-    def _server_for(self, request: _Request, room: Iterable[int]) -> int:
-        def same(server: int) -> int:  # keys name the architecture and what may share its packs
-            return sum(
-                1
-                for m, (_, srv) in self.placed.items()
-                if srv == server and request.key is not None and self.keys[m] == request.key
-            )
+    def _next_grant(self) -> tuple[_Request, int] | None:
+        # Tenants in rank order (priority, then slots per weight); a tenant's candidate is the
+        # oldest request among its sweeps with room (room depends on the sweep only, max_slots on
+        # the tenant only); among tenants of the first rank that has one, the oldest request wins.
+        # A tenant's oldest request bounds its candidate, so tenants of one rank are tried oldest
+        # first and the search ends at the first tenant whose oldest request is younger than the best.
+        if not self._free:
+            return None
+        oldest: dict[str, list[_Request]] = {}  # tenant -> the oldest request of each of its sweeps
+        for waiting in self._waiting.values():
+            if waiting:
+                request = next(iter(waiting.values()))
+                oldest.setdefault(self.sweeps[request.sweep].tenant, []).append(request)
+        rank = {}
+        for name, requests in oldest.items():
+            tenant = self.tenants[name]
+            held = self._of_tenant.get(name, 0)
+            if tenant.max_slots is None or held < tenant.max_slots:
+                rank[name] = (-tenant.priority, held / tenant.weight, min(r.order for r in requests))
+        best: tuple[tuple, _Request] | None = None  # (its tenant's rank, request)
+        for name in sorted(rank, key=rank.__getitem__):
+            if best is not None and (rank[name][:2] != best[0][:2] or rank[name][2] > best[1].order):
+                break
+            request = next((r for r in sorted(oldest[name], key=_order) if self._has_room(r.sweep)), None)
+            if request is not None and (best is None or request.order < best[1].order):
+                best = (rank[name], request)
+        if best is None:
+            return None
+        return best[1], self._server_for(best[1])
 
-        def free(server: int) -> int:
-            return self.server_capacity(server) - self.live(server=server)
+    def _server_for(self, request: _Request) -> int:
+        """Of the servers with room: most members of the request's key (its architecture within its
+        recipe), then most free slots, then the lowest index."""
+        sweep = request.sweep
+        pack = self._packs.get(request.key, {}) if request.key is not None else {}
+        near = pack if len(pack) <= len(self._free) else [s for s in self._free if s in pack]
+        best = max(
+            (s for s in near if self._fits(sweep, s)),
+            key=lambda s: (pack[s], self._spare(s), -s),
+            default=None,
+        )
+        if best is not None:
+            return best
+        caps = self.sweeps[sweep].caps
+        if len(caps) < len(self._free):
+            return max((s for s in caps if self._fits(sweep, s)), key=lambda s: (self._spare(s), -s))
+        # The top of the heap of free servers (most free slots, lowest index) that fits the sweep.
+        # Every free server has an entry with its current free slots; other entries are stale.
+        heap, passed = self._heap, []
+        try:
+            while True:
+                spare, server = heap[0]
+                if server not in self._free or -spare != self._spare(server):
+                    heapq.heappop(heap)
+                elif self._fits(sweep, server):
+                    return server
+                else:
+                    passed.append(heapq.heappop(heap))
+        finally:
+            for entry in passed:
+                heapq.heappush(heap, entry)
 
-        return max(room, key=lambda s: (same(s), free(s), -s))
+
+def _order(request: _Request) -> int:
+    return request.order
+
+
+def _add(counts: dict, key, n: int) -> None:
+    """``counts[key] += n``, deleting the entry when it reaches 0 (counts of gone servers do not pile up)."""
+    total = counts.get(key, 0) + n
+    if total:
+        counts[key] = total
+    else:
+        counts.pop(key, None)
