@@ -6,8 +6,10 @@ trials join a slot, then ask for their next result one by one; when every live m
 pack has asked, the server trains that pack one report interval (in a worker thread, so the
 asyncio actor keeps serving joins, leaves and questions) and answers each member with its own
 result. Because ``tune.report`` blocks until Tune decides whether a member continues, the
-lockstep gives ASHA and friends each member's exact results. Packs of different sweeps take
-turns on the device.
+lockstep gives ASHA and friends each member's exact results. Packs take turns on the device:
+of the packs ready to train, the one with the least device time so far goes next (:class:`Turns`;
+a new pack starts level with the least-served one), so a pack of short reports is not held to the
+pace of its neighbours' long ones.
 
 A member whose relay has not asked for ``park_after_s`` while others of its pack wait (Tune
 paused the trial, as HyperBand and PBT do, or its process died) is parked: taken out of the
@@ -29,7 +31,9 @@ which imports the actor's class module. The engine side lives in :mod:`._packs`.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -57,6 +61,74 @@ PackKey = tuple[str, int]
 """``(group, pack id)``: a pack of one recipe group on this server."""
 
 
+class Turns:
+    """The device, granted in turns: to the waiting pack with the least device time so far.
+
+    A pack's first turn counts as much device time as the least-served pack known (so a new pack
+    does not get the device for as long as the old ones have had it).
+
+    Example:
+        >>> async def order():
+        ...     turns, ran = Turns(), []
+        ...     turns.used.update(a=5.0, b=1.0)  # device seconds so far
+        ...     await turns.acquire("x")  # the device is free: at once
+        ...     async def run(key):
+        ...         await turns.acquire(key)
+        ...         ran.append(key)
+        ...         turns.release(key, 1.0)
+        ...     tasks = [asyncio.create_task(run(k)) for k in ("a", "b", "c")]
+        ...     await asyncio.sleep(0)  # all three wait
+        ...     turns.release("x", 1.0)
+        ...     await asyncio.gather(*tasks)
+        ...     return ran
+        >>> asyncio.run(order())  # b (1 s) and the new c (level with b) before a (5 s)
+        ['b', 'c', 'a']
+    """
+
+    def __init__(self) -> None:
+        self.used: dict[Any, float] = {}
+        self.waiting: list[tuple[float, int, asyncio.Future]] = []
+        self.busy = False
+        self.seq = 0
+
+    def charge(self, key: Any, seconds: float) -> None:
+        """Count ``seconds`` of device time to ``key``."""
+        self.used[key] = self._used(key) + seconds
+
+    def forget(self, key: Any) -> None:
+        self.used.pop(key, None)
+
+    async def acquire(self, key: Any) -> None:
+        if not self.busy:
+            self.busy = True
+            return
+        future = asyncio.get_running_loop().create_future()
+        self.seq += 1
+        heapq.heappush(self.waiting, (self._used(key), self.seq, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # granted as it was cancelled: pass it on
+                self._next()
+            raise
+
+    def release(self, key: Any, seconds: float) -> None:
+        """End ``key``'s turn, which used the device ``seconds``; the next waiting pack's begins."""
+        self.charge(key, seconds)
+        self._next()
+
+    def _next(self) -> None:
+        while self.waiting:
+            _, _, future = heapq.heappop(self.waiting)
+            if not future.done():
+                future.set_result(None)
+                return
+        self.busy = False
+
+    def _used(self, key: Any) -> float:
+        return self.used.get(key, min(self.used.values(), default=0.0))
+
+
 class SlotServer:
     """Hosts the member trials the service assigns to it (an asyncio Ray actor).
 
@@ -78,6 +150,7 @@ class SlotServer:
         self.ticking: set[PackKey] = set()
         self.tasks: set[asyncio.Task] = set()
         self.lock = asyncio.Lock()  # one mutation or training at a time
+        self.turns = Turns()  # which ready pack trains next
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-server")
         self.device = _device()
         self.pack_serial: dict[tuple[str, int], int] = {}  # (group, pack id) -> this server's pack number
@@ -189,6 +262,8 @@ class SlotServer:
             touched = {packs.leave(m) for m in gone} - {None}
             if group not in self.group_of.values():
                 del self.groups[group]
+                for key in [k for k in self.turns.used if k[0] == group]:
+                    self.turns.forget(key)
         for member in gone:
             self._answer(member, RuntimeError(f"ModelBatchSearcher: sweep {sweep_id} closed."))
         for pid in touched:
@@ -299,11 +374,14 @@ class SlotServer:
     async def _tick(self, key: PackKey) -> None:
         group, pid = key
         live: dict[Member, int] = {}
+        await self.turns.acquire(key)
+        started = time.monotonic()
         try:
             async with self.lock:
                 live = self._ready(key)  # members may have joined or left while this waited for the lock
                 if not live:
                     return
+                started = time.monotonic()
                 where = {**self.where, "pack_id": self._pack_id(group, pid)}
                 replies = await self._in_thread(self.groups[group].train, pid, where)
         except Exception as exc:
@@ -311,6 +389,7 @@ class SlotServer:
                 self._answer(member, exc)
             return
         finally:
+            self.turns.release(key, time.monotonic() - started)
             self.ticking.discard(key)
         for member, reply in replies.items():
             reply["result"]["tenant"] = self.tenants.get(member[0])
