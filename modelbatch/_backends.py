@@ -12,8 +12,9 @@
 * ``"auto"`` (the default): one of those, chosen by :func:`auto_choice` from facts that do not
   change with the machine's load, so a rerun makes the same choice and computes the same numbers.
 
-All of them update BatchNorm statistics once per call, in place, and draw independent dropout
-masks per member. Results agree to round-off (float64: ~1e-15 relative per step), not bitwise.
+All of them update BatchNorm statistics once per call, in place, and draw the same dropout masks:
+each member's from its own stream (:mod:`modelbatch._dropout`). Results agree to round-off
+(float64: ~1e-15 relative per step), not bitwise.
 
 How ``"auto"`` decides (a cost model fitted to ``benchmarks/results/engine-cpu-2core-x86_64*.json``
 and to the measurements quoted at each constant below; no timing at run time): the inputs are
@@ -49,8 +50,8 @@ N=64 0.70x / 0.78x / 0.94x; LSTM N=64 0.57x / 0.64x / 0.84x.
 
 A choice that raises on its first use (a layer without a vmap batching rule, e.g. ``.item()``
 in a forward) is replaced by ``"loop"`` for good, with a ``RuntimeWarning``; the buffers the
-failed call touched are restored first. That depends only on the model, so it repeats too. Out
-of memory is not such a failure: it propagates (see rule 2).
+failed call touched and the members' dropout streams are restored first. That depends only on
+the model, so it repeats too. Out of memory is not such a failure: it propagates (see rule 2).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
+from ._dropout import at_position, snapshot
 from ._tied import tied_names
 
 BACKENDS = ("auto", "vmap", "chunked", "loop")
@@ -162,10 +164,12 @@ def resolve_backend(api: str, backend: str, chunk_size: int | None, n: int) -> C
 
 def _vmapped(module: nn.Module, dims: tuple) -> Callable:
     def run(params: dict, buffers: dict, ids: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-        def member(p: dict, b: dict, _id: torch.Tensor, a: tuple) -> Any:
-            return functional_call(module, (p, b), a, kwargs)
+        def member(p: dict, b: dict, position: torch.Tensor, a: tuple) -> Any:
+            with at_position(position):  # each member's dropout masks come from its own stream
+                return functional_call(module, (p, b), a, kwargs)
 
-        # The member ids give vmap a batched input even for a pack of parameter-free modules.
+        # The members' positions in the call give vmap a batched input even for a pack of
+        # parameter-free modules, and tell dropout whose stream to draw from.
         return vmap(member, in_dims=(0, 0, 0, dims), randomness="different")(params, buffers, ids, args)
 
     return run
@@ -229,6 +233,8 @@ class Executor:
             if name in originals
             and type(layer) is not type(originals[name])
             and isinstance(layer, type(originals[name]))
+            # the fused kernels draw inter-layer dropout from the global generator, not the member's
+            and not (isinstance(layer, nn.RNNBase) and layer.dropout)
         ]
 
     def __getstate__(self) -> dict:
@@ -292,10 +298,11 @@ class Executor:
 
         if self.compile:
             fn = self._fn("member", ())
-            outputs = [
-                fn({k: members[k][i] for k in params}, {k: members[k][i] for k in buffers}, inputs(i), kwargs)
-                for i in range(n)
-            ]
+            outputs = []
+            for i in range(n):
+                with at_position(i):
+                    p, b = {k: members[k][i] for k in params}, {k: members[k][i] for k in buffers}
+                    outputs.append(fn(p, b, inputs(i), kwargs))
         else:
             outputs = self._swapped_loop(members, inputs, kwargs, n)
         return _combine(outputs, torch.stack if n > 1 else _unsqueeze)
@@ -323,7 +330,8 @@ class Executor:
                     table[leaf] = values[i]
                 for rnn in rnns:  # nn.RNNBase reads its weights from a list refreshed by setattr only
                     rnn._init_flat_weights()
-                outputs.append(self.module(*inputs(i), **kwargs))
+                with at_position(i):
+                    outputs.append(self.module(*inputs(i), **kwargs))
         finally:
             for table, leaf, original in originals:
                 table[leaf] = original
@@ -444,6 +452,7 @@ class Backends:
     ) -> Any:
         """Run ``"auto"``'s choice once; if it raises (not out of memory), undo and run the loop."""
         saved = {k: b.clone() for k, b in buffers.items()}
+        restore_streams = snapshot()
         try:
             out = self.executor.run(choice, params, buffers, args, dims, kwargs)
         except RuntimeError as exc:
@@ -452,6 +461,7 @@ class Backends:
             with torch.no_grad():
                 for k, b in buffers.items():
                     b.copy_(saved[k])
+            restore_streams()
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self.failed[choice.label] = reason
             warnings.warn(

@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 from ._activation_checkpoint import running_pack
 from ._architecture import first_setting_difference
 from ._backends import Backends
+from ._dropout import MemberRandom, dropout_modules, install_member_rates, running_members
 from ._hparams import check_member_index
 from ._huggingface import adapt_skeleton
 from ._tied import retie, set_tensor, tied_names
@@ -191,8 +192,9 @@ class ModelBatch(nn.Module):
     The models' parameters and buffers are copied into stacked tensors of shape ``[N, ...]``
     (``self.stack`` holds them under the original names). ``batch(x)`` runs every member on
     a shared input ``[B, ...]``; ``batch(xs, in_dims=0)`` runs member ``i`` on ``xs[i]``.
-    Each member keeps its own parameters, buffers (BatchNorm statistics), dropout masks and,
-    with :mod:`modelbatch.optim`, its own optimizer hyperparameters and state.
+    Each member keeps its own parameters, buffers (BatchNorm statistics), dropout rates and
+    random stream (:meth:`manual_seed`: its masks do not depend on its pack-mates) and, with
+    :mod:`modelbatch.optim`, its own optimizer hyperparameters and state.
 
     Stock layers that torch runs wrongly under vmap are fixed in the skeleton by
     :func:`modelbatch.layers.prepare_for_vmap`; ``preflight=True`` checks on the first call, in
@@ -238,6 +240,7 @@ class ModelBatch(nn.Module):
         for name, value in buffers.items():
             set_tensor(stack, name, value, False)
         retie(stack, self._aliases)  # tied names: one stacked leaf in every alias's slot
+        install_member_rates(stack, models)  # every dropout module's p, per member
         prepare_for_vmap(stack, api="ModelBatch")
         self._inputs_require_grad = adapt_skeleton(stack)
         self.stack = stack
@@ -245,6 +248,7 @@ class ModelBatch(nn.Module):
         self.training = models[0].training
         object.__setattr__(self, "_template", template)
         self.register_buffer("active", torch.ones(len(models), dtype=torch.bool))
+        self._random = MemberRandom(len(models))
         self._backends = Backends(self.stack, len(models), compile=compile, template=template)
         self._backends.set("ModelBatch", backend, chunk_size)
         if preflight:
@@ -384,14 +388,24 @@ class ModelBatch(nn.Module):
         frozen = self.training and bool(buffers) and not bool(updating.all())
         run_buffers = {name: b.clone() for name, b in buffers.items()} if frozen else buffers
         trial = self.training and torch.is_grad_enabled()  # "auto" chooses for training or inference
-        out = self._run(params, run_buffers, args, dims, kwargs, trial)
+        out = self._run(range(self.n), params, run_buffers, args, dims, kwargs, trial)
         if frozen:
             self._write_back(buffers, run_buffers, updating)
         return out
 
-    def _run(self, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict, trial: bool) -> Any:
+    def _run(
+        self,
+        slots: Sequence[int],
+        params: dict,
+        buffers: dict,
+        args: tuple,
+        dims: tuple,
+        kwargs: dict,
+        trial: bool,
+    ) -> Any:
+        """The members ``slots`` (in this order) on their tensors: dropout draws from their streams."""
         try:  # torch.utils.checkpoint inside the model recomputes per member (running_pack)
-            with running_pack(self.stack, self._inputs_require_grad):
+            with running_pack(self.stack, self._inputs_require_grad), running_members(self._random, slots):
                 out = self._backends.run(params, buffers, args, dims, kwargs, trial)
         except ValueError as exc:  # vmap's own words for a non-tensor output
             if "must only return Tensors" in str(exc):
@@ -414,7 +428,7 @@ class ModelBatch(nn.Module):
         run_buffers = {k: b.index_select(0, ids.to(b.device)) for k, b in buffers.items()}
         sub_args = tuple(a.index_select(0, ids.to(a.device)) if d == 0 else a for a, d in zip(args, dims))
         trial = self.training and torch.is_grad_enabled()
-        out = self._run(pick, run_buffers, sub_args, dims, kwargs, trial)
+        out = self._run(ids.tolist(), pick, run_buffers, sub_args, dims, kwargs, trial)
         if self.training and buffers:
             with torch.no_grad():
                 for name, buf in buffers.items():
@@ -577,6 +591,8 @@ class ModelBatch(nn.Module):
             for name, buf in self.stacked_buffers().items():
                 set_tensor(model, name, buf[index].clone(), False)
         retie(model, self._aliases)
+        for path, layer in dropout_modules(model).items():
+            layer.p = self.stack.get_submodule(path).p.rates[index]
         model.train(self.training)
         return model
 
@@ -595,9 +611,11 @@ class ModelBatch(nn.Module):
                 )
             values = dict(_named_tensors(source))
             expected = dict(_named_tensors(self.stack))
+            rates = {path: float(layer.p) for path, layer in dropout_modules(source).items()}
         elif isinstance(source, Mapping):
             values = dict(source)
             expected = self.stack.state_dict(keep_vars=True)
+            rates = {}
         else:
             raise TypeError(f"{api}: expected an nn.Module or a state_dict, got {type(source).__name__}.")
         missing = sorted(expected.keys() - values.keys())
@@ -619,6 +637,73 @@ class ModelBatch(nn.Module):
                 target[index].copy_(value.to(target.device, target.dtype))
                 if isinstance(target, nn.Parameter) and target.grad is not None:
                     target.grad[index].zero_()
+        for path, rate in rates.items():
+            self.stack.get_submodule(path).p.rates[index] = rate
+
+    # ------------------------------------------------------------------ dropout
+    @property
+    def dropout_rates(self) -> dict[str, list[float]]:
+        """Every dropout module's rate ``p`` per member, by module path.
+
+        Models that differ only in these rates share a pack: member ``i`` drops with its own
+        ``p`` (``member(i)`` returns it, ``load_member`` sets it).
+
+        Example:
+            >>> import torch, modelbatch as mb
+            >>> nets = [torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(p)) for p in (0.1, 0.5)]
+            >>> mb.ModelBatch(nets).dropout_rates
+            {'1': [0.1, 0.5]}
+        """
+        return {path: list(layer.p.rates) for path, layer in dropout_modules(self.stack).items()}
+
+    def manual_seed(self, seed: int | Sequence[int], *, member: int | None = None) -> None:
+        """Seed the members' dropout streams: one seed per member, or ``member``'s alone.
+
+        Each member draws its dropout masks from its own generator, so its masks depend neither
+        on its pack-mates nor on its slot, and a rerun is bitwise identical. Seeded with ``s``, a
+        member draws on the CPU exactly the masks a plain model draws after ``torch.manual_seed(s)``.
+        A member never seeded takes a seed from the global generator at its first dropout call.
+
+        Example:
+            >>> import torch, modelbatch as mb
+            >>> batch = mb.ModelBatch([torch.nn.Dropout(0.5) for _ in range(2)])
+            >>> batch.manual_seed([7, 8])
+            >>> out = batch(torch.ones(6))
+            >>> _ = torch.manual_seed(8)
+            >>> torch.equal(out[1], torch.nn.Dropout(0.5)(torch.ones(6)))
+            True
+        """
+        api = "ModelBatch.manual_seed"
+        if member is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"{api}: with member=, seed must be one int, got {seed!r}.")
+            self._random.seed(check_member_index(api, member, self.n), seed)
+            return
+        if isinstance(seed, int) or not isinstance(seed, Sequence) or len(seed) != self.n:
+            raise TypeError(
+                f"{api}: pass one seed per member (a list of {self.n} ints), or one int with member=i; "
+                f"got {seed!r}."
+            )
+        for i, value in enumerate(seed):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{api}: seed {i} must be an int, got {value!r}.")
+            self._random.seed(i, value)
+
+    def rng_state(self, member: int) -> dict[str, torch.Tensor]:
+        """Member ``member``'s dropout stream: generator states by device type and its seed.
+
+        Pass it to :meth:`set_rng_state` to continue the stream (``mb.save`` keeps every member's).
+        """
+        return self._random.get_state(check_member_index("ModelBatch.rng_state", member, self.n))
+
+    def set_rng_state(self, member: int, state: Mapping[str, torch.Tensor] | torch.Tensor) -> None:
+        """Put back a state from :meth:`rng_state`, or a CPU generator state (``torch.get_rng_state()``).
+
+        With the CPU state a plain script has before its training loop, member ``member`` draws
+        the masks that script draws (on the CPU).
+        """
+        index = check_member_index("ModelBatch.set_rng_state", member, self.n)
+        self._random.set_state(index, state if isinstance(state, torch.Tensor) else dict(state))
 
     def freeze(self, index: int) -> None:
         """Freeze member ``index``: its parameters, buffers and optimizer state stop changing."""

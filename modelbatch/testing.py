@@ -130,8 +130,10 @@ def assert_pack_matches_sequential(
 
     Args:
         model_factory: ``i -> nn.Module``; called twice per member, it must return equal weights
-            for equal ``i`` (seed inside it). Models must be deterministic (no active dropout).
-        data: ``(X, y)``; member ``i`` trains on its own random batches of it.
+            for equal ``i`` (seed inside it). Dropout may be on: member ``i`` draws its masks
+            from its own stream seeded ``seed + i`` (:meth:`ModelBatch.manual_seed`), the model
+            alone after ``torch.manual_seed(seed + i)`` (equal masks on the CPU).
+        data: ``(X, y)``; member ``i`` trains on its own random batches of it (drawn from seed ``seed + i``).
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"``.
         hparams: optimizer keyword arguments; a list of ``n_members`` values gives one per member.
         rtol: the largest allowed ``max |packed - alone| / max |alone|`` for any tensor.
@@ -158,6 +160,7 @@ def assert_pack_matches_sequential(
     batches = member_batches(X.shape[0], n_members, steps, batch_size, seed)
 
     batch = ModelBatch(models, backend=backend)
+    batch.manual_seed([seed + i for i in range(n_members)])
     opt = packed_cls(batch, **hparams)
     for idx in batches:
         opt.zero_grad()
@@ -174,6 +177,7 @@ def assert_pack_matches_sequential(
             y,
             batches[:, i],
             _picking(loss_fn, output),
+            seed + i,
             zero,
         )
     skip = set(ignore) | {name for name, always in zero.items() if always}
@@ -181,7 +185,7 @@ def assert_pack_matches_sequential(
         report = _compare(api, batch, alone, rtol, skip)
     except AssertionError as exc:
         drift = _chaos_drift(
-            model_factory, torch_cls, hparams, n_members, X, y, batches, _picking(loss_fn, output), skip
+            model_factory, torch_cls, hparams, n_members, X, y, batches, _picking(loss_fn, output), skip, seed
         )
         raise AssertionError(
             f"{exc}\n  For scale: the reference trained alone drifts by {drift:.3e} from itself when its "
@@ -209,15 +213,19 @@ def _train_alone(
     y: torch.Tensor,
     batches: torch.Tensor,
     loss_fn: Callable,
+    seed: int,
     zero: dict[str, bool] | None = None,
 ) -> None:
-    """Train one model with torch.optim; ``zero[name]`` stays True while ``name``'s gradient is ~0."""
-    for idx in batches:
-        opt.zero_grad()
-        loss_fn(model(X[idx]), y[idx]).backward()
-        if zero is not None:
-            _track_zero_gradients(model, zero)
-        opt.step()
+    """Train one model with torch.optim, its dropout drawing from the global generator seeded
+    ``seed`` (restored afterwards); ``zero[name]`` stays True while ``name``'s gradient is ~0."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for idx in batches:
+            opt.zero_grad()
+            loss_fn(model(X[idx]), y[idx]).backward()
+            if zero is not None:
+                _track_zero_gradients(model, zero)
+            opt.step()
 
 
 def _track_zero_gradients(model: nn.Module, zero: dict[str, bool]) -> None:
@@ -228,7 +236,7 @@ def _track_zero_gradients(model: nn.Module, zero: dict[str, bool]) -> None:
         zero[name] = zero.get(name, True) and small
 
 
-def _chaos_drift(model_factory, torch_cls, hparams, n, X, y, batches, loss_fn, ignore) -> float:
+def _chaos_drift(model_factory, torch_cls, hparams, n, X, y, batches, loss_fn, ignore, seed) -> float:
     """The largest relative difference of the reference from itself under a 1e-15 weight nudge."""
     worst = 0.0
     for i in range(n):
@@ -244,6 +252,7 @@ def _chaos_drift(model_factory, torch_cls, hparams, n, X, y, batches, loss_fn, i
                 y,
                 batches[:, i],
                 loss_fn,
+                seed + i,
             )
         nudged = dict(_floating_tensors(pair[1]))
         for name, a in _floating_tensors(pair[0]):  # buffers too (BatchNorm statistics)
