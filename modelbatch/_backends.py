@@ -162,11 +162,19 @@ def resolve_backend(api: str, backend: str, chunk_size: int | None, n: int) -> C
     return Choice(backend)
 
 
-def _vmapped(module: nn.Module, dims: tuple) -> Callable:
+def _keywords(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple[tuple, dict]:
+    """Split ``args`` whose last ``len(names)`` entries are the per-member keyword inputs ``names``."""
+    if not names:
+        return args, kwargs
+    cut = len(args) - len(names)
+    return args[:cut], {**kwargs, **dict(zip(names, args[cut:]))}
+
+
+def _vmapped(module: nn.Module, dims: tuple, names: tuple[str, ...]) -> Callable:
     def run(params: dict, buffers: dict, ids: torch.Tensor, args: tuple, kwargs: dict) -> Any:
         def member(p: dict, b: dict, position: torch.Tensor, a: tuple) -> Any:
             with at_position(position):  # each member's dropout masks come from its own stream
-                return functional_call(module, (p, b), a, kwargs)
+                return functional_call(module, (p, b), *_keywords(a, kwargs, names))
 
         # The members' positions in the call give vmap a batched input even for a pack of
         # parameter-free modules, and tell dropout whose stream to draw from.
@@ -175,9 +183,9 @@ def _vmapped(module: nn.Module, dims: tuple) -> Callable:
     return run
 
 
-def _single(module: nn.Module) -> Callable:
+def _single(module: nn.Module, names: tuple[str, ...]) -> Callable:
     def run(params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
-        return functional_call(module, (params, buffers), args, kwargs)
+        return functional_call(module, (params, buffers), *_keywords(args, kwargs, names))
 
     return run
 
@@ -240,26 +248,36 @@ class Executor:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fns": {}, "_slots": {}}  # compiled functions cannot be copied
 
-    def _fn(self, kind: str, dims: tuple) -> Callable:
-        key = (kind, dims)
+    def _fn(self, kind: str, dims: tuple, names: tuple[str, ...]) -> Callable:
+        key = (kind, dims, names)
         fn = self._fns.get(key)
         if fn is None:
-            fn = _vmapped(self.module, dims) if kind == "vmap" else _single(self.module)
+            fn = _vmapped(self.module, dims, names) if kind == "vmap" else _single(self.module, names)
             if self.compile:
                 fn = torch.compile(fn, dynamic=False)
             self._fns[key] = fn
         return fn
 
-    def run(self, choice: Choice, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict) -> Any:
+    def run(
+        self,
+        choice: Choice,
+        params: dict,
+        buffers: dict,
+        args: tuple,
+        dims: tuple,
+        kwargs: dict,
+        names: tuple[str, ...] = (),
+    ) -> Any:
+        """The forward of every member; the last ``len(names)`` ``args`` are keyword inputs ``names``."""
         # The members given: all of the pack, or those ModelBatch.forward picked (see _members).
         n = _members(params, self.n)
         if choice.name == "loop" or n == 1:  # one member has nothing to vectorize
-            return self._loop(n, params, buffers, args, dims, kwargs)
+            return self._loop(n, params, buffers, args, dims, kwargs, names)
         size = choice.chunk_size or n
         ids = torch.arange(n)
         if size >= n:
-            return self._fn("vmap", dims)(params, buffers, ids, args, kwargs)
-        return self._chunked(size, params, buffers, ids, args, dims, kwargs)
+            return self._fn("vmap", dims, names)(params, buffers, ids, args, kwargs)
+        return self._chunked(size, params, buffers, ids, args, dims, kwargs, names)
 
     def _chunked(
         self,
@@ -270,8 +288,9 @@ class Executor:
         args: tuple,
         dims: tuple,
         kwargs: dict,
+        names: tuple[str, ...],
     ) -> Any:
-        fn = self._fn("vmap", dims)
+        fn = self._fn("vmap", dims, names)
         # One split per tensor: its backward writes every chunk's gradient into one [N, ...] tensor.
         p_chunks = {k: v.split(size) for k, v in params.items()}
         a_chunks = [a.split(size) if d == 0 else None for a, d in zip(args, dims)]
@@ -285,7 +304,9 @@ class Executor:
             outputs.append(fn(p, b, ids[start:stop], a, kwargs))
         return _combine(outputs, torch.cat)
 
-    def _loop(self, n: int, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict) -> Any:
+    def _loop(
+        self, n: int, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict, names: tuple
+    ) -> Any:
         # One unbind per tensor: its backward writes every member's gradient into one [N, ...] tensor.
         # A single member is a squeeze, whose backward is a view (no copy).
         split = _unbind if n > 1 else _squeeze
@@ -297,17 +318,19 @@ class Executor:
             return tuple(a if m is None else m[i] for a, m in zip(args, a_members))
 
         if self.compile:
-            fn = self._fn("member", ())
+            fn = self._fn("member", (), names)
             outputs = []
             for i in range(n):
                 with at_position(i):
                     p, b = {k: members[k][i] for k in params}, {k: members[k][i] for k in buffers}
                     outputs.append(fn(p, b, inputs(i), kwargs))
         else:
-            outputs = self._swapped_loop(members, inputs, kwargs, n)
+            outputs = self._swapped_loop(members, inputs, kwargs, n, names)
         return _combine(outputs, torch.stack if n > 1 else _unsqueeze)
 
-    def _swapped_loop(self, members: dict, inputs: Callable[[int], tuple], kwargs: dict, n: int) -> list:
+    def _swapped_loop(
+        self, members: dict, inputs: Callable[[int], tuple], kwargs: dict, n: int, names: tuple
+    ) -> list:
         """Call the module once per member with that member's tensors put in its slots.
 
         What ``functional_call`` does, without its per-call bookkeeping (it doubles a small model's
@@ -330,8 +353,9 @@ class Executor:
                     table[leaf] = values[i]
                 for rnn in rnns:  # nn.RNNBase reads its weights from a list refreshed by setattr only
                     rnn._init_flat_weights()
+                args, member_kwargs = _keywords(inputs(i), kwargs, names)
                 with at_position(i):
-                    outputs.append(self.module(*inputs(i), **kwargs))
+                    outputs.append(self.module(*args, **member_kwargs))
         finally:
             for table, leaf, original in originals:
                 table[leaf] = original
@@ -441,20 +465,30 @@ class Backends:
         device = _device_type(params, buffers)
         return {kind: self.choice(kind == "training", device).label for kind in ("training", "inference")}
 
-    def run(self, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict, training: bool) -> Any:
-        choice = self.last = self.choice(training, _device_type(params, buffers))
-        if self.fixed is not None or choice.name == "loop" or choice.label in self.working:
-            return self.executor.run(choice, params, buffers, args, dims, kwargs)
-        return self._first_use(choice, params, buffers, args, dims, kwargs)
-
-    def _first_use(
-        self, choice: Choice, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict
+    def run(
+        self,
+        params: dict,
+        buffers: dict,
+        args: tuple,
+        dims: tuple,
+        kwargs: dict,
+        training: bool,
+        names: tuple[str, ...] = (),
     ) -> Any:
+        """The forward of every member (see :meth:`Executor.run`) with the backend for this call."""
+        choice = self.last = self.choice(training, _device_type(params, buffers))
+        call = (params, buffers, args, dims, kwargs, names)
+        if self.fixed is not None or choice.name == "loop" or choice.label in self.working:
+            return self.executor.run(choice, *call)
+        return self._first_use(choice, call)
+
+    def _first_use(self, choice: Choice, call: tuple) -> Any:
         """Run ``"auto"``'s choice once; if it raises (not out of memory), undo and run the loop."""
+        buffers = call[1]
         saved = {k: b.clone() for k, b in buffers.items()}
         restore_streams = snapshot()
         try:
-            out = self.executor.run(choice, params, buffers, args, dims, kwargs)
+            out = self.executor.run(choice, *call)
         except RuntimeError as exc:
             if is_out_of_memory(exc):
                 raise
@@ -471,6 +505,6 @@ class Backends:
                 stacklevel=4,
             )
             self.last = Choice("loop")
-            return self.executor.run(self.last, params, buffers, args, dims, kwargs)
+            return self.executor.run(self.last, *call)
         self.working.add(choice.label)
         return out

@@ -360,12 +360,16 @@ class ModelBatch(nn.Module):
         *args: Any,
         in_dims: int | Sequence[int | None] | None = None,
         participating: torch.Tensor | None = None,
+        kwarg_in_dims: Mapping[str, int | None] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run every member: ``in_dims=None`` for shared inputs ``[B, ...]``, ``0`` for ``[N, B, ...]``.
 
         ``in_dims`` may also be a sequence with one entry per positional input. Keyword
-        arguments are passed unchanged (shared) to every member. ``participating`` ([N] bool)
+        arguments are passed unchanged (shared) to every member, except those that
+        ``kwarg_in_dims`` maps to ``0``: member ``i`` gets row ``i`` of those (e.g. a Hugging Face
+        model's ``attention_mask`` of per-member batches: ``batch(ids, attention_mask=mask,
+        in_dims=0, kwarg_in_dims={"attention_mask": 0})``). ``participating`` ([N] bool)
         marks members whose batch this step is real: the others, like frozen members, keep
         their buffers (BatchNorm statistics) unchanged. When ``participating`` is given and
         selects at least one member, only the members that participate and are not frozen are
@@ -373,6 +377,11 @@ class ModelBatch(nn.Module):
         parameters). A pack with few live members then costs what those members cost.
         """
         dims = self._input_dims(args, in_dims)
+        names = self._keyword_inputs(kwargs, kwarg_in_dims)
+        if names:  # per-member keyword inputs travel as the last positional inputs, batched on dim 0
+            args = (*args, *(kwargs[name] for name in names))
+            dims = (*dims, *(0 for _ in names))
+            kwargs = {key: value for key, value in kwargs.items() if key not in names}
         params = self.stacked_parameters()
         buffers = self.stacked_buffers()
         updating = self.active
@@ -381,14 +390,14 @@ class ModelBatch(nn.Module):
             computed = int(updating.sum())
             if params and 0 < computed < self.n:
                 return self._forward_members(
-                    updating.nonzero().squeeze(1), params, buffers, args, dims, kwargs
+                    updating.nonzero().squeeze(1), params, buffers, args, dims, kwargs, names
                 )
         # With frozen members, train-mode layers (BatchNorm) update copies of the buffers and only the
         # updating members' rows are written back: restoring in place would break autograd's saved tensors.
         frozen = self.training and bool(buffers) and not bool(updating.all())
         run_buffers = {name: b.clone() for name, b in buffers.items()} if frozen else buffers
         trial = self.training and torch.is_grad_enabled()  # "auto" chooses for training or inference
-        out = self._run(range(self.n), params, run_buffers, args, dims, kwargs, trial)
+        out = self._run(range(self.n), params, run_buffers, args, dims, kwargs, trial, names)
         if frozen:
             self._write_back(buffers, run_buffers, updating)
         return out
@@ -402,11 +411,24 @@ class ModelBatch(nn.Module):
         dims: tuple,
         kwargs: dict,
         trial: bool,
+        names: tuple[str, ...],
     ) -> Any:
-        """The members ``slots`` (in this order) on their tensors: dropout draws from their streams."""
+        """The members ``slots`` (in this order) on their tensors: dropout draws from their streams.
+
+        The last ``len(names)`` entries of ``args`` are the per-member keyword inputs ``names``.
+        """
         try:  # torch.utils.checkpoint inside the model recomputes per member (running_pack)
             with running_pack(self.stack, self._inputs_require_grad), running_members(self._random, slots):
-                out = self._backends.run(params, buffers, args, dims, kwargs, trial)
+                out = self._backends.run(params, buffers, args, dims, kwargs, trial, names)
+        except RuntimeError as exc:
+            if "data-dependent control flow" not in str(exc):
+                raise
+            raise RuntimeError(
+                "ModelBatch.forward: the model branches on a tensor's values, which torch.vmap cannot "
+                "batch (vmap and chunked backends). Hugging Face models do so with a 2-D attention_mask "
+                "(padding_mask.all()): pass the 4-D additive mask [N, B, 1, S, S] instead, or use "
+                f"backend='loop' (backend='auto' falls back to it by itself).\n{exc}"
+            ) from exc
         except ValueError as exc:  # vmap's own words for a non-tensor output
             if "must only return Tensors" in str(exc):
                 found = re.search(r"<class '(?:[\w.]*\.)?(\w+)'>", str(exc))
@@ -417,7 +439,14 @@ class ModelBatch(nn.Module):
         return out
 
     def _forward_members(
-        self, ids: torch.Tensor, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict
+        self,
+        ids: torch.Tensor,
+        params: dict,
+        buffers: dict,
+        args: tuple,
+        dims: tuple,
+        kwargs: dict,
+        names: tuple,
     ) -> Any:
         """The forward of the members ``ids`` only; the other members' outputs are zeros.
 
@@ -428,7 +457,7 @@ class ModelBatch(nn.Module):
         run_buffers = {k: b.index_select(0, ids.to(b.device)) for k, b in buffers.items()}
         sub_args = tuple(a.index_select(0, ids.to(a.device)) if d == 0 else a for a, d in zip(args, dims))
         trial = self.training and torch.is_grad_enabled()
-        out = self._run(ids.tolist(), pick, run_buffers, sub_args, dims, kwargs, trial)
+        out = self._run(ids.tolist(), pick, run_buffers, sub_args, dims, kwargs, trial, names)
         if self.training and buffers:
             with torch.no_grad():
                 for name, buf in buffers.items():
@@ -458,6 +487,40 @@ class ModelBatch(nn.Module):
                     "batch [B, ...] with in_dims=None."
                 )
         return dims
+
+    def _keyword_inputs(
+        self, kwargs: dict, kwarg_in_dims: Mapping[str, int | None] | None
+    ) -> tuple[str, ...]:
+        """The names of the per-member keyword inputs (``kwarg_in_dims`` 0), checked."""
+        api = "ModelBatch.forward"
+        if kwarg_in_dims is None:
+            return ()
+        if not isinstance(kwarg_in_dims, Mapping):
+            raise TypeError(
+                f"{api}: kwarg_in_dims must map keyword input names to None or 0, got "
+                f"{type(kwarg_in_dims).__name__}; e.g. kwarg_in_dims={{'attention_mask': 0}}."
+            )
+        names = []
+        for name, dim in kwarg_in_dims.items():
+            if name not in kwargs:
+                raise ValueError(
+                    f"{api}: kwarg_in_dims names {name!r}, which is not a keyword input of this call "
+                    f"(given: {sorted(kwargs)}); pass it as {name}=... or drop it from kwarg_in_dims."
+                )
+            if dim is None:
+                continue
+            value = kwargs[name]
+            if dim != 0 or isinstance(dim, bool):
+                raise ValueError(f"{api}: kwarg_in_dims[{name!r}] must be None or 0, got {dim!r}.")
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != self.n:
+                shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"{api}: per-member keyword input {name!r} (kwarg_in_dims 0) must have the pack "
+                    f"size N={self.n} on dim 0, got {shape}. Stack one per member, or share it "
+                    "(kwarg_in_dims None)."
+                )
+            names.append(name)
+        return tuple(names)
 
     @staticmethod
     def _write_back(
