@@ -2,12 +2,14 @@
 
 Under ``torch.vmap(randomness="different")`` dropout draws from the process's global generator,
 so a member's masks would depend on its pack-mates, its slot and everything else drawing random
-numbers. Instead, while a pack runs its members (:func:`running_members`), a torch-function mode
-catches every dropout call — ``nn.Dropout``/``Dropout1d``/``2d``/``3d``/``AlphaDropout``/
-``FeatureAlphaDropout``, ``F.dropout`` and its variants in a user's forward, ``torch.dropout`` and
-friends, and ``F.scaled_dot_product_attention(dropout_p>0)`` — and draws each member's mask from
-that member's ``torch.Generator`` (:class:`MemberRandom`), outside the vmap, with the ops torch's
-CPU kernel uses (``empty_like(x).bernoulli_(1 - p)``, then ``div_(1 - p)``). So:
+numbers. Instead, while a pack runs its members (:func:`running_members`), torch's dropout
+functions — ``F.dropout`` (what ``nn.Dropout`` calls), ``F.dropout1d``/``2d``/``3d``,
+``F.alpha_dropout``, ``F.feature_alpha_dropout`` (``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``),
+``torch.dropout`` and its kin, and ``F.scaled_dot_product_attention(dropout_p>0)``, looked up by
+name when called, as ``nn`` and Hugging Face do — draw each member's mask from that member's
+``torch.Generator`` (:class:`MemberRandom`), outside the vmap, with the ops torch's CPU kernel uses
+(``empty_like(x).bernoulli_(1 - p)``, then ``div_(1 - p)``). Outside a pack they are torch's own
+(one context lookup per call; see :func:`_install`). So:
 
 * a rerun is bitwise identical, and a member's masks do not depend on its pack-mates or slot;
 * on the CPU a member seeded with ``torch.Generator`` state ``s`` draws exactly the masks the
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +35,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 _SELU_ALPHA = 1.7580993408473766  # torch's alpha_dropout constant (ATen/native/Dropout.cpp)
 
@@ -148,10 +151,11 @@ _POSITION: contextvars.ContextVar[Any] = contextvars.ContextVar("modelbatch_posi
 @contextlib.contextmanager
 def running_members(random: MemberRandom, slots: Sequence[int]) -> Iterator[None]:
     """While a pack runs the members ``slots`` (in this order), dropout draws from their streams."""
+    if not _ORIGINALS:
+        _install()
     token = _CALL.set(_Call(random, list(slots)))
     try:
-        with _DropoutMode():
-            yield
+        yield
     finally:
         _CALL.reset(token)
 
@@ -204,7 +208,7 @@ def replaying(
     try:
         if states is not None:
             states()
-        with _DropoutMode(), at_position(position):
+        with at_position(position):
             yield
     finally:
         after()
@@ -224,53 +228,48 @@ class _Spec:
     call: _Call
 
 
-def _draw(spec: _Spec, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Member ``position``'s multiplier and offset, as torch's CPU dropout kernel computes them."""
+def _draw(spec: _Spec, position: int) -> torch.Tensor:
+    """Member ``position``'s multiplier as torch's CPU dropout kernel computes it.
+
+    Alpha dropout: its multiplier and offset, stacked (``[2, *shape]``).
+    """
     p = spec.rates[position]
     if p == 0.0 or p == 1.0:  # torch draws nothing for these rates
         noise = torch.full(spec.shape, 1.0 - p, dtype=spec.dtype, device=spec.device)
-        return noise, torch.zeros(spec.shape if spec.alpha else (), dtype=spec.dtype, device=spec.device)
+        return torch.stack([noise, torch.zeros_like(noise)]) if spec.alpha else noise
     gen = spec.call.random.generator(spec.call.slots[position], spec.device)
     noise = torch.empty(spec.shape, dtype=spec.dtype, device=spec.device).bernoulli_(1 - p, generator=gen)
     if spec.alpha:
         a = 1.0 / math.sqrt((_SELU_ALPHA * _SELU_ALPHA * p + 1) * (1 - p))
         offset = noise.add(-1).mul_(_SELU_ALPHA * a).add_(_SELU_ALPHA * a * p)
-        return noise.mul_(a), offset
-    return noise.div_(1 - p), torch.zeros((), dtype=spec.dtype, device=spec.device)
+        return torch.stack([noise.mul_(a), offset])
+    return noise.div_(1 - p)
 
 
 class _MemberNoise(torch.autograd.Function):
-    """Each member's dropout multiplier and offset; under vmap drawn member by member, unbatched."""
+    """Each member's dropout multiplier (see :func:`_draw`); under vmap drawn member by member, unbatched."""
 
     generate_vmap_rule = False
 
     @staticmethod
-    def forward(position: torch.Tensor, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(position: torch.Tensor, spec: _Spec) -> torch.Tensor:
         return _draw(spec, int(position))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-        ctx.mark_non_differentiable(*output)
+        ctx.mark_non_differentiable(output)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, position: torch.Tensor, spec: _Spec) -> tuple:
         if in_dims[0] is None:  # a vmap inside the model: the pack's vmap is further out
-            return _MemberNoise.apply(position, spec), (None, None)
-        draws = [_draw(spec, i) for i in position.movedim(in_dims[0], 0).tolist()]
-        noise = torch.stack([d[0] for d in draws])
-        offset = torch.stack([d[1] for d in draws])
-        return (noise, offset), (0, 0)
+            return _MemberNoise.apply(position, spec), None
+        positions = position.movedim(in_dims[0], 0).tolist()
+        return torch.stack([_draw(spec, i) for i in positions]), 0
 
 
-def _noise(
-    shape: Sequence[int], like: torch.Tensor, p: float, alpha: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _noise(shape: Sequence[int], like: torch.Tensor, p: float, alpha: bool) -> torch.Tensor:
+    """The multiplier (alpha: multiplier and offset) of the member(s) running, at their rates."""
     call, position = _CALL.get(), _POSITION.get()
-    if position is None:
-        raise RuntimeError(
-            "ModelBatch: a dropout call ran in a pack's forward outside the members' call (e.g. in a "
-            "hook of the ModelBatch itself); apply dropout inside the model's forward."
-        )
     rates = p.rates if isinstance(p, MemberRate) else None
     per_position = tuple(float(p) if rates is None else rates[slot] for slot in call.slots)
     spec = _Spec(tuple(shape), like.dtype, like.device, per_position, alpha, call)
@@ -297,9 +296,11 @@ def _dropout(
         shape = [x.shape[0], x.shape[1], *([1] * (x.dim() - 2))]
     else:
         shape = list(x.shape)
-    noise, offset = _noise(shape, x, p, alpha)
-    out = x.mul_(noise) if inplace else x * noise
-    return out.add_(offset) if alpha else out
+    noise = _noise(shape, x, p, alpha)
+    if not alpha:
+        return x.mul_(noise) if inplace else x * noise
+    noise, offset = noise.unbind(0)
+    return (x.mul_(noise) if inplace else x * noise).add_(offset)
 
 
 def _functional(feature: bool, alpha: bool, unbatched_dim: int | None = None) -> Callable:
@@ -328,24 +329,6 @@ def _aten(feature: bool, alpha: bool, inplace: bool) -> Callable:
     return dropout
 
 
-_FUNCTIONAL: dict[Callable, Callable] = {
-    F.dropout: _functional(False, False),
-    F.alpha_dropout: _functional(False, True),
-    F.feature_alpha_dropout: _functional(True, True),
-    F.dropout1d: _functional(True, False, unbatched_dim=2),
-    F.dropout2d: _functional(True, False),
-    F.dropout3d: _functional(True, False, unbatched_dim=4),
-    torch.dropout: _aten(False, False, False),
-    torch.dropout_: _aten(False, False, True),
-    torch.alpha_dropout: _aten(False, True, False),
-    torch.alpha_dropout_: _aten(False, True, True),
-    torch.feature_dropout: _aten(True, False, False),
-    torch.feature_dropout_: _aten(True, False, True),
-    torch.feature_alpha_dropout: _aten(True, True, False),
-    torch.feature_alpha_dropout_: _aten(True, True, True),
-}
-
-
 def _attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -362,7 +345,7 @@ def _attention(
     plain call, its results to round-off.
     """
     if all(r == 0.0 for r in _all_rates(dropout_p)):
-        return F.scaled_dot_product_attention(
+        return _ORIGINALS["torch.nn.functional.scaled_dot_product_attention"](
             query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa
         )
     length, source = query.shape[-2], key.shape[-2]
@@ -380,20 +363,58 @@ def _attention(
         else:
             weights = weights + attn_mask
     weights = torch.softmax(weights, dim=-1)
-    noise, _ = _noise(weights.shape, weights, dropout_p, alpha=False)
+    noise = _noise(weights.shape, weights, dropout_p, alpha=False)
     return (weights * noise) @ value
 
 
-class _DropoutMode(TorchFunctionMode):
-    """Routes the dropout calls of a pack's forward to the members' own streams."""
+# What a pack routes to the members' streams: torch's dropout functions, looked up by name at each
+# call (``nn.Dropout`` calls ``F.dropout``, Hugging Face ``nn.functional.dropout`` and SDPA).
+_ROUTED: dict[tuple[Any, str], Callable] = {
+    (F, "dropout"): _functional(False, False),
+    (F, "alpha_dropout"): _functional(False, True),
+    (F, "feature_alpha_dropout"): _functional(True, True),
+    (F, "dropout1d"): _functional(True, False, unbatched_dim=2),
+    (F, "dropout2d"): _functional(True, False),
+    (F, "dropout3d"): _functional(True, False, unbatched_dim=4),
+    (F, "scaled_dot_product_attention"): _attention,
+    (torch, "dropout"): _aten(False, False, False),
+    (torch, "dropout_"): _aten(False, False, True),
+    (torch, "alpha_dropout"): _aten(False, True, False),
+    (torch, "alpha_dropout_"): _aten(False, True, True),
+    (torch, "feature_dropout"): _aten(True, False, False),
+    (torch, "feature_dropout_"): _aten(True, False, True),
+    (torch, "feature_alpha_dropout"): _aten(True, True, False),
+    (torch, "feature_alpha_dropout_"): _aten(True, True, True),
+}
+_ORIGINALS: dict[str, Callable] = {}
+_INSTALL_LOCK = threading.Lock()
 
-    def __torch_function__(
-        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        own = _FUNCTIONAL.get(func)
-        if own is not None:
-            return own(*args, **kwargs)
-        if func is F.scaled_dot_product_attention:
-            return _attention(*args, **kwargs)
-        return func(*args, **kwargs)
+
+def _router(original: Callable, own: Callable) -> Callable:
+    """``own`` while a pack's member runs, else torch's ``original`` (one context lookup per call)."""
+
+    @functools.wraps(original)
+    def route(*args: Any, **kwargs: Any) -> Any:
+        if _POSITION.get() is None or _CALL.get() is None:
+            return original(*args, **kwargs)
+        return own(*args, **kwargs)
+
+    route.__modelbatch_original__ = original
+    return route
+
+
+def _install() -> None:
+    """Route torch's dropout functions through :func:`_router` (once per process).
+
+    A function reached otherwise than by its name in ``torch`` / ``torch.nn.functional`` at call
+    time (``from torch.nn.functional import dropout`` before modelbatch was imported) keeps
+    drawing from the global generator.
+    """
+    with _INSTALL_LOCK:
+        if _ORIGINALS:
+            return
+        for (owner, name), own in _ROUTED.items():
+            original = getattr(owner, name)
+            original = getattr(original, "__modelbatch_original__", original)
+            _ORIGINALS[f"{owner.__name__}.{name}"] = original
+            setattr(owner, name, _router(original, own))
