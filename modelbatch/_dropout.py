@@ -228,6 +228,7 @@ class _Spec:
     call: _Call
 
 
+@torch.compiler.disable  # compile=True: inductor cannot lower a draw from a given generator
 def _draw(spec: _Spec, position: int) -> torch.Tensor:
     """Member ``position``'s multiplier as torch's CPU dropout kernel computes it.
 

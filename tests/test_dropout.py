@@ -241,3 +241,14 @@ def test_fit_alone_equals_plain_torch_training_with_its_seed() -> None:
     torch.testing.assert_close(
         torch.tensor(history["val_loss"].tolist()), torch.tensor(val_losses), rtol=1e-12, atol=0
     )
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_compiled_pack_draws_the_same_masks(backend: str) -> None:
+    models = [nn.Sequential(nn.Linear(4, 8), nn.Dropout(p)) for p in (0.2, 0.5)]
+    x = torch.randn(3, 4)
+    compiled = mb.ModelBatch(models, backend=backend, compile=True)
+    compiled.manual_seed([1, 2])
+    eager = _pack(models, (backend, None), seeds=[1, 2])
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)
