@@ -49,7 +49,8 @@ ZERO_GRAD_RTOL = 1e-6
 
 @dataclass
 class PackReport:
-    """Per-tensor relative differences (max |packed - alone| / max |alone|) after training.
+    """Per-tensor relative differences after training: max |packed - alone| over the largest
+    |alone| of the tensor's kind (all ``bias`` parameters, all ``running_var`` buffers, ...).
 
     ``zero_gradient`` names the parameters whose true gradient is zero (left out of the
     comparison: see :data:`ZERO_GRAD_RTOL`); :attr:`verdict` says it all in one line.
@@ -136,7 +137,9 @@ def assert_pack_matches_sequential(
         data: ``(X, y)``; member ``i`` trains on its own random batches of it (drawn from seed ``seed + i``).
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"``.
         hparams: optimizer keyword arguments; a list of ``n_members`` values gives one per member.
-        rtol: the largest allowed ``max |packed - alone| / max |alone|`` for any tensor.
+        rtol: the largest allowed ``max |packed - alone|`` of any tensor, relative to the
+            largest ``|alone|`` of its kind (:func:`tensor_kind`: a bias that starts at zero is
+            judged at the scale of the model's biases, not at its own round-off).
         ignore: parameter/buffer names left out. Parameters whose true gradient is zero (a bias
             feeding BatchNorm, attention key biases) are found and left out by themselves
             (listed in ``report.zero_gradient``): Adam turns their round-off into full steps.
@@ -267,23 +270,47 @@ def _floating_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(name, t.detach()) for name, t in named if t.is_floating_point() and t.numel()]
 
 
+def tensor_kind(name: str, is_parameter: bool) -> str:
+    """The kind a tensor's differences are scaled by: parameter or buffer, and its own name.
+
+    Example:
+        >>> tensor_kind("encoder.layer.0.attention.key.bias", True)
+        'parameter bias'
+    """
+    return f"{'parameter' if is_parameter else 'buffer'} {name.rpartition('.')[2]}"
+
+
 def _compare(
     api: str, batch: ModelBatch, alone: list[nn.Module], rtol: float, ignore: set[str]
 ) -> PackReport:
+    """Each tensor's largest difference per member, relative to the largest value of its kind.
+
+    A kind is e.g. every ``bias`` parameter (:func:`tensor_kind`): a tensor of small values (a
+    bias initialized to zero) is compared at the scale of its kind, not at its own round-off.
+    """
     report = PackReport()
     failures = []
-    for name, stacked in {**batch.stacked_parameters(), **batch.stacked_buffers()}.items():
+    params = batch.stacked_parameters()
+    pairs = {}
+    for name, stacked in {**params, **batch.stacked_buffers()}.items():
         if name in ignore:
             continue
         ref = torch.stack(
             [dict(m.named_parameters()).get(name, dict(m.named_buffers()).get(name)) for m in alone]
         )
-        ref, got = ref.detach(), stacked.detach()
-        if not stacked.is_floating_point():  # integer buffers (num_batches_tracked) compare exactly
+        pairs[name] = (ref.detach(), stacked.detach())
+    scales: dict[str, torch.Tensor] = {}
+    for name, (ref, _) in pairs.items():
+        if ref.is_floating_point():
+            kind = tensor_kind(name, name in params)
+            largest = ref.abs().reshape(len(ref), -1).amax(1).to(torch.float64)
+            scales[kind] = torch.maximum(scales.get(kind, largest), largest)
+    for name, (ref, got) in pairs.items():
+        if not got.is_floating_point():  # integer buffers (num_batches_tracked) compare exactly
             diff = torch.where((got != ref).reshape(len(ref), -1).any(1), float("inf"), 0.0)
         else:
-            scale = ref.abs().reshape(len(ref), -1).amax(1).clamp_min(1e-300)
-            diff = (got - ref).abs().reshape(len(ref), -1).amax(1) / scale
+            scale = scales[tensor_kind(name, name in params)].clamp_min(1e-300)
+            diff = (got - ref).abs().reshape(len(ref), -1).amax(1).to(torch.float64) / scale
         report.rel_diff[name] = float(diff.max())
         bad = (diff > rtol).nonzero().flatten().tolist()
         if bad:
