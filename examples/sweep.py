@@ -220,7 +220,7 @@ def search_space() -> dict[str, Any]:
         "lr": tune.loguniform(1e-4, 3e-2),
         "weight_decay": tune.loguniform(1e-6, 1e-1),
         "width": tune.choice([64, 128]),
-        "dropout": tune.choice([0.0, 0.2]),  # each (width, dropout) is its own pack
+        "dropout": tune.choice([0.0, 0.2]),  # a per-member rate: each width is one pack
         "seed": tune.randint(0, 2**31 - 1),
     }
 

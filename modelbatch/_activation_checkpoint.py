@@ -32,6 +32,8 @@ import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from . import _dropout
+
 _functorch = torch._C._functorch
 # The running pack's skeleton, and whether its reentrant regions always give gradients.
 _PACK: contextvars.ContextVar[tuple[nn.Module, bool] | None] = contextvars.ContextVar(
@@ -184,6 +186,16 @@ class _Replay:
                 self.tensors.append(physical)
                 self.dims.append(dim)
             self.leaves.append(_Index(seen[id(leaf)]))
+        # The members' dropout streams as the region starts, and whose they are (the batched
+        # positions become one more input of the replay's vmap): the recomputation draws the same masks.
+        self.dropout = _dropout.current()
+        self.dropout_states = _dropout.snapshot() if preserve_rng else None
+        self.position: Any = None if self.dropout is None else self.dropout[1]
+        if isinstance(self.position, torch.Tensor):
+            physical, dim = _physical(self.position, self.level)
+            self.position = _Index(len(self.tensors))
+            self.tensors.append(physical)
+            self.dims.append(dim)
         self.context = context
         self.rng = _RngState(self.tensors) if preserve_rng else None
         self.device_type = torch_checkpoint._infer_device_type(*self.tensors)
@@ -209,19 +221,21 @@ class _Replay:
     def _run(self, *tensors: torch.Tensor) -> torch.Tensor:
         leaves = [tensors[leaf.i] if isinstance(leaf, _Index) else leaf for leaf in self.leaves]
         slot_values, partials, cell_values, args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        position = tensors[self.position.i] if isinstance(self.position, _Index) else self.position
         before = [table[key] for table, key, _ in self.slots]
         cells_before = [c.cell_contents for c in self.cells]
-        try:
-            for (table, key, _), value in zip(self.slots, slot_values):
-                table[key] = value
-            for cell, value in zip(self.cells, cell_values):
-                cell.cell_contents = value
-            _rewrap_partials(self.fn, partials)(*args, **kwargs)
-        finally:
-            for (table, key, _), value in zip(self.slots, before):
-                table[key] = value
-            for cell, value in zip(self.cells, cells_before):
-                cell.cell_contents = value
+        with _dropout.replaying(self.dropout, self.dropout_states, position):
+            try:
+                for (table, key, _), value in zip(self.slots, slot_values):
+                    table[key] = value
+                for cell, value in zip(self.cells, cell_values):
+                    cell.cell_contents = value
+                _rewrap_partials(self.fn, partials)(*args, **kwargs)
+            finally:
+                for (table, key, _), value in zip(self.slots, before):
+                    table[key] = value
+                for cell, value in zip(self.cells, cells_before):
+                    cell.cell_contents = value
         return torch.zeros(())
 
 

@@ -12,8 +12,9 @@
 * ``"auto"`` (the default): one of those, chosen by :func:`auto_choice` from facts that do not
   change with the machine's load, so a rerun makes the same choice and computes the same numbers.
 
-All of them update BatchNorm statistics once per call, in place, and draw independent dropout
-masks per member. Results agree to round-off (float64: ~1e-15 relative per step), not bitwise.
+All of them update BatchNorm statistics once per call, in place, and draw the same dropout masks:
+each member's from its own stream (:mod:`modelbatch._dropout`). Results agree to round-off
+(float64: ~1e-15 relative per step), not bitwise.
 
 How ``"auto"`` decides (a cost model fitted to ``benchmarks/results/engine-cpu-2core-x86_64*.json``
 and to the measurements quoted at each constant below; no timing at run time): the inputs are
@@ -49,8 +50,8 @@ N=64 0.70x / 0.78x / 0.94x; LSTM N=64 0.57x / 0.64x / 0.84x.
 
 A choice that raises on its first use (a layer without a vmap batching rule, e.g. ``.item()``
 in a forward) is replaced by ``"loop"`` for good, with a ``RuntimeWarning``; the buffers the
-failed call touched are restored first. That depends only on the model, so it repeats too. Out
-of memory is not such a failure: it propagates (see rule 2).
+failed call touched and the members' dropout streams are restored first. That depends only on
+the model, so it repeats too. Out of memory is not such a failure: it propagates (see rule 2).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
+from ._dropout import at_position, snapshot
 from ._tied import tied_names
 
 BACKENDS = ("auto", "vmap", "chunked", "loop")
@@ -160,20 +162,30 @@ def resolve_backend(api: str, backend: str, chunk_size: int | None, n: int) -> C
     return Choice(backend)
 
 
-def _vmapped(module: nn.Module, dims: tuple) -> Callable:
-    def run(params: dict, buffers: dict, ids: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-        def member(p: dict, b: dict, _id: torch.Tensor, a: tuple) -> Any:
-            return functional_call(module, (p, b), a, kwargs)
+def _keywords(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple[tuple, dict]:
+    """Split ``args`` whose last ``len(names)`` entries are the per-member keyword inputs ``names``."""
+    if not names:
+        return args, kwargs
+    cut = len(args) - len(names)
+    return args[:cut], {**kwargs, **dict(zip(names, args[cut:]))}
 
-        # The member ids give vmap a batched input even for a pack of parameter-free modules.
+
+def _vmapped(module: nn.Module, dims: tuple, names: tuple[str, ...]) -> Callable:
+    def run(params: dict, buffers: dict, ids: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        def member(p: dict, b: dict, position: torch.Tensor, a: tuple) -> Any:
+            with at_position(position):  # each member's dropout masks come from its own stream
+                return functional_call(module, (p, b), *_keywords(a, kwargs, names))
+
+        # The members' positions in the call give vmap a batched input even for a pack of
+        # parameter-free modules, and tell dropout whose stream to draw from.
         return vmap(member, in_dims=(0, 0, 0, dims), randomness="different")(params, buffers, ids, args)
 
     return run
 
 
-def _single(module: nn.Module) -> Callable:
+def _single(module: nn.Module, names: tuple[str, ...]) -> Callable:
     def run(params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
-        return functional_call(module, (params, buffers), args, kwargs)
+        return functional_call(module, (params, buffers), *_keywords(args, kwargs, names))
 
     return run
 
@@ -229,31 +241,43 @@ class Executor:
             if name in originals
             and type(layer) is not type(originals[name])
             and isinstance(layer, type(originals[name]))
+            # the fused kernels draw inter-layer dropout from the global generator, not the member's
+            and not (isinstance(layer, nn.RNNBase) and layer.dropout)
         ]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fns": {}, "_slots": {}}  # compiled functions cannot be copied
 
-    def _fn(self, kind: str, dims: tuple) -> Callable:
-        key = (kind, dims)
+    def _fn(self, kind: str, dims: tuple, names: tuple[str, ...]) -> Callable:
+        key = (kind, dims, names)
         fn = self._fns.get(key)
         if fn is None:
-            fn = _vmapped(self.module, dims) if kind == "vmap" else _single(self.module)
+            fn = _vmapped(self.module, dims, names) if kind == "vmap" else _single(self.module, names)
             if self.compile:
                 fn = torch.compile(fn, dynamic=False)
             self._fns[key] = fn
         return fn
 
-    def run(self, choice: Choice, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict) -> Any:
+    def run(
+        self,
+        choice: Choice,
+        params: dict,
+        buffers: dict,
+        args: tuple,
+        dims: tuple,
+        kwargs: dict,
+        names: tuple[str, ...] = (),
+    ) -> Any:
+        """The forward of every member; the last ``len(names)`` ``args`` are keyword inputs ``names``."""
         # The members given: all of the pack, or those ModelBatch.forward picked (see _members).
         n = _members(params, self.n)
         if choice.name == "loop" or n == 1:  # one member has nothing to vectorize
-            return self._loop(n, params, buffers, args, dims, kwargs)
+            return self._loop(n, params, buffers, args, dims, kwargs, names)
         size = choice.chunk_size or n
         ids = torch.arange(n)
         if size >= n:
-            return self._fn("vmap", dims)(params, buffers, ids, args, kwargs)
-        return self._chunked(size, params, buffers, ids, args, dims, kwargs)
+            return self._fn("vmap", dims, names)(params, buffers, ids, args, kwargs)
+        return self._chunked(size, params, buffers, ids, args, dims, kwargs, names)
 
     def _chunked(
         self,
@@ -264,8 +288,9 @@ class Executor:
         args: tuple,
         dims: tuple,
         kwargs: dict,
+        names: tuple[str, ...],
     ) -> Any:
-        fn = self._fn("vmap", dims)
+        fn = self._fn("vmap", dims, names)
         # One split per tensor: its backward writes every chunk's gradient into one [N, ...] tensor.
         p_chunks = {k: v.split(size) for k, v in params.items()}
         a_chunks = [a.split(size) if d == 0 else None for a, d in zip(args, dims)]
@@ -279,7 +304,9 @@ class Executor:
             outputs.append(fn(p, b, ids[start:stop], a, kwargs))
         return _combine(outputs, torch.cat)
 
-    def _loop(self, n: int, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict) -> Any:
+    def _loop(
+        self, n: int, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict, names: tuple
+    ) -> Any:
         # One unbind per tensor: its backward writes every member's gradient into one [N, ...] tensor.
         # A single member is a squeeze, whose backward is a view (no copy).
         split = _unbind if n > 1 else _squeeze
@@ -291,16 +318,19 @@ class Executor:
             return tuple(a if m is None else m[i] for a, m in zip(args, a_members))
 
         if self.compile:
-            fn = self._fn("member", ())
-            outputs = [
-                fn({k: members[k][i] for k in params}, {k: members[k][i] for k in buffers}, inputs(i), kwargs)
-                for i in range(n)
-            ]
+            fn = self._fn("member", (), names)
+            outputs = []
+            for i in range(n):
+                with at_position(i):
+                    p, b = {k: members[k][i] for k in params}, {k: members[k][i] for k in buffers}
+                    outputs.append(fn(p, b, inputs(i), kwargs))
         else:
-            outputs = self._swapped_loop(members, inputs, kwargs, n)
+            outputs = self._swapped_loop(members, inputs, kwargs, n, names)
         return _combine(outputs, torch.stack if n > 1 else _unsqueeze)
 
-    def _swapped_loop(self, members: dict, inputs: Callable[[int], tuple], kwargs: dict, n: int) -> list:
+    def _swapped_loop(
+        self, members: dict, inputs: Callable[[int], tuple], kwargs: dict, n: int, names: tuple
+    ) -> list:
         """Call the module once per member with that member's tensors put in its slots.
 
         What ``functional_call`` does, without its per-call bookkeeping (it doubles a small model's
@@ -323,7 +353,9 @@ class Executor:
                     table[leaf] = values[i]
                 for rnn in rnns:  # nn.RNNBase reads its weights from a list refreshed by setattr only
                     rnn._init_flat_weights()
-                outputs.append(self.module(*inputs(i), **kwargs))
+                args, member_kwargs = _keywords(inputs(i), kwargs, names)
+                with at_position(i):
+                    outputs.append(self.module(*args, **member_kwargs))
         finally:
             for table, leaf, original in originals:
                 table[leaf] = original
@@ -433,25 +465,37 @@ class Backends:
         device = _device_type(params, buffers)
         return {kind: self.choice(kind == "training", device).label for kind in ("training", "inference")}
 
-    def run(self, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict, training: bool) -> Any:
-        choice = self.last = self.choice(training, _device_type(params, buffers))
-        if self.fixed is not None or choice.name == "loop" or choice.label in self.working:
-            return self.executor.run(choice, params, buffers, args, dims, kwargs)
-        return self._first_use(choice, params, buffers, args, dims, kwargs)
-
-    def _first_use(
-        self, choice: Choice, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict
+    def run(
+        self,
+        params: dict,
+        buffers: dict,
+        args: tuple,
+        dims: tuple,
+        kwargs: dict,
+        training: bool,
+        names: tuple[str, ...] = (),
     ) -> Any:
+        """The forward of every member (see :meth:`Executor.run`) with the backend for this call."""
+        choice = self.last = self.choice(training, _device_type(params, buffers))
+        call = (params, buffers, args, dims, kwargs, names)
+        if self.fixed is not None or choice.name == "loop" or choice.label in self.working:
+            return self.executor.run(choice, *call)
+        return self._first_use(choice, call)
+
+    def _first_use(self, choice: Choice, call: tuple) -> Any:
         """Run ``"auto"``'s choice once; if it raises (not out of memory), undo and run the loop."""
+        buffers = call[1]
         saved = {k: b.clone() for k, b in buffers.items()}
+        restore_streams = snapshot()
         try:
-            out = self.executor.run(choice, params, buffers, args, dims, kwargs)
+            out = self.executor.run(choice, *call)
         except RuntimeError as exc:
             if is_out_of_memory(exc):
                 raise
             with torch.no_grad():
                 for k, b in buffers.items():
                     b.copy_(saved[k])
+            restore_streams()
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self.failed[choice.label] = reason
             warnings.warn(
@@ -461,6 +505,6 @@ class Backends:
                 stacklevel=4,
             )
             self.last = Choice("loop")
-            return self.executor.run(self.last, params, buffers, args, dims, kwargs)
+            return self.executor.run(self.last, *call)
         self.working.add(choice.label)
         return out

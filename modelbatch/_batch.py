@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 from ._activation_checkpoint import running_pack
 from ._architecture import first_setting_difference
 from ._backends import Backends
+from ._dropout import MemberRandom, dropout_modules, install_member_rates, running_members
 from ._hparams import check_member_index
 from ._huggingface import adapt_skeleton
 from ._tied import retie, set_tensor, tied_names
@@ -191,8 +192,9 @@ class ModelBatch(nn.Module):
     The models' parameters and buffers are copied into stacked tensors of shape ``[N, ...]``
     (``self.stack`` holds them under the original names). ``batch(x)`` runs every member on
     a shared input ``[B, ...]``; ``batch(xs, in_dims=0)`` runs member ``i`` on ``xs[i]``.
-    Each member keeps its own parameters, buffers (BatchNorm statistics), dropout masks and,
-    with :mod:`modelbatch.optim`, its own optimizer hyperparameters and state.
+    Each member keeps its own parameters, buffers (BatchNorm statistics), dropout rates and
+    random stream (:meth:`manual_seed`: its masks do not depend on its pack-mates) and, with
+    :mod:`modelbatch.optim`, its own optimizer hyperparameters and state.
 
     Stock layers that torch runs wrongly under vmap are fixed in the skeleton by
     :func:`modelbatch.layers.prepare_for_vmap`; ``preflight=True`` checks on the first call, in
@@ -238,6 +240,7 @@ class ModelBatch(nn.Module):
         for name, value in buffers.items():
             set_tensor(stack, name, value, False)
         retie(stack, self._aliases)  # tied names: one stacked leaf in every alias's slot
+        install_member_rates(stack, models)  # every dropout module's p, per member
         prepare_for_vmap(stack, api="ModelBatch")
         self._inputs_require_grad = adapt_skeleton(stack)
         self.stack = stack
@@ -245,6 +248,7 @@ class ModelBatch(nn.Module):
         self.training = models[0].training
         object.__setattr__(self, "_template", template)
         self.register_buffer("active", torch.ones(len(models), dtype=torch.bool))
+        self._random = MemberRandom(len(models))
         self._backends = Backends(self.stack, len(models), compile=compile, template=template)
         self._backends.set("ModelBatch", backend, chunk_size)
         if preflight:
@@ -356,12 +360,16 @@ class ModelBatch(nn.Module):
         *args: Any,
         in_dims: int | Sequence[int | None] | None = None,
         participating: torch.Tensor | None = None,
+        kwarg_in_dims: Mapping[str, int | None] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run every member: ``in_dims=None`` for shared inputs ``[B, ...]``, ``0`` for ``[N, B, ...]``.
 
         ``in_dims`` may also be a sequence with one entry per positional input. Keyword
-        arguments are passed unchanged (shared) to every member. ``participating`` ([N] bool)
+        arguments are passed unchanged (shared) to every member, except those that
+        ``kwarg_in_dims`` maps to ``0``: member ``i`` gets row ``i`` of those (e.g. a Hugging Face
+        model's ``attention_mask`` of per-member batches: ``batch(ids, attention_mask=mask,
+        in_dims=0, kwarg_in_dims={"attention_mask": 0})``). ``participating`` ([N] bool)
         marks members whose batch this step is real: the others, like frozen members, keep
         their buffers (BatchNorm statistics) unchanged. When ``participating`` is given and
         selects at least one member, only the members that participate and are not frozen are
@@ -369,6 +377,11 @@ class ModelBatch(nn.Module):
         parameters). A pack with few live members then costs what those members cost.
         """
         dims = self._input_dims(args, in_dims)
+        names = self._keyword_inputs(kwargs, kwarg_in_dims)
+        if names:  # per-member keyword inputs travel as the last positional inputs, batched on dim 0
+            args = (*args, *(kwargs[name] for name in names))
+            dims = (*dims, *(0 for _ in names))
+            kwargs = {key: value for key, value in kwargs.items() if key not in names}
         params = self.stacked_parameters()
         buffers = self.stacked_buffers()
         updating = self.active
@@ -377,22 +390,45 @@ class ModelBatch(nn.Module):
             computed = int(updating.sum())
             if params and 0 < computed < self.n:
                 return self._forward_members(
-                    updating.nonzero().squeeze(1), params, buffers, args, dims, kwargs
+                    updating.nonzero().squeeze(1), params, buffers, args, dims, kwargs, names
                 )
         # With frozen members, train-mode layers (BatchNorm) update copies of the buffers and only the
         # updating members' rows are written back: restoring in place would break autograd's saved tensors.
         frozen = self.training and bool(buffers) and not bool(updating.all())
         run_buffers = {name: b.clone() for name, b in buffers.items()} if frozen else buffers
         trial = self.training and torch.is_grad_enabled()  # "auto" chooses for training or inference
-        out = self._run(params, run_buffers, args, dims, kwargs, trial)
+        out = self._run(range(self.n), params, run_buffers, args, dims, kwargs, trial, names)
         if frozen:
             self._write_back(buffers, run_buffers, updating)
         return out
 
-    def _run(self, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict, trial: bool) -> Any:
+    def _run(
+        self,
+        slots: Sequence[int],
+        params: dict,
+        buffers: dict,
+        args: tuple,
+        dims: tuple,
+        kwargs: dict,
+        trial: bool,
+        names: tuple[str, ...],
+    ) -> Any:
+        """The members ``slots`` (in this order) on their tensors: dropout draws from their streams.
+
+        The last ``len(names)`` entries of ``args`` are the per-member keyword inputs ``names``.
+        """
         try:  # torch.utils.checkpoint inside the model recomputes per member (running_pack)
-            with running_pack(self.stack, self._inputs_require_grad):
-                out = self._backends.run(params, buffers, args, dims, kwargs, trial)
+            with running_pack(self.stack, self._inputs_require_grad), running_members(self._random, slots):
+                out = self._backends.run(params, buffers, args, dims, kwargs, trial, names)
+        except RuntimeError as exc:
+            if "data-dependent control flow" not in str(exc):
+                raise
+            raise RuntimeError(
+                "ModelBatch.forward: the model branches on a tensor's values, which torch.vmap cannot "
+                "batch (vmap and chunked backends). Hugging Face models do so with a 2-D attention_mask "
+                "(padding_mask.all()): pass the 4-D additive mask [N, B, 1, S, S] instead, or use "
+                f"backend='loop' (backend='auto' falls back to it by itself).\n{exc}"
+            ) from exc
         except ValueError as exc:  # vmap's own words for a non-tensor output
             if "must only return Tensors" in str(exc):
                 found = re.search(r"<class '(?:[\w.]*\.)?(\w+)'>", str(exc))
@@ -403,7 +439,14 @@ class ModelBatch(nn.Module):
         return out
 
     def _forward_members(
-        self, ids: torch.Tensor, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict
+        self,
+        ids: torch.Tensor,
+        params: dict,
+        buffers: dict,
+        args: tuple,
+        dims: tuple,
+        kwargs: dict,
+        names: tuple,
     ) -> Any:
         """The forward of the members ``ids`` only; the other members' outputs are zeros.
 
@@ -414,7 +457,7 @@ class ModelBatch(nn.Module):
         run_buffers = {k: b.index_select(0, ids.to(b.device)) for k, b in buffers.items()}
         sub_args = tuple(a.index_select(0, ids.to(a.device)) if d == 0 else a for a, d in zip(args, dims))
         trial = self.training and torch.is_grad_enabled()
-        out = self._run(pick, run_buffers, sub_args, dims, kwargs, trial)
+        out = self._run(ids.tolist(), pick, run_buffers, sub_args, dims, kwargs, trial, names)
         if self.training and buffers:
             with torch.no_grad():
                 for name, buf in buffers.items():
@@ -444,6 +487,40 @@ class ModelBatch(nn.Module):
                     "batch [B, ...] with in_dims=None."
                 )
         return dims
+
+    def _keyword_inputs(
+        self, kwargs: dict, kwarg_in_dims: Mapping[str, int | None] | None
+    ) -> tuple[str, ...]:
+        """The names of the per-member keyword inputs (``kwarg_in_dims`` 0), checked."""
+        api = "ModelBatch.forward"
+        if kwarg_in_dims is None:
+            return ()
+        if not isinstance(kwarg_in_dims, Mapping):
+            raise TypeError(
+                f"{api}: kwarg_in_dims must map keyword input names to None or 0, got "
+                f"{type(kwarg_in_dims).__name__}; e.g. kwarg_in_dims={{'attention_mask': 0}}."
+            )
+        names = []
+        for name, dim in kwarg_in_dims.items():
+            if name not in kwargs:
+                raise ValueError(
+                    f"{api}: kwarg_in_dims names {name!r}, which is not a keyword input of this call "
+                    f"(given: {sorted(kwargs)}); pass it as {name}=... or drop it from kwarg_in_dims."
+                )
+            if dim is None:
+                continue
+            value = kwargs[name]
+            if dim != 0 or isinstance(dim, bool):
+                raise ValueError(f"{api}: kwarg_in_dims[{name!r}] must be None or 0, got {dim!r}.")
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != self.n:
+                shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"{api}: per-member keyword input {name!r} (kwarg_in_dims 0) must have the pack "
+                    f"size N={self.n} on dim 0, got {shape}. Stack one per member, or share it "
+                    "(kwarg_in_dims None)."
+                )
+            names.append(name)
+        return tuple(names)
 
     @staticmethod
     def _write_back(
@@ -577,6 +654,8 @@ class ModelBatch(nn.Module):
             for name, buf in self.stacked_buffers().items():
                 set_tensor(model, name, buf[index].clone(), False)
         retie(model, self._aliases)
+        for path, layer in dropout_modules(model).items():
+            layer.p = self.stack.get_submodule(path).p.rates[index]
         model.train(self.training)
         return model
 
@@ -595,9 +674,11 @@ class ModelBatch(nn.Module):
                 )
             values = dict(_named_tensors(source))
             expected = dict(_named_tensors(self.stack))
+            rates = {path: float(layer.p) for path, layer in dropout_modules(source).items()}
         elif isinstance(source, Mapping):
             values = dict(source)
             expected = self.stack.state_dict(keep_vars=True)
+            rates = {}
         else:
             raise TypeError(f"{api}: expected an nn.Module or a state_dict, got {type(source).__name__}.")
         missing = sorted(expected.keys() - values.keys())
@@ -619,6 +700,73 @@ class ModelBatch(nn.Module):
                 target[index].copy_(value.to(target.device, target.dtype))
                 if isinstance(target, nn.Parameter) and target.grad is not None:
                     target.grad[index].zero_()
+        for path, rate in rates.items():
+            self.stack.get_submodule(path).p.rates[index] = rate
+
+    # ------------------------------------------------------------------ dropout
+    @property
+    def dropout_rates(self) -> dict[str, list[float]]:
+        """Every dropout module's rate ``p`` per member, by module path.
+
+        Models that differ only in these rates share a pack: member ``i`` drops with its own
+        ``p`` (``member(i)`` returns it, ``load_member`` sets it).
+
+        Example:
+            >>> import torch, modelbatch as mb
+            >>> nets = [torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(p)) for p in (0.1, 0.5)]
+            >>> mb.ModelBatch(nets).dropout_rates
+            {'1': [0.1, 0.5]}
+        """
+        return {path: list(layer.p.rates) for path, layer in dropout_modules(self.stack).items()}
+
+    def manual_seed(self, seed: int | Sequence[int], *, member: int | None = None) -> None:
+        """Seed the members' dropout streams: one seed per member, or ``member``'s alone.
+
+        Each member draws its dropout masks from its own generator, so its masks depend neither
+        on its pack-mates nor on its slot, and a rerun is bitwise identical. Seeded with ``s``, a
+        member draws on the CPU exactly the masks a plain model draws after ``torch.manual_seed(s)``.
+        A member never seeded takes a seed from the global generator at its first dropout call.
+
+        Example:
+            >>> import torch, modelbatch as mb
+            >>> batch = mb.ModelBatch([torch.nn.Dropout(0.5) for _ in range(2)])
+            >>> batch.manual_seed([7, 8])
+            >>> out = batch(torch.ones(6))
+            >>> _ = torch.manual_seed(8)
+            >>> torch.equal(out[1], torch.nn.Dropout(0.5)(torch.ones(6)))
+            True
+        """
+        api = "ModelBatch.manual_seed"
+        if member is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"{api}: with member=, seed must be one int, got {seed!r}.")
+            self._random.seed(check_member_index(api, member, self.n), seed)
+            return
+        if isinstance(seed, int) or not isinstance(seed, Sequence) or len(seed) != self.n:
+            raise TypeError(
+                f"{api}: pass one seed per member (a list of {self.n} ints), or one int with member=i; "
+                f"got {seed!r}."
+            )
+        for i, value in enumerate(seed):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{api}: seed {i} must be an int, got {value!r}.")
+            self._random.seed(i, value)
+
+    def rng_state(self, member: int) -> dict[str, torch.Tensor]:
+        """Member ``member``'s dropout stream: generator states by device type and its seed.
+
+        Pass it to :meth:`set_rng_state` to continue the stream (``mb.save`` keeps every member's).
+        """
+        return self._random.get_state(check_member_index("ModelBatch.rng_state", member, self.n))
+
+    def set_rng_state(self, member: int, state: Mapping[str, torch.Tensor] | torch.Tensor) -> None:
+        """Put back a state from :meth:`rng_state`, or a CPU generator state (``torch.get_rng_state()``).
+
+        With the CPU state a plain script has before its training loop, member ``member`` draws
+        the masks that script draws (on the CPU).
+        """
+        index = check_member_index("ModelBatch.set_rng_state", member, self.n)
+        self._random.set_state(index, state if isinstance(state, torch.Tensor) else dict(state))
 
     def freeze(self, index: int) -> None:
         """Freeze member ``index``: its parameters, buffers and optimizer state stop changing."""

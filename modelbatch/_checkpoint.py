@@ -14,7 +14,7 @@ from ._tied import retie, tied_names
 from .optim import Optimizer
 
 FORMAT = "modelbatch-checkpoint"
-VERSION = 2  # 2: non-persistent buffers are saved too
+VERSION = 3  # 2: non-persistent buffers are saved too; 3: each member's dropout rates and stream
 
 
 def _non_persistent_buffers(batch: ModelBatch) -> dict[str, torch.Tensor]:
@@ -29,7 +29,8 @@ def save(
     """Write ``batch`` (all members), its optimizer and any ``extra`` picklable values to ``path``.
 
     Every buffer is kept, persistent or not (``register_buffer(..., persistent=False)``, which
-    ``state_dict()`` leaves out): a loaded pack computes bitwise what the saved one did. The file
+    ``state_dict()`` leaves out), and so are each member's dropout rates and random stream: a
+    loaded pack computes bitwise what the saved one did, dropout masks included. The file
     is written to a temporary name and renamed, so an interrupted save never leaves a truncated
     checkpoint behind.
 
@@ -57,6 +58,10 @@ def save(
         "backend": {"backend": batch.backend, "chunk_size": batch.chunk_size},
         "batch": batch.state_dict(),
         "buffers": _non_persistent_buffers(batch),
+        "dropout": {
+            "rates": batch.dropout_rates,
+            "rng": [batch.rng_state(i) for i in range(batch.n)],
+        },
         "optimizer": None
         if optimizer is None
         else {
@@ -120,6 +125,8 @@ def load(
     batch.load_state_dict(payload["batch"])
     if saved_buffers is not None:
         _load_buffers(batch, saved_buffers)
+    if payload.get("dropout") is not None:
+        _load_dropout(batch, payload["dropout"])
     if cls is not None:
         if optimizer is None:
             optimizer = cls.from_state_dict(batch, saved_opt["state"])
@@ -144,3 +151,11 @@ def _load_buffers(batch: ModelBatch, saved: dict[str, torch.Tensor]) -> None:
                     f"{list(targets[name].shape)} in the pack."
                 )
             targets[name].copy_(value)
+
+
+def _load_dropout(batch: ModelBatch, saved: dict[str, Any]) -> None:
+    """Each member's dropout rates and random stream, as saved."""
+    for path, rates in saved["rates"].items():
+        batch.stack.get_submodule(path).p.rates[:] = rates
+    for i, state in enumerate(saved["rng"]):
+        batch.set_rng_state(i, state)

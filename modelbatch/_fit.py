@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ._recipe import Recipe
-from ._trainer import PackTrainer, architecture_signature, build_model, member_seed
+from ._trainer import PackTrainer, architecture_signature, build_model, member_seed, pack_label
 from .callbacks import Callback, NaNGuard, Progress
 
 if TYPE_CHECKING:
@@ -38,16 +38,21 @@ def fit(
 ) -> pd.DataFrame:
     """Train every config of ``recipe`` for ``reports`` reports, packed; one row per member per report.
 
-    Configs whose models have the same parameter shapes share a pack; others get packs of their
-    own. A member's seed is ``config["seed"]`` (default: its index in ``configs``), so a config
-    trained here equals the same config trained alone with ``fit(recipe, [config])``.
+    Configs whose models have the same parameter shapes and module settings share a pack (a
+    dropout module's rate is per member: configs differing only in it share one); others get
+    packs of their own. A member's seed is ``config["seed"]`` (default: its index in
+    ``configs``): it seeds the model's initialization and the member's own dropout stream, so a
+    config trained here equals the same config trained alone with ``fit(recipe, [config])``
+    (and, on the CPU, a plain torch loop after ``torch.manual_seed(seed); model = recipe.model(config)``
+    on the same batches).
     With ``capacity`` smaller than a group, members train in waves: a stopped member's slot
     is refilled by the next config at once.
     ``mlflow=True`` (MLflow's default tracking URI), a dict of :class:`mb.MLflowLogger` arguments
     or a logger logs the sweep to MLflow: one parent run, one child run per member.
 
     Returns:
-        A DataFrame with columns ``member``, ``training_iteration``, ``step``, ``loss``, the
+        A DataFrame with columns ``member``, ``pack`` (the label of the member's architecture,
+        as in a sweep's results), ``training_iteration``, ``step``, ``loss``, the
         validation metrics (``val_loss``, ``val_<metric>``), ``status`` (``running`` or, on a
         member's last row, why it stopped: ``finished``, ``early stopped: ...``, ``errored: ...``)
         and ``config/<key>`` for every config key.
@@ -145,6 +150,7 @@ def _train_group(
     rows: list[dict[str, Any]],
 ) -> None:
     trainer = PackTrainer(recipe, min(capacity, len(group)), example_config=configs[group[0]])
+    label = pack_label(trainer.signature)
     for cb in callbacks:
         if hasattr(cb, "on_pack_start"):
             cb.on_pack_start(trainer)
@@ -157,7 +163,7 @@ def _train_group(
         results = trainer.train_report()
         control = _Control()
         for member, report in results.items():
-            row = {"member": member, **report, "status": "running"}
+            row = {"member": member, "pack": label, **report, "status": "running"}
             row.update({f"config/{k}": v for k, v in configs[member].items()})
             rows.append(row)
             last[member] = row

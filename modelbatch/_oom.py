@@ -2,8 +2,8 @@
 
 A pack that runs out of device memory in a training step (or an evaluation) does not lose its
 members: :func:`shrink_on_oom` restores what the failed call changed (the pack's buffers, e.g.
-BatchNorm statistics, and the random number generators, so dropout draws again from the same
-state), frees the allocator's cached memory and retries the call with the pack's
+BatchNorm statistics, and the random number generators, the members' own included, so dropout
+draws again from the same state), frees the allocator's cached memory and retries the call with the pack's
 :class:`~modelbatch.ModelBatch` on backend ``"chunked"`` with half as many members per chunk
 (``"vmap"`` counts as one chunk of all members), down to one member at a time. Only calls that
 apply no update are retried: a training step's forward, loss, backward and gradient clipping;
@@ -79,6 +79,7 @@ class _Snapshot:
         self.buffers = {name: b.clone() for name, b in batch.stacked_buffers().items()}
         self.batch = batch
         self.cpu_rng = torch.get_rng_state()
+        self.member_rng = [batch.rng_state(i) for i in range(batch.n)]
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
     def restore(self) -> None:
@@ -86,6 +87,8 @@ class _Snapshot:
             for name, b in self.batch.stacked_buffers().items():
                 b.copy_(self.buffers[name])
         torch.set_rng_state(self.cpu_rng)
+        for i, state in enumerate(self.member_rng):
+            self.batch.set_rng_state(i, state)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
 

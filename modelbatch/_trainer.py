@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,12 +28,33 @@ from .optim.lr_scheduler import PerMember
 def architecture_signature(model: nn.Module) -> str:
     """A key equal for models that can share a pack: class, tensor names and shapes, module settings.
 
-    Module settings (``Dropout.p``, ``eps``, ...) are part of it: a pack runs every member
-    through one copy of the modules, so configs that differ in one train in separate packs.
+    Module settings (``eps``, a slope, ...) are part of it: a pack runs every member through one
+    copy of the modules, so configs that differ in one train in separate packs. A dropout
+    module's rate is not: a pack holds it per member.
     """
     shapes = [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
     settings = repr(sorted(module_settings(model).items()))
     return f"{type(model).__module__}.{type(model).__qualname__}|" + ";".join(shapes) + "|" + settings
+
+
+def pack_label(signature: str) -> str:
+    """A short readable name of an architecture signature: the results' ``pack`` column.
+
+    The model class, the output sizes of its weight tensors and a hash of the whole signature
+    (which tells apart architectures the readable part does not).
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.2), nn.Linear(64, 10))
+        >>> pack_label(architecture_signature(net))[:-8]
+        'Sequential 64-10'
+    """
+    digest = hashlib.sha1(signature.encode()).hexdigest()[:6]
+    name, _, rest = signature.partition("|")
+    if not rest:
+        return digest
+    sizes = re.findall(r"weight:\((\d+)[,)]", rest.partition("|")[0])
+    return " ".join(w for w in (name.rsplit(".", 1)[-1], "-".join(sizes), f"#{digest}") if w)
 
 
 def member_seed(config: Mapping[str, Any], default: int) -> int:
@@ -47,6 +70,17 @@ def build_model(recipe: Recipe, config: Mapping[str, Any], seed: int, api: str =
 
     A factory that reads a key the config lacks, or returns no module, raises with ``api`` first.
     """
+    return build_seeded(recipe, config, seed, api)[0]
+
+
+def build_seeded(
+    recipe: Recipe, config: Mapping[str, Any], seed: int, api: str = "mb.Recipe"
+) -> tuple[nn.Module, torch.Tensor]:
+    """:func:`build_model`, and the CPU generator's state after the factory ran.
+
+    That state is where a plain script's ``torch.manual_seed(seed); model = factory(config)``
+    leaves the global generator for its training loop: the member's dropout stream starts there.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -60,12 +94,13 @@ def build_model(recipe: Recipe, config: Mapping[str, Any], seed: int, api: str =
                 f"{sorted(map(str, config))}). Add {key!r} to every config (or to the search space), "
                 f"or read it with cfg.get({key!r}, default)."
             ) from exc
+        state = torch.get_rng_state()
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"{api}: model(config) must return an nn.Module, got {type(model).__name__} "
             f"(config {dict(config)!r}). Return an instance, e.g. MyNet(cfg['hidden'])."
         )
-    return model.to(recipe.dtype)
+    return model.to(recipe.dtype), state
 
 
 @dataclass
@@ -160,14 +195,16 @@ class PackTrainer:
             raise ValueError(f"{api}: member {member_id!r} is already in the pack.")
         config = dict(config)
         seed = member_seed(config, 0) if seed is None else seed
-        model = build_model(self.recipe, config, seed)
+        model, rng = build_seeded(self.recipe, config, seed)
         if architecture_signature(model) != self.signature:
             raise ValueError(
                 f"{api}: member {member_id!r} builds a model of another architecture than this pack; "
                 "put configs with different parameter shapes into separate packs."
             )
         slot = free[0]
-        self.batch.load_member(slot, model)
+        self.batch.load_member(slot, model)  # its weights and dropout rates
+        # Its dropout masks: those a plain script draws after torch.manual_seed(seed) and the factory.
+        self.batch.set_rng_state(slot, {"seed": torch.tensor(seed), "cpu": rng})
         self.optimizer.reset_member(slot)
         for name, value in self.recipe.hparams(config).items():
             self.optimizer.set_hparam(name, value, member=slot)
@@ -337,7 +374,7 @@ class PackTrainer:
 
     # ------------------------------------------------------------------ member state
     def member_state(self, member_id: Any) -> dict[str, Any]:
-        """What continues this member elsewhere: weights, optimizer, schedule and data position."""
+        """What continues this member elsewhere: weights, optimizer, schedule, data, dropout stream."""
         slot = self.slot_of(member_id)
         opt_state = {
             k: {n: t[slot].detach().cpu().clone() for n, t in st.items()}
@@ -351,6 +388,7 @@ class PackTrainer:
             "optimizer_step": float(self.optimizer.steps[slot]),
             "schedule": None if self.schedule is None else self.schedule.member_state_dict(slot),
             "sampler": self.sampler.member_state_dict(slot),
+            "rng": self.batch.rng_state(slot),
         }
 
     def restore_member(self, state: Mapping[str, Any]) -> int:
@@ -369,6 +407,8 @@ class PackTrainer:
         if self.schedule is not None and state["schedule"] is not None:
             self.schedule.load_member_state_dict(slot, state["schedule"])
         self.sampler.load_member_state_dict(slot, state["sampler"])
+        if "rng" in state:  # saved before members had their own dropout streams: a fresh one
+            self.batch.set_rng_state(slot, state["rng"])
         self.slots[slot] = copy.deepcopy(saved)
         self.slots[slot].stopped = None
         return slot

@@ -49,7 +49,8 @@ ZERO_GRAD_RTOL = 1e-6
 
 @dataclass
 class PackReport:
-    """Per-tensor relative differences (max |packed - alone| / max |alone|) after training.
+    """Per-tensor relative differences after training: max |packed - alone| over the largest
+    |alone| of the tensor's kind (all ``bias`` parameters, all ``running_var`` buffers, ...).
 
     ``zero_gradient`` names the parameters whose true gradient is zero (left out of the
     comparison: see :data:`ZERO_GRAD_RTOL`); :attr:`verdict` says it all in one line.
@@ -130,11 +131,15 @@ def assert_pack_matches_sequential(
 
     Args:
         model_factory: ``i -> nn.Module``; called twice per member, it must return equal weights
-            for equal ``i`` (seed inside it). Models must be deterministic (no active dropout).
-        data: ``(X, y)``; member ``i`` trains on its own random batches of it.
+            for equal ``i`` (seed inside it). Dropout may be on: member ``i`` draws its masks
+            from its own stream seeded ``seed + i`` (:meth:`ModelBatch.manual_seed`), the model
+            alone after ``torch.manual_seed(seed + i)`` (equal masks on the CPU).
+        data: ``(X, y)``; member ``i`` trains on its own random batches of it (drawn from seed ``seed + i``).
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"``.
         hparams: optimizer keyword arguments; a list of ``n_members`` values gives one per member.
-        rtol: the largest allowed ``max |packed - alone| / max |alone|`` for any tensor.
+        rtol: the largest allowed ``max |packed - alone|`` of any tensor, relative to the
+            largest ``|alone|`` of its kind (:func:`tensor_kind`: a bias that starts at zero is
+            judged at the scale of the model's biases, not at its own round-off).
         ignore: parameter/buffer names left out. Parameters whose true gradient is zero (a bias
             feeding BatchNorm, attention key biases) are found and left out by themselves
             (listed in ``report.zero_gradient``): Adam turns their round-off into full steps.
@@ -158,6 +163,7 @@ def assert_pack_matches_sequential(
     batches = member_batches(X.shape[0], n_members, steps, batch_size, seed)
 
     batch = ModelBatch(models, backend=backend)
+    batch.manual_seed([seed + i for i in range(n_members)])
     opt = packed_cls(batch, **hparams)
     for idx in batches:
         opt.zero_grad()
@@ -174,6 +180,7 @@ def assert_pack_matches_sequential(
             y,
             batches[:, i],
             _picking(loss_fn, output),
+            seed + i,
             zero,
         )
     skip = set(ignore) | {name for name, always in zero.items() if always}
@@ -181,7 +188,7 @@ def assert_pack_matches_sequential(
         report = _compare(api, batch, alone, rtol, skip)
     except AssertionError as exc:
         drift = _chaos_drift(
-            model_factory, torch_cls, hparams, n_members, X, y, batches, _picking(loss_fn, output), skip
+            model_factory, torch_cls, hparams, n_members, X, y, batches, _picking(loss_fn, output), skip, seed
         )
         raise AssertionError(
             f"{exc}\n  For scale: the reference trained alone drifts by {drift:.3e} from itself when its "
@@ -209,15 +216,19 @@ def _train_alone(
     y: torch.Tensor,
     batches: torch.Tensor,
     loss_fn: Callable,
+    seed: int,
     zero: dict[str, bool] | None = None,
 ) -> None:
-    """Train one model with torch.optim; ``zero[name]`` stays True while ``name``'s gradient is ~0."""
-    for idx in batches:
-        opt.zero_grad()
-        loss_fn(model(X[idx]), y[idx]).backward()
-        if zero is not None:
-            _track_zero_gradients(model, zero)
-        opt.step()
+    """Train one model with torch.optim, its dropout drawing from the global generator seeded
+    ``seed`` (restored afterwards); ``zero[name]`` stays True while ``name``'s gradient is ~0."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for idx in batches:
+            opt.zero_grad()
+            loss_fn(model(X[idx]), y[idx]).backward()
+            if zero is not None:
+                _track_zero_gradients(model, zero)
+            opt.step()
 
 
 def _track_zero_gradients(model: nn.Module, zero: dict[str, bool]) -> None:
@@ -228,7 +239,7 @@ def _track_zero_gradients(model: nn.Module, zero: dict[str, bool]) -> None:
         zero[name] = zero.get(name, True) and small
 
 
-def _chaos_drift(model_factory, torch_cls, hparams, n, X, y, batches, loss_fn, ignore) -> float:
+def _chaos_drift(model_factory, torch_cls, hparams, n, X, y, batches, loss_fn, ignore, seed) -> float:
     """The largest relative difference of the reference from itself under a 1e-15 weight nudge."""
     worst = 0.0
     for i in range(n):
@@ -244,6 +255,7 @@ def _chaos_drift(model_factory, torch_cls, hparams, n, X, y, batches, loss_fn, i
                 y,
                 batches[:, i],
                 loss_fn,
+                seed + i,
             )
         nudged = dict(_floating_tensors(pair[1]))
         for name, a in _floating_tensors(pair[0]):  # buffers too (BatchNorm statistics)
@@ -258,23 +270,47 @@ def _floating_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(name, t.detach()) for name, t in named if t.is_floating_point() and t.numel()]
 
 
+def tensor_kind(name: str, is_parameter: bool) -> str:
+    """The kind a tensor's differences are scaled by: parameter or buffer, and its own name.
+
+    Example:
+        >>> tensor_kind("encoder.layer.0.attention.key.bias", True)
+        'parameter bias'
+    """
+    return f"{'parameter' if is_parameter else 'buffer'} {name.rpartition('.')[2]}"
+
+
 def _compare(
     api: str, batch: ModelBatch, alone: list[nn.Module], rtol: float, ignore: set[str]
 ) -> PackReport:
+    """Each tensor's largest difference per member, relative to the largest value of its kind.
+
+    A kind is e.g. every ``bias`` parameter (:func:`tensor_kind`): a tensor of small values (a
+    bias initialized to zero) is compared at the scale of its kind, not at its own round-off.
+    """
     report = PackReport()
     failures = []
-    for name, stacked in {**batch.stacked_parameters(), **batch.stacked_buffers()}.items():
+    params = batch.stacked_parameters()
+    pairs = {}
+    for name, stacked in {**params, **batch.stacked_buffers()}.items():
         if name in ignore:
             continue
         ref = torch.stack(
             [dict(m.named_parameters()).get(name, dict(m.named_buffers()).get(name)) for m in alone]
         )
-        ref, got = ref.detach(), stacked.detach()
-        if not stacked.is_floating_point():  # integer buffers (num_batches_tracked) compare exactly
+        pairs[name] = (ref.detach(), stacked.detach())
+    scales: dict[str, torch.Tensor] = {}
+    for name, (ref, _) in pairs.items():
+        if ref.is_floating_point():
+            kind = tensor_kind(name, name in params)
+            largest = ref.abs().reshape(len(ref), -1).amax(1).to(torch.float64)
+            scales[kind] = torch.maximum(scales.get(kind, largest), largest)
+    for name, (ref, got) in pairs.items():
+        if not got.is_floating_point():  # integer buffers (num_batches_tracked) compare exactly
             diff = torch.where((got != ref).reshape(len(ref), -1).any(1), float("inf"), 0.0)
         else:
-            scale = ref.abs().reshape(len(ref), -1).amax(1).clamp_min(1e-300)
-            diff = (got - ref).abs().reshape(len(ref), -1).amax(1) / scale
+            scale = scales[tensor_kind(name, name in params)].clamp_min(1e-300)
+            diff = (got - ref).abs().reshape(len(ref), -1).amax(1).to(torch.float64) / scale
         report.rel_diff[name] = float(diff.max())
         bad = (diff > rtol).nonzero().flatten().tolist()
         if bad:

@@ -1,4 +1,4 @@
-"""Module settings (Dropout.p, eps, ...) decide which models may share a pack."""
+"""Module settings (a slope, eps, ...) decide which models may share a pack; dropout rates do not."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modelbatch as mb
-from modelbatch._trainer import architecture_signature
+from modelbatch._trainer import architecture_signature, pack_label
 
 torch.manual_seed(0)
 X = torch.randn(64, 5, dtype=torch.float64)
@@ -20,15 +20,33 @@ def net(dropout: float = 0.0, slope: float = 0.01) -> nn.Module:
 
 
 def test_models_differing_in_a_module_setting_cannot_share_a_pack() -> None:
-    with pytest.raises(ValueError, match=r"ModelBatch: model 1 has 2\.p = 0\.5 \(model 0: 0\.1\)"):
-        mb.ModelBatch([net(0.1), net(0.5)])
-    with pytest.raises(ValueError, match=r"1\.negative_slope = 0\.2"):
+    with pytest.raises(
+        ValueError, match=r"ModelBatch: model 1 has 1\.negative_slope = 0\.2 \(model 0: 0\.01\)"
+    ):
         mb.ModelBatch([net(slope=0.01), net(slope=0.2)])
-    mb.ModelBatch([net(0.1), net(0.1)])  # equal settings, different weights: one pack
+    mb.ModelBatch([net(0.1), net(0.5)])  # a dropout module's rate is per member: one pack
 
 
-def test_signature_separates_settings_and_ignores_train_mode() -> None:
-    assert architecture_signature(net(0.1)) != architecture_signature(net(0.2))
+def test_float_dropout_rates_a_module_keeps_for_f_dropout_still_split_packs() -> None:
+    """A rate read as a plain float (Hugging Face's attention_dropout) is one value for the pack."""
+
+    class Net(nn.Module):
+        def __init__(self, rate: float) -> None:
+            super().__init__()
+            self.lin, self.attention_dropout = nn.Linear(5, 3), rate
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.dropout(self.lin(x), self.attention_dropout, self.training)
+
+    with pytest.raises(ValueError, match=r"ModelBatch: model 1 has attention_dropout = 0\.3"):
+        mb.ModelBatch([Net(0.1), Net(0.3)])
+    assert architecture_signature(Net(0.1)) != architecture_signature(Net(0.3))
+
+
+def test_signature_and_pack_label_ignore_dropout_rates_and_train_mode() -> None:
+    assert architecture_signature(net(0.1)) == architecture_signature(net(0.2))
+    assert pack_label(architecture_signature(net(0.1))) == pack_label(architecture_signature(net(0.5)))
+    assert architecture_signature(net(slope=0.1)) != architecture_signature(net(slope=0.2))
     assert architecture_signature(net(0.1)) == architecture_signature(net(0.1).eval())
 
 

@@ -247,9 +247,9 @@ BAD = [
     ),
     (
         "pack: other settings",
-        lambda ctx: mb.ModelBatch([nn.Dropout(0.1), nn.Dropout(0.2)]),
+        lambda ctx: mb.ModelBatch([nn.LeakyReLU(0.1), nn.LeakyReLU(0.2)]),
         ValueError,
-        r"^ModelBatch: model 1 has p = 0.2.*one ModelBatch per setting",
+        r"^ModelBatch: model 1 has negative_slope = 0.2.*one ModelBatch per setting",
     ),
     (
         "pack: unknown backend",

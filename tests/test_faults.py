@@ -54,15 +54,15 @@ def inject_oom(
     def fail(_grad: torch.Tensor) -> None:
         raise _oom(message, error)
 
-    def run(choice, params, buffers, args, dims, kwargs):
+    def run(choice, params, buffers, args, dims, kwargs, names=()):
         at_once = {"vmap": batch.n, "chunked": choice.chunk_size, "loop": 1}[choice.name]
         training = torch.is_grad_enabled()
         if at_once <= fits or training != (where != "eval"):
-            return real(choice, params, buffers, args, dims, kwargs)
+            return real(choice, params, buffers, args, dims, kwargs, names)
         failed.append(at_once)
         if where != "backward":
             raise _oom(message, error)
-        out = real(choice, params, buffers, args, dims, kwargs)
+        out = real(choice, params, buffers, args, dims, kwargs, names)
         out.register_hook(fail)
         return out
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from models import CNN, MLP, seeded
 
 import modelbatch as mb
-from modelbatch.testing import OPTIMIZERS, assert_pack_matches_sequential, member_hparams
+from modelbatch.testing import OPTIMIZERS, _compare, assert_pack_matches_sequential, member_hparams
 
 N = 5
 # Every numeric hyperparameter differs per member; mixes of zero / non-zero values hit the where() paths.
@@ -188,3 +188,24 @@ def test_per_member_targets_and_shared_input_match_alone() -> None:
         for name, p in batch.stacked_parameters().items():
             ref = m.get_parameter(name).grad
             torch.testing.assert_close(p.grad[i], ref, rtol=0, atol=1e-13 * float(ref.abs().max()))
+
+
+def test_conformance_scales_each_tensor_by_its_kind() -> None:
+    """A bias of zeros off by round-off is judged at the scale of the biases, not at its own."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    models = [nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double() for _ in range(2)]
+    with torch.no_grad():
+        for m in models:
+            m[1].bias.zero_()
+    batch = mb.ModelBatch(models)
+    alone = [copy.deepcopy(m) for m in models]
+    with torch.no_grad():
+        alone[1][1].bias.add_(1e-14)  # round-off on a tensor whose own scale is 0
+    report = _compare("api", batch, alone, rtol=1e-10, ignore=set())
+    scale = max(float(m[0].bias.abs().max()) for m in models[1:])
+    assert report.rel_diff["1.bias"] == pytest.approx(1e-14 / scale, rel=1e-6)
+    with torch.no_grad():
+        alone[1][0].weight.mul_(1 + 1e-6)  # a real difference still fails
+    with pytest.raises(AssertionError, match=r"0.weight: members \[1\] differ"):
+        _compare("api", batch, alone, rtol=1e-10, ignore=set())

@@ -65,38 +65,38 @@ class ResNetLike(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-def _bert() -> nn.Module:
+def _bert(dropout: float = 0.0) -> nn.Module:
     config = transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=32, max_position_embeddings=16, num_labels=CLASSES,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager",
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, attn_implementation="eager",
     )  # fmt: skip
     return transformers.BertForSequenceClassification(config)
 
 
-def _gpt2() -> nn.Module:
+def _gpt2(dropout: float = 0.0) -> nn.Module:
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16, resid_pdrop=dropout,
+        embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
     )  # fmt: skip
     return transformers.GPT2LMHeadModel(config)
 
 
-def _llama(tied: bool) -> nn.Module:
+def _llama(tied: bool, dropout: float = 0.0) -> nn.Module:
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
         tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-        attn_implementation="eager",
+        attn_implementation="eager", attention_dropout=dropout,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config)
 
 
-def _vit() -> nn.Module:
+def _vit(dropout: float = 0.0, attention_dropout: float = 0.0) -> nn.Module:
     config = transformers.ViTConfig(
         image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=32, num_labels=CLASSES, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, attn_implementation="eager",
+        num_attention_heads=2, intermediate_size=32, num_labels=CLASSES, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=attention_dropout, attn_implementation="eager",
     )  # fmt: skip
     return transformers.ViTForImageClassification(config)
 
@@ -196,6 +196,39 @@ def test_pack_matches_models_trained_alone(name: str, backend: str, checkpointin
     tied = MODELS[name][3]
     if tied is not None:  # the tie is one stacked leaf, updated once per step
         assert tied[0] not in report.rel_diff and tied[1] in report.rel_diff
+
+
+# name: models with dropout on (train mode), member i at rate DROPOUT[i] where the model keeps the
+# rate in dropout modules (per member in a pack); Llama's and ViT's attention pass one float rate
+# (a module setting, equal in a pack) to F.dropout.
+DROPOUT = [0.1, 0.3]
+DROPOUT_MODELS: dict[str, Callable[[float], nn.Module]] = {
+    "bert": _bert,
+    "gpt2": _gpt2,
+    "llama-untied": lambda p: _llama(False, dropout=0.2),
+    "vit": lambda p: _vit(p, attention_dropout=0.2),
+}
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+@pytest.mark.parametrize("name", list(DROPOUT_MODELS))
+def test_dropout_on_pack_matches_models_trained_alone(name: str, backend: str) -> None:
+    """Each member draws the masks its model draws alone after torch.manual_seed(seed + i)."""
+
+    def make(i: int) -> nn.Module:
+        torch.manual_seed(100 + i)
+        return DROPOUT_MODELS[name](DROPOUT[i]).train().double()
+
+    _, data, loss_fn, _ = MODELS[name]
+    report = mb.testing.assert_pack_matches_sequential(
+        make, data(), optimizer="adam", hparams={"lr": [1e-2, 3e-2]}, loss_fn=loss_fn, n_members=2,
+        steps=4, batch_size=4, rtol=1e-9, backend=backend,
+    )  # fmt: skip
+    assert report.rel_diff and report.max_rel_diff <= 1e-9, report.verdict
+    with torch.random.fork_rng(devices=[]):  # dropout is on: the same model twice differs
+        X = data()[0][:4]
+        model = make(0)
+        assert not torch.equal(model(X).logits, model(X).logits)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -408,3 +441,58 @@ def test_hugging_face_outputs_and_caches() -> None:
         batch.set_backend(backend)
         with pytest.raises(TypeError, match=r"ModelBatch.forward: the model returned .*use_cache=False"):
             batch(X, use_cache=True)
+
+
+def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A ``[..., B, S]`` padding mask as the 4-D additive mask Hugging Face builds (``[..., B, 1, S, S]``)."""
+    low = torch.tensor(torch.finfo(torch.float64).min, dtype=torch.float64)
+    keep = mask.bool()[..., None, None, :]
+    return torch.where(keep, torch.zeros((), dtype=torch.float64), low).expand(*mask.shape[:-1], 1, SEQ, SEQ)
+
+
+@pytest.mark.parametrize("backend", ["vmap", "chunked", "loop"])
+def test_per_member_keyword_inputs_reach_each_member(backend: str) -> None:
+    """BERT with dropout on and each member's own padded batch and attention mask, vs each alone.
+
+    The loop backend takes the 2-D padding masks; under vmap, Hugging Face's mask builder branches
+    on a 2-D mask's values (``padding_mask.all()``), so those backends get the 4-D mask it builds.
+    """
+    models = [_factory("bert")(i) for i in range(3)]
+    for i, model in enumerate(models):
+        for layer in model.modules():
+            if isinstance(layer, nn.Dropout):
+                layer.p = 0.1 * (i + 1)
+    ids = torch.randint(0, VOCAB, (3, 4, SEQ), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 4, SEQ, dtype=torch.long)
+    mask[0, :, 5:] = 0
+    mask[2, 1, 2:] = 0
+    given = mask if backend == "loop" else _additive_mask(mask)
+    batch = mb.ModelBatch(models, backend=backend, chunk_size=2 if backend == "chunked" else None)
+    batch.manual_seed([4, 5, 6])
+    out = batch(ids, attention_mask=given, in_dims=0, kwarg_in_dims={"attention_mask": 0}).logits
+    shared = batch(ids, attention_mask=given[0], in_dims=0).logits  # kwargs are shared by default
+    for i, model in enumerate(models):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4 + i)
+            torch.testing.assert_close(
+                out[i], model(ids[i], attention_mask=mask[i]).logits, rtol=1e-12, atol=1e-12
+            )
+    assert not torch.allclose(out[2], shared[2])
+    with pytest.raises(
+        ValueError, match=r"ModelBatch.forward: per-member keyword input 'attention_mask'.*N=3"
+    ):
+        batch(ids, attention_mask=given[0], in_dims=0, kwarg_in_dims={"attention_mask": 0})
+    with pytest.raises(ValueError, match=r"ModelBatch.forward: kwarg_in_dims names 'token_type_ids'"):
+        batch(ids, attention_mask=given, in_dims=0, kwarg_in_dims={"token_type_ids": 0})
+
+
+def test_a_2d_attention_mask_under_vmap_says_what_to_do() -> None:
+    batch = mb.ModelBatch([_factory("bert")(i) for i in range(2)], backend="vmap")
+    ids, mask = _tokens(4).expand(2, 4, SEQ), torch.ones(2, 4, SEQ, dtype=torch.long)
+    with pytest.raises(
+        RuntimeError, match=r"ModelBatch.forward: the model branches on .*4-D .*backend='loop'"
+    ):
+        batch(ids, attention_mask=mask, in_dims=0, kwarg_in_dims={"attention_mask": 0})
+    batch.set_backend("auto")  # falls back to the loop, with a warning
+    with pytest.warns(RuntimeWarning, match="runs 'loop' instead"):
+        batch(ids, attention_mask=mask, in_dims=0, kwarg_in_dims={"attention_mask": 0})

@@ -7,13 +7,10 @@ member's report into a result and, when due, a checkpoint (opaque bytes for the 
 
 from __future__ import annotations
 
-import ast
 import copy
-import hashlib
 import io
 import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +19,7 @@ from typing import Any
 import torch
 
 import modelbatch as mb
-from modelbatch._trainer import architecture_signature, build_model, member_seed
+from modelbatch._trainer import architecture_signature, build_model, member_seed, pack_label
 from modelbatch.data._source import example_batch
 
 PackFactory = Callable[[int, Mapping[str, Any]], Any]
@@ -183,32 +180,6 @@ class Packs:
         else:
             self.packs[pid] = self.recipe(self.slots, config)
         return pid
-
-
-def pack_label(signature: str) -> str:
-    """A short readable name of an architecture signature: the results' ``pack``, the grouping key.
-
-    The model class, the output sizes of its weight tensors, its dropout rates and a hash of the
-    whole signature (which tells apart architectures the readable part does not).
-
-    Example:
-        >>> from torch import nn
-        >>> from modelbatch._trainer import architecture_signature
-        >>> net = nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.2), nn.Linear(64, 10))
-        >>> pack_label(architecture_signature(net))[:-8]
-        'Sequential 64-10 p=0.2'
-    """
-    digest = hashlib.sha1(signature.encode()).hexdigest()[:6]
-    try:
-        name, shapes, settings = signature.split("|", 2)
-        sizes = re.findall(r"weight:\((\d+)[,)]", shapes)
-        rates = sorted(
-            {s["p"] for _, s in ast.literal_eval(settings) if isinstance(s.get("p"), float) and s["p"]}
-        )
-    except (ValueError, SyntaxError, TypeError, AttributeError):
-        return digest
-    dropout = f"p={'/'.join(f'{r:g}' for r in rates)}" if rates else ""
-    return " ".join(w for w in (name.rsplit(".", 1)[-1], "-".join(sizes), dropout, f"#{digest}") if w)
 
 
 def _dumps(state: Mapping[str, Any]) -> bytes:

@@ -1,0 +1,254 @@
+"""Dropout in a pack: each member draws from its own stream, at its own rate.
+
+References: plain torch (the same module after ``torch.manual_seed(seed)``, on the CPU) for the
+masks, a member trained alone (``mb.fit(recipe, [config])``, float64) for training, and a rerun
+for reproducibility.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+import modelbatch as mb
+
+BACKENDS = [("vmap", None), ("chunked", 2), ("loop", None)]
+RATES = [0.2, 0.5, 0.0]
+
+# layer, input shape: one of each dropout kind torch has (feature dropout zeroes whole channels)
+LAYERS = [
+    (nn.Dropout, (6, 40)),
+    (nn.Dropout1d, (6, 4, 10)),
+    (nn.Dropout2d, (6, 4, 3, 3)),
+    (nn.Dropout3d, (4, 3, 2, 2)),  # unbatched: F.dropout3d adds a batch dim
+    (nn.AlphaDropout, (6, 40)),
+    (nn.FeatureAlphaDropout, (6, 4, 10)),
+]
+
+
+def _pack(models: list[nn.Module], backend: tuple[str, int | None], seeds: list[int]) -> mb.ModelBatch:
+    batch = mb.ModelBatch([copy.deepcopy(m) for m in models], backend=backend[0], chunk_size=backend[1])
+    batch.manual_seed(seeds)
+    return batch
+
+
+def _plain(model: nn.Module, seed: int, *inputs: torch.Tensor, calls: int = 2) -> list[torch.Tensor]:
+    """What the model alone computes in ``calls`` calls after ``torch.manual_seed(seed)``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [model(*inputs) for _ in range(calls)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b[0])
+@pytest.mark.parametrize(("layer", "shape"), LAYERS, ids=lambda v: getattr(v, "__name__", ""))
+def test_each_member_draws_the_masks_plain_torch_draws_at_its_own_rate(layer, shape, backend) -> None:
+    models = [layer(p) for p in RATES]
+    batch = _pack(models, backend, seeds=[10, 11, 12])
+    x = torch.randn(shape, dtype=torch.float64)
+    packed = [batch(x) for _ in range(2)]  # the streams go on between calls
+    for i, model in enumerate(models):
+        for got, expected in zip(packed, _plain(model, 10 + i, x)):
+            assert torch.equal(got[i], expected), (i, layer.__name__)
+    assert batch.dropout_rates == {"": RATES}
+    assert not torch.equal(packed[0][0], packed[1][0])
+
+
+class UserForward(nn.Module):
+    """Dropout a user's forward applies itself: F.dropout, torch.dropout and attention dropout."""
+
+    def __init__(self, p: float = 0.3) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(x, self.p, self.training)
+        h = torch.dropout(h, 0.1, self.training)
+        q, k, v = (lin(h).unflatten(-1, (2, 4)).transpose(-3, -2) for lin in (self.q, self.k, self.v))
+        drop = self.p if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b[0])
+def test_functional_dropout_and_attention_dropout_in_a_forward_follow_the_member(backend) -> None:
+    torch.manual_seed(0)
+    models = [UserForward().double() for _ in range(3)]
+    x = torch.randn(5, 6, 8, dtype=torch.float64)
+    batch = _pack(models, backend, seeds=[3, 4, 5])
+    packed = [batch(x) for _ in range(2)]
+    for i, model in enumerate(models):
+        for got, expected in zip(packed, _plain(model, 3 + i, x)):
+            # the masks are plain torch's (a mask difference is O(1)); SDPA's arithmetic to round-off
+            torch.testing.assert_close(got[i], expected, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b[0])
+def test_a_members_masks_depend_neither_on_its_pack_mates_nor_on_its_slot(backend) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 32), nn.Dropout(0.5), nn.Linear(32, 2)).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    first = _pack([net] * 3, backend, seeds=[5, 6, 7])(x)[0]
+    last = _pack([net] * 3, backend, seeds=[8, 9, 5])(x)[2]
+    alone = _pack([net], backend, seeds=[5])(x)[0]
+    torch.testing.assert_close(first, last, rtol=1e-14, atol=0)
+    torch.testing.assert_close(first, alone, rtol=1e-14, atol=0)
+    # a step in which only some members participate computes those members alone
+    batch = _pack([net] * 3, backend, seeds=[8, 9, 5])
+    some = batch(x, participating=torch.tensor([False, True, True]))
+    torch.testing.assert_close(some[2], first, rtol=1e-14, atol=0)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, checkpointing: bool, p: float) -> None:
+        super().__init__()
+        self.a, self.drop, self.b = nn.Linear(4, 16), nn.Dropout(p), nn.Linear(16, 3)
+        self.checkpointing = checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def region(h: torch.Tensor) -> torch.Tensor:
+            return F.dropout(torch.tanh(self.drop(self.a(h))), 0.2)
+
+        return self.b(checkpoint(region, x, use_reentrant=False) if self.checkpointing else region(x))
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_a_checkpointed_region_is_recomputed_with_the_masks_of_its_forward(backend: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    grads = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        models = [Checkpointed(checkpointing, p).double() for p in (0.2, 0.5)]
+        batch = _pack(models, (backend, None), seeds=[1, 2])
+        batch(x).pow(2).sum().backward()
+        grads[checkpointing] = batch.stack.a.weight.grad
+    assert torch.equal(grads[True], grads[False])
+    for i, model in enumerate(models):
+        _plain(model, 1 + i, x, calls=1)[0].pow(2).sum().backward()
+        torch.testing.assert_close(grads[True][i], model.a.weight.grad, rtol=1e-13, atol=0)
+
+
+def test_save_and_load_keep_each_members_rates_and_stream(tmp_path) -> None:
+    batch = _pack([nn.Dropout(p) for p in RATES], ("vmap", None), seeds=[1, 2, 3])
+    x = torch.randn(50)
+    batch(x)
+    mb.save(tmp_path / "pack.pt", batch)
+    loaded, _, _ = mb.load(tmp_path / "pack.pt")
+    into = mb.ModelBatch([nn.Dropout(0.9) for _ in range(3)])
+    mb.load(tmp_path / "pack.pt", batch=into)
+    expected = batch(x)
+    for other in (loaded, into):
+        assert other.dropout_rates == batch.dropout_rates
+        assert torch.equal(other(x), expected)
+
+
+def test_member_and_load_member_carry_the_rate() -> None:
+    batch = mb.ModelBatch([nn.Sequential(nn.Linear(2, 2), nn.Dropout(p)) for p in (0.1, 0.4)])
+    assert batch.member(1)[1].p == 0.4 and type(batch.member(1)[1].p) is float
+    batch.load_member(0, nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.7)))
+    assert batch.dropout_rates == {"1": [0.7, 0.4]}
+
+
+def test_manual_seed_refuses_a_wrong_number_of_seeds() -> None:
+    batch = mb.ModelBatch([nn.Dropout(0.5) for _ in range(3)])
+    with pytest.raises(TypeError, match=r"ModelBatch.manual_seed: pass one seed per member \(a list of 3"):
+        batch.manual_seed([1, 2])
+    with pytest.raises(TypeError, match=r"ModelBatch.manual_seed: with member=, seed must be one int"):
+        batch.manual_seed([1], member=0)
+
+
+# ---------------------------------------------------------------------------- mb.fit
+N_SAMPLES, FEATURES, CLASSES = 64, 5, 3
+X = torch.randn(N_SAMPLES, FEATURES, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+Y = torch.randint(0, CLASSES, (N_SAMPLES,), generator=torch.Generator().manual_seed(1))
+
+
+def _net(cfg) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(FEATURES, 32), nn.ReLU(), nn.Dropout(cfg["dropout"]), nn.Linear(32, CLASSES)
+    )
+
+
+def _recipe(backend: str = "vmap") -> mb.Recipe:
+    return mb.Recipe(
+        model=_net, optimizer="adam", loss=F.cross_entropy, train_data=(X, Y), val_data=(X, Y),
+        batch_size=16, steps_per_report=4, dtype=torch.float64, device="cpu", backend=backend,
+    )  # fmt: skip
+
+
+CONFIGS = [{"dropout": p, "lr": 1e-2, "seed": s} for s, p in enumerate([0.1, 0.5, 0.3, 0.0])]
+
+
+def test_configs_differing_only_in_dropout_share_one_pack_and_equal_their_runs_alone() -> None:
+    together = mb.fit(_recipe(), CONFIGS, reports=3, progress=False)
+    assert together["pack"].nunique() == 1 and together["pack"].iloc[0].startswith("Sequential 32-3 #")
+    for member, config in enumerate(CONFIGS):
+        alone = mb.fit(_recipe(), [config], reports=3, progress=False)
+        got = together[together["member"] == member]
+        for column in ("loss", "val_loss"):
+            torch.testing.assert_close(
+                torch.tensor(got[column].to_numpy()),
+                torch.tensor(alone[column].to_numpy()),
+                rtol=1e-9,
+                atol=0,
+            )
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_fit_reruns_bitwise_identically(backend: str) -> None:
+    first = mb.fit(_recipe(backend), CONFIGS[:3], reports=2, progress=False)
+    torch.manual_seed(123)  # the global generator plays no part
+    second = mb.fit(_recipe(backend), CONFIGS[:3], reports=2, progress=False)
+    pd.testing.assert_frame_equal(first, second, check_exact=True)
+
+
+def test_fit_alone_equals_plain_torch_training_with_its_seed() -> None:
+    """The plain script: seed, build, train on DataLoader(shuffle, generator seeded alike)."""
+    config, reports, steps = CONFIGS[1], 3, 4
+    history = mb.fit(_recipe(), [config], reports=reports, progress=False)
+    torch.manual_seed(config["seed"])
+    model = _net(config).double()
+    opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    loader = DataLoader(
+        TensorDataset(X, Y), batch_size=16, shuffle=True,
+        generator=torch.Generator().manual_seed(config["seed"]),
+    )  # fmt: skip
+    losses, val_losses = [], []
+    batches = (b for _ in range(reports) for b in loader)
+    for _ in range(reports):
+        total = 0.0
+        for _ in range(steps):
+            xb, yb = next(batches)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        losses.append(total / steps)
+        with torch.no_grad():
+            val_losses.append(float(F.cross_entropy(model.eval()(X), Y)))
+        model.train()
+    torch.testing.assert_close(
+        torch.tensor(history["loss"].tolist()), torch.tensor(losses), rtol=1e-12, atol=0
+    )
+    torch.testing.assert_close(
+        torch.tensor(history["val_loss"].tolist()), torch.tensor(val_losses), rtol=1e-12, atol=0
+    )
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_compiled_pack_draws_the_same_masks(backend: str) -> None:
+    models = [nn.Sequential(nn.Linear(4, 8), nn.Dropout(p)) for p in (0.2, 0.5)]
+    x = torch.randn(3, 4)
+    compiled = mb.ModelBatch(models, backend=backend, compile=True)
+    compiled.manual_seed([1, 2])
+    eager = _pack(models, (backend, None), seeds=[1, 2])
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)
