@@ -7,7 +7,7 @@ import inspect
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -353,10 +353,19 @@ class PackTrainer:
             "sampler": self.sampler.member_state_dict(slot),
         }
 
-    def restore_member(self, state: Mapping[str, Any]) -> int:
-        """Put a member saved by :meth:`member_state` into a free slot; it continues where it stopped."""
+    def restore_member(self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> int:
+        """Put a member saved by :meth:`member_state` into a free slot; it continues where it stopped.
+
+        ``config``: the member's config from now on (``None``: the saved one). Population-based
+        training continues a member from another's state with new hyperparameters: each optimizer
+        hyperparameter whose value in ``config`` differs from the saved config's is set as a changed
+        ``param_group[name]`` is in torch (an lr schedule goes on from it), and the config's other
+        per-member settings (``grad_clip``) apply from the next step. Its model must have the saved
+        one's architecture.
+        """
         saved: Slot = state["slot_state"]
-        slot = self.add(saved.member_id, saved.config, seed=saved.seed)
+        config = dict(saved.config if config is None else config)
+        slot = self.add(saved.member_id, config, seed=saved.seed)
         self.batch.load_member(slot, state["model"])
         with torch.no_grad():
             for name, st in state["optimizer_state"].items():
@@ -369,8 +378,12 @@ class PackTrainer:
         if self.schedule is not None and state["schedule"] is not None:
             self.schedule.load_member_state_dict(slot, state["schedule"])
         self.sampler.load_member_state_dict(slot, state["sampler"])
-        self.slots[slot] = copy.deepcopy(saved)
-        self.slots[slot].stopped = None
+        self.slots[slot] = replace(copy.deepcopy(saved), config=config, stopped=None)
+        if config != saved.config:
+            before = self.recipe.hparams(saved.config)
+            for name, value in self.recipe.hparams(config).items():
+                if before.get(name) != value:
+                    self.optimizer.set_hparam(name, value, member=slot)
         return slot
 
     # ------------------------------------------------------------------ helpers

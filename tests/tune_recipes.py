@@ -99,3 +99,36 @@ def open_sweeps() -> dict:
         return ray.get(service.status.remote())["sweeps"]
     except (ValueError, ray.exceptions.RayActorError):  # none, or it stopped meanwhile
         return {}
+
+
+def plain_member(config: dict) -> None:
+    """One member as a plain Tune function trainable: trained alone by the engine, checkpointed at every report.
+
+    Restored from a checkpoint (``max_failures``, a pause, PBT's exploit), it goes on from that
+    state with this trial's config: a changed lr is set as torch's ``param_group["lr"]`` is (the
+    way Tune's PBT examples load a checkpoint, then apply the new config).
+    """
+    import os
+    import tempfile
+
+    from ray import tune
+
+    rec = recipe()
+    trainer = mb.PackTrainer(rec, 1, example_config=config)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        trainer.add("member", config)
+    else:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(os.path.join(directory, "member.pt"), weights_only=False)
+        trainer.restore_member(state)
+        trainer.optimizer.set_hparam("lr", config["lr"], member=0)
+        trainer.slots[0].config = dict(config)
+    while True:
+        result = trainer.train_report()["member"]
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(trainer.member_state("member"), os.path.join(directory, "member.pt"))
+            tune.report(
+                {k: v for k, v in result.items() if k != "training_iteration"},
+                checkpoint=tune.Checkpoint.from_directory(directory),
+            )

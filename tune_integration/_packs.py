@@ -72,13 +72,17 @@ class Packs:
         return pack.live() if pack is not None else {}
 
     def join(self, trial_id: str, config: dict[str, Any], state: bytes | None) -> int:
-        """Add a member (restored from ``state`` if given) to its architecture's pack; returns the pack id."""
+        """Add a member (restored from ``state`` if given) to its architecture's pack; returns the pack id.
+
+        A member restored from another member's state (population-based training's exploit) goes
+        on from that state with ``config``'s hyperparameters.
+        """
         self.leave(trial_id)  # a restarted trial: drop its stale slot
         if state is None:
             pid = self._pack_for(config)
             self.packs[pid].add(trial_id, config)
         else:
-            pid = self._restore(trial_id, load_member_state(state))
+            pid = self._restore(trial_id, load_member_state(state), config)
         self.pack_of[trial_id] = pid
         self.members_hosted += 1
         return pid
@@ -132,11 +136,31 @@ class Packs:
             replies[member] = {"result": result, "checkpoint": blob, "final": final}
         return replies
 
-    def _restore(self, trial_id: str, state: dict[str, Any]) -> int:
-        state["slot_state"] = replace(state["slot_state"], member_id=trial_id)
-        pid = self._pack_for(state["slot_state"].config)
-        self.packs[pid].restore_member(state)
+    def _restore(self, trial_id: str, state: dict[str, Any], config: Mapping[str, Any] | None = None) -> int:
+        saved = state["slot_state"]
+        state["slot_state"] = replace(saved, member_id=trial_id)
+        pid = self._pack_for(saved.config)
+        if config is None or dict(config) == saved.config:
+            self.packs[pid].restore_member(state)
+        else:
+            self._check_architecture(trial_id, saved, config)
+            self.packs[pid].restore_member(state, dict(config))
         return pid
+
+    def _check_architecture(self, trial_id: str, saved: Any, config: Mapping[str, Any]) -> None:
+        """A member continuing another's state with a new config must keep that state's architecture."""
+        if not isinstance(self.recipe, mb.Recipe):
+            return  # a pack factory's trainer checks its members itself
+        before = architecture_signature(build_model(self.recipe, saved.config, saved.seed))
+        if architecture_signature(build_model(self.recipe, config, saved.seed)) == before:
+            return
+        changed = sorted(k for k in {*config, *saved.config} if config.get(k) != saved.config.get(k))
+        raise ValueError(
+            f"ModelBatchSearcher: member {trial_id} continues from the state of member {saved.member_id} "
+            f"(population-based training's exploit) with a config whose model has another architecture "
+            f"(changed: {changed}); a state loads only into its own architecture. Mutate only "
+            "hyperparameters that keep the parameter shapes (lr, weight_decay, ...) in hyperparam_mutations."
+        )
 
     def _pack_for(self, config: Mapping[str, Any]) -> int:
         for pid, pack in self.packs.items():

@@ -21,6 +21,7 @@ from modelbatch._recipe import OPTIMIZER_KEYS
 from modelbatch._trainer import architecture_signature, build_model, member_seed
 
 from . import _relay
+from ._generator import accept_population_based_training
 from ._lookahead import GroupingLookahead
 from ._packs import PackFactory, load_member_state, pack_label
 from ._sampler import SpaceSampler
@@ -266,11 +267,13 @@ class ModelBatchSearcher(Searcher):
         self._num_samples = spec.get("num_samples", self._num_samples)
         self.shutdown()  # a new sweep: the previous one's members leave
         self._start()
+        accept_population_based_training(self)
         return self._limiter.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str) -> dict | None:
         if self._sweep is None:
             self._begin_sweep_without_space()
+        accept_population_based_training(self)  # before Tune adds the trial (PBT checks it then)
         self._tell_tune_total()
         self._start()
         self._renew()
