@@ -336,16 +336,21 @@ class PackTrainer:
         return totals
 
     # ------------------------------------------------------------------ member state
-    def member_state(self, member_id: Any) -> dict[str, Any]:
-        """What continues this member elsewhere: weights, optimizer, schedule and data position."""
+    def member_state(self, member_id: Any, on_device: bool = False) -> dict[str, Any]:
+        """What continues this member elsewhere: weights, optimizer, schedule and data position.
+
+        Tensors are copied to the CPU, or with ``on_device=True`` kept on the pack's device (for a
+        :meth:`restore_member` on the same device: a device-to-device copy).
+        """
         slot = self.slot_of(member_id)
-        opt_state = {
-            k: {n: t[slot].detach().cpu().clone() for n, t in st.items()}
-            for k, st in self.optimizer.state.items()
-        }
+
+        def copied(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().clone() if on_device else t.detach().cpu().clone()
+
+        opt_state = {k: {n: copied(t[slot]) for n, t in st.items()} for k, st in self.optimizer.state.items()}
         return {
             "slot_state": copy.deepcopy(self.slots[slot]),
-            "model": {k: v.detach().cpu().clone() for k, v in self.batch.member(slot).state_dict().items()},
+            "model": {k: copied(v) for k, v in self.batch.member(slot).state_dict().items()},
             "hparams": {k: float(v[slot]) for k, v in self.optimizer.hparams.items()},
             "optimizer_state": opt_state,
             "optimizer_step": float(self.optimizer.steps[slot]),

@@ -12,6 +12,7 @@ Tune gives (a function trainable restored from the donor's checkpoint counts on 
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import replace
 
 import pandas as pd
@@ -22,20 +23,19 @@ ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import PopulationBasedTraining  # noqa: E402
 from ray.tune.schedulers.pb2 import PB2  # noqa: E402
-from tune_recipes import open_sweeps, recipe  # noqa: E402
+from tune_recipes import Results, open_sweeps, plain_member, recipe  # noqa: E402
 
 import modelbatch as mb  # noqa: E402
 from tune_integration import ModelBatchSearcher  # noqa: E402
-from tune_integration._packs import load_member_state  # noqa: E402
+from tune_integration._packs import Packs, load_member_state  # noqa: E402
 from tune_integration._relay import read_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 MEMBERS, ITERATIONS, INTERVAL = 8, 6, 2
 LRS = [0.001 * 2**k for k in range(MEMBERS)]
-SPACE = {"lr": tune.grid_search(LRS), "seed": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
@@ -86,26 +86,13 @@ def pbt(cls=RecordedPBT, **kw):
     return cls(time_attr="training_iteration", perturbation_interval=INTERVAL, quantile_fraction=0.25, **kw)
 
 
-class Results(tune.Callback):
-    """Every result in the order Tune processed it, per trial.
-
-    (A trial's ``progress.csv`` is not a record of them under PBT: when Tune restarts an exploited
-    trial, its CSV logger may replace the file with an older copy from the storage path.)
-    """
-
-    def __init__(self) -> None:
-        self.rows: dict[str, list[dict]] = {}
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.rows.setdefault(trial.trial_id, []).append(dict(result))
-
-
-def run(trainable, scheduler, tmp_path, search_alg=None, name="pbt"):
+def run(trainable, scheduler, tmp_path, search_alg=None, members=MEMBERS):
+    """The sweep: ``members`` lrs of ``LRS`` (one trial each), ``ITERATIONS`` reports each."""
     results = Results()
     analysis = tune.run(
         trainable,
-        name=name,
-        config=SPACE,
+        name="pbt",
+        config={"lr": tune.grid_search(LRS[:members]), "seed": 0},
         search_alg=search_alg,
         scheduler=scheduler,
         metric="val_loss",
@@ -183,18 +170,84 @@ def exploits(events):
     return [e for e in events if e[0] == "exploit"]
 
 
+def assert_pbt_exploited(analysis, scheduler, members=MEMBERS) -> None:
+    assert len(analysis.trials) == members and all(t.status == "TERMINATED" for t in analysis.trials)
+    done = exploits(scheduler.events)
+    assert done, "PBT exploited no member: the test checked nothing"
+    assert any(e[4]["lr"] not in LRS for e in done)  # a mutated lr, not only a copied one
+
+
+@pytest.mark.usefixtures("local_ray")
 def test_pbt_with_the_searcher_exploits_with_the_new_config_exactly(tmp_path):
     rec = recipe()
     searcher = ModelBatchSearcher(rec, slots_per_gpu=MEMBERS)
     scheduler = pbt()
     analysis, rows = run(searcher.trainable(), scheduler, tmp_path, search_alg=searcher)
-    assert len(analysis.trials) == MEMBERS and all(t.status == "TERMINATED" for t in analysis.trials)
-    done = exploits(scheduler.events)
-    assert done, "PBT exploited no member: the test checked nothing"
-    assert any(e[4]["lr"] not in LRS for e in done)  # a mutated lr, not only a copied one
+    assert_pbt_exploited(analysis, scheduler)
 
     def final_state(trial):
         return load_member_state(read_checkpoint(trial.checkpoint))["model"]
 
     assert_replayed(rec, analysis, rows, scheduler, final_state)
+    (stats,) = searcher.server_stats()
+    assert stats["device_restores"] >= 1  # an exploit within the pack: the donor's state copied on the device
     assert open_sweeps() == {}
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_the_replay_is_what_plain_tune_pbt_gives(tmp_path):
+    """The reference itself: plain Tune PBT over a plain function trainable follows the same replay."""
+    scheduler = pbt()
+    analysis, rows = run(plain_member, scheduler, tmp_path, members=4)
+    assert_pbt_exploited(analysis, scheduler, members=4)
+
+    def final_state(trial):
+        with trial.checkpoint.as_directory() as directory:
+            return torch.load(os.path.join(directory, "member.pt"), weights_only=False)["model"]
+
+    assert_replayed(recipe(), analysis, rows, scheduler, final_state)
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_pb2_with_the_searcher_exploits_with_the_new_config_exactly(tmp_path):
+    rec = recipe()
+    searcher = ModelBatchSearcher(rec, slots_per_gpu=MEMBERS)
+    scheduler = pbt(RecordedPB2)
+    analysis, rows = run(searcher.trainable(), scheduler, tmp_path, search_alg=searcher)
+    assert_pbt_exploited(analysis, scheduler)
+
+    def final_state(trial):
+        return load_member_state(read_checkpoint(trial.checkpoint))["model"]
+
+    assert_replayed(rec, analysis, rows, scheduler, final_state)
+
+
+def packs(**kw) -> Packs:
+    return Packs(recipe(), 4, checkpoint_every=1, **kw)
+
+
+def test_an_exploit_from_a_snapshot_on_the_device_equals_one_from_the_checkpoint_bytes():
+    """Population-based training within one server: the donor's checkpointed state is copied on the device."""
+    donor, recipient = {"lr": 0.01, "seed": 1}, {"lr": 0.002, "seed": 2}
+    results = {}
+    for snapshot_every in (None, 2):
+        p = packs(snapshot_every=snapshot_every)
+        pid = p.join("d", donor, None)
+        p.join("r", recipient, None)
+        blob = [p.train(pid, {})["d"]["checkpoint"] for _ in range(2)][-1]
+        p.train(pid, {})  # the donor trains on: the exploit takes its checkpoint of report 2
+        p.join("r", {**donor, "lr": 0.03}, blob)  # PBT's new config for the recipient
+        assert p.device_restores == (snapshot_every is not None)
+        results[snapshot_every] = [p.train(pid, {})["r"]["result"] for _ in range(2)]
+    assert [r["training_iteration"] for r in results[2]] == [3, 4]
+    assert results[2] == results[None]
+
+
+def test_a_new_config_of_another_architecture_cannot_continue_a_state():
+    p = packs()
+    pid = p.join("d", {"lr": 0.01}, None)
+    blob = p.train(pid, {})["d"]["checkpoint"]
+    with pytest.raises(
+        ValueError, match=r"^ModelBatchSearcher: member r continues from the state of member d"
+    ):
+        p.join("r", {"lr": 0.01, "hidden": 5}, blob)

@@ -34,6 +34,9 @@ AUTO_SLOTS_PER_CPU = 2
 """On a CPU server ``"auto"`` also stays within this many members per core of its node: each live member
 is a Tune trial process that costs ~2 CPU-seconds to start, which on few cores outweighs what larger
 packs gain (a 64-config digits sweep on 2 cores: 23 s with 4 slots, 28 s with 8, 40 s with 16)."""
+SNAPSHOTS_PER_MEMBER = 2
+"""Device snapshots kept per member under PBT: PBT may exploit a donor's checkpoint of the perturbation
+before its latest (the donor trained on before Tune processed its result)."""
 AUTO_MEMORY_FRACTION = 0.8
 """Share of the device's free memory that ``"auto"`` fills."""
 
@@ -44,6 +47,12 @@ class Packs:
     A pack is created for the first member of an architecture and dropped when its last member
     leaves. Members are keyed by Tune trial id. A parked member waits outside its pack, its
     state kept in memory, until it comes back (:meth:`unpark`): exact, like a checkpoint.
+
+    ``snapshot_every`` (population-based training's ``perturbation_interval``): a member's
+    checkpoint at every this many reports is also kept on the device (its latest
+    ``SNAPSHOTS_PER_MEMBER``; ``SNAPSHOTS_PER_MEMBER * slots`` in all at most). A member restored from
+    such a checkpoint (PBT's exploit: the donor's) gets that state by a copy on the device, not
+    from the checkpoint's bytes; any other checkpoint is loaded from its bytes, as exactly.
     """
 
     def __init__(
@@ -54,9 +63,14 @@ class Packs:
         example_configs: Sequence[Mapping[str, Any]] = (),
         checkpoint_every: int | None = 1,
         reports: int | None = None,
+        snapshot_every: int | None = None,
     ) -> None:
         self.recipe = recipe
         self.checkpoint_every, self.reports = checkpoint_every, reports
+        self.snapshot_every = snapshot_every
+        self.snapshots: dict[bytes, dict[str, Any]] = {}  # checkpoint digest -> its state on the device
+        self.snapshot_of: dict[str, list[bytes]] = {}
+        self.device_restores = 0
         self.device = recipe.resolve_device() if isinstance(recipe, mb.Recipe) else _default_device()
         self.slots = slots if slots != "auto" else auto_slots(recipe, example_configs, self.device)
         self.packs: dict[int, Any] = {}
@@ -82,7 +96,10 @@ class Packs:
             pid = self._pack_for(config)
             self.packs[pid].add(trial_id, config)
         else:
-            pid = self._restore(trial_id, load_member_state(state), config)
+            snapshot = self.snapshots.get(_digest(state)) if self.snapshots else None
+            self.device_restores += snapshot is not None
+            saved = _unshared(snapshot) if snapshot is not None else load_member_state(state)
+            pid = self._restore(trial_id, saved, config)
         self.pack_of[trial_id] = pid
         self.members_hosted += 1
         return pid
@@ -133,8 +150,20 @@ class Packs:
             every = self.checkpoint_every
             due = every is not None and (final or it % every == 0)
             blob = _dumps(pack.member_state(member)) if due else None
+            if blob is not None and self.snapshot_every and it % self.snapshot_every == 0 and not final:
+                self._snapshot(member, blob, pack.member_state(member, on_device=True))
             replies[member] = {"result": result, "checkpoint": blob, "final": final}
         return replies
+
+    def _snapshot(self, member: str, blob: bytes, state: dict[str, Any]) -> None:
+        """Keep ``state`` (the checkpoint ``blob``'s, on the device) among the member's latest snapshots."""
+        keys = self.snapshot_of.setdefault(member, [])
+        keys.append(_digest(blob))
+        self.snapshots[keys[-1]] = state
+        if len(keys) > SNAPSHOTS_PER_MEMBER:
+            self.snapshots.pop(keys.pop(0), None)
+        while len(self.snapshots) > SNAPSHOTS_PER_MEMBER * self.slots:  # members gone: the oldest go
+            del self.snapshots[next(iter(self.snapshots))]
 
     def _restore(self, trial_id: str, state: dict[str, Any], config: Mapping[str, Any] | None = None) -> int:
         saved = state["slot_state"]
@@ -204,6 +233,16 @@ def _dumps(state: Mapping[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(dict(state), buffer)
     return buffer.getvalue()
+
+
+def _unshared(snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    """A snapshot to restore from: its tensors are only read, the rest (schedule, data position) copied."""
+    kept = ("model", "optimizer_state")
+    return {k: v if k in kept else copy.deepcopy(v) for k, v in snapshot.items()}
+
+
+def _digest(blob: bytes) -> bytes:
+    return hashlib.sha1(blob).digest()
 
 
 def load_member_state(blob: bytes) -> dict[str, Any]:

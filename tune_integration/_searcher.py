@@ -13,6 +13,7 @@ import ray
 import torch
 from ray import cloudpickle
 from ray.tune.result import AUTO_RESULT_KEYS
+from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.sample import Domain
 
@@ -448,6 +449,7 @@ class ModelBatchSearcher(Searcher):
                 "checkpoint_every": self.checkpoint_every,
                 "reports": self.reports,
                 "park_after_s": self.park_after_s,
+                "snapshot_every": _perturbation_interval(tune_run_locals().get("scheduler")),
             },
         }
         for attempt in range(3):
@@ -535,6 +537,13 @@ class ModelBatchSearcher(Searcher):
                 "tune.run / Tuner.fit; pass an int slots_per_gpu."
             )
         return resolved
+
+
+def _perturbation_interval(scheduler: Any) -> int | None:
+    """PBT's (and PB2's) ``perturbation_interval`` in reports, where it counts ``training_iteration``."""
+    if not isinstance(scheduler, PopulationBasedTraining) or scheduler._time_attr != "training_iteration":
+        return None
+    return max(int(scheduler._perturbation_interval), 1)
 
 
 def _check_args(

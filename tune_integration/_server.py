@@ -86,6 +86,7 @@ class SlotServer:
             "parked": sum(len(p.parked) for p in chosen),
             "packs": sum(len(p.packs) for p in chosen),
             "parks": sum(p.parks for p in chosen),
+            "device_restores": sum(p.device_restores for p in chosen),  # see Packs (PBT)
             "tenants": tenants,
             "memory": _memory(self.device),
             "restarted": ray.get_runtime_context().was_current_actor_reconstructed,
