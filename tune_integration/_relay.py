@@ -41,6 +41,10 @@ def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
     that Tune restarts in the same run (``max_failures``) skips the results Tune processed after
     its checkpoint the same way (the searcher tells the service each member's last iteration).
     After a driver restart (resume) a result logged after a member's last checkpoint may repeat.
+
+    A checkpoint of another trial (population-based training's exploit) continues the donor's
+    state with this trial's config, and Tune counts the trial's iterations on from the donor's
+    checkpoint, as for any trainable: every result after it is reported.
     """
     if parameters:
         raise TypeError(

@@ -115,8 +115,16 @@ class ModelBatchSearcher(Searcher):
 
     Pass ``reuse_actors=True`` (``tune.run`` / ``TuneConfig``): a finished member's relay
     process then serves the next member instead of a new ~110 MB process starting (on 2 CPUs
-    a 12-member sweep took 18 s instead of 44 s). Tune allows no search algorithm with
-    ``PopulationBasedTraining``.
+    a 12-member sweep took 18 s instead of 44 s).
+
+    Population-based training: pass ``scheduler=PopulationBasedTraining(...)`` (or ``PB2``)
+    with ``search_alg=searcher``; the searcher then suggests the initial population only (Tune
+    refuses other search algorithms with PBT). An exploited member continues from the donor's
+    checkpoint with its new config, counting iterations on from the donor's as plain Tune does;
+    within a server the donor's state is copied on the device (each member keeps its last two
+    checkpoints at a perturbation step there). Keep ``checkpoint_every`` a divisor of
+    ``perturbation_interval`` (1, the default): PBT exploits only checkpointed results. Mutate
+    hyperparameters (lr, weight_decay, grad_clip, ...), not what changes the parameter shapes.
 
     Sweeps share the cluster: one packing service per Ray cluster (detached actors in the
     ``modelbatch`` namespace, started by the first sweep that needs it, or by ``modelbatch
