@@ -19,7 +19,7 @@ from tune_recipes import Results, assert_matches_fit, open_sweeps, plain_member,
 from tune_integration import ModelBatchSearcher  # noqa: E402
 
 pytestmark = pytest.mark.slow
-LRS = [0.0005, 0.002, 0.004, 0.03, 0.2]
+LRS = [0.0005, 0.002, 0.004, 0.01, 0.03, 0.2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,7 +53,7 @@ def iterations(analysis) -> dict[float, int]:
 
 
 def test_hyperband_pauses_and_stops_the_members_plain_tune_does_each_exact(tmp_path):
-    """Brackets of 3 trials (milestone 4) and 2 trials (milestone 2: one goes on to 4).
+    """Brackets of 3 trials: one with milestone 4, one with milestone 2 (the best 2 go on to 4).
 
     ``stop_last_trials=False`` (members stop at ``stop``): Tune's default cleanup of a finished
     bracket stops only trials already PAUSED, so a member whose pause is still being saved then
