@@ -68,6 +68,18 @@ def build_model(recipe: Recipe, config: Mapping[str, Any], seed: int, api: str =
     return model.to(recipe.dtype)
 
 
+def model_shapes(recipe: Recipe, config: Mapping[str, Any], seed: int) -> nn.Module:
+    """The config's model on the meta device: its architecture without initializing weights.
+
+    A factory that needs real tensors (an init that reads values) builds it as usual.
+    """
+    try:
+        with torch.device("meta"):
+            return build_model(recipe, config, seed)
+    except Exception:
+        return build_model(recipe, config, seed)
+
+
 @dataclass
 class Slot:
     """One member living in a slot of the pack."""
@@ -147,27 +159,40 @@ class PackTrainer:
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         """Whether a member with this config has the pack's architecture."""
-        model = build_model(self.recipe, config, member_seed(config, 0))
-        return architecture_signature(model) == self.signature
+        return (
+            architecture_signature(model_shapes(self.recipe, config, member_seed(config, 0)))
+            == self.signature
+        )
 
     def add(self, member_id: Any, config: Mapping[str, Any], seed: int | None = None) -> int:
         """Put a new member into a free slot (fresh weights from its seed, fresh optimizer state)."""
+        config = dict(config)
+        seed = member_seed(config, 0) if seed is None else seed
+        model = build_model(self.recipe, config, seed)
+        return self._occupy(member_id, config, seed, model, model)
+
+    def _occupy(
+        self,
+        member_id: Any,
+        config: dict[str, Any],
+        seed: int,
+        model: nn.Module,
+        weights: nn.Module | Mapping[str, torch.Tensor],
+    ) -> int:
+        """A free slot for a member whose model (``model``: its architecture) gets ``weights``."""
         api = "mb.PackTrainer.add"
         free = self.free_slots()
         if not free:
             raise RuntimeError(f"{api}: all {self.capacity} slots are taken; remove a member first.")
         if member_id in self.live():
             raise ValueError(f"{api}: member {member_id!r} is already in the pack.")
-        config = dict(config)
-        seed = member_seed(config, 0) if seed is None else seed
-        model = build_model(self.recipe, config, seed)
         if architecture_signature(model) != self.signature:
             raise ValueError(
                 f"{api}: member {member_id!r} builds a model of another architecture than this pack; "
                 "put configs with different parameter shapes into separate packs."
             )
         slot = free[0]
-        self.batch.load_member(slot, model)
+        self.batch.load_member(slot, weights)
         self.optimizer.reset_member(slot)
         for name, value in self.recipe.hparams(config).items():
             self.optimizer.set_hparam(name, value, member=slot)
@@ -370,8 +395,8 @@ class PackTrainer:
         """
         saved: Slot = state["slot_state"]
         config = dict(saved.config if config is None else config)
-        slot = self.add(saved.member_id, config, seed=saved.seed)
-        self.batch.load_member(slot, state["model"])
+        shapes = model_shapes(self.recipe, config, saved.seed)  # its weights come from the state
+        slot = self._occupy(saved.member_id, config, saved.seed, shapes, state["model"])
         with torch.no_grad():
             for name, st in state["optimizer_state"].items():
                 target = self.optimizer._param_state(name, self.batch.stacked_parameters()[name])

@@ -14,6 +14,7 @@ import io
 import math
 import os
 import re
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 import modelbatch as mb
-from modelbatch._trainer import architecture_signature, build_model, member_seed
+from modelbatch._trainer import architecture_signature, build_model, member_seed, model_shapes
 from modelbatch.data._source import example_batch
 
 PackFactory = Callable[[int, Mapping[str, Any]], Any]
@@ -68,8 +69,8 @@ class Packs:
         self.recipe = recipe
         self.checkpoint_every, self.reports = checkpoint_every, reports
         self.snapshot_every = snapshot_every
-        self.snapshots: dict[bytes, dict[str, Any]] = {}  # checkpoint digest -> its state on the device
-        self.snapshot_of: dict[str, list[bytes]] = {}
+        self.snapshots: dict[str, dict[str, Any]] = {}  # a checkpoint's token -> its state on the device
+        self.snapshot_of: dict[str, list[str]] = {}
         self.device_restores = 0
         self.device = recipe.resolve_device() if isinstance(recipe, mb.Recipe) else _default_device()
         self.slots = slots if slots != "auto" else auto_slots(recipe, example_configs, self.device)
@@ -96,7 +97,7 @@ class Packs:
             pid = self._pack_for(config)
             self.packs[pid].add(trial_id, config)
         else:
-            snapshot = self.snapshots.get(_digest(state)) if self.snapshots else None
+            snapshot = self.snapshots.get(_snapshot_token(state)) if self.snapshots else None
             self.device_restores += snapshot is not None
             saved = _unshared(snapshot) if snapshot is not None else load_member_state(state)
             pid = self._restore(trial_id, saved, config)
@@ -149,21 +150,25 @@ class Packs:
                 pack.stop(member, "finished" if finite else result["error"])
             every = self.checkpoint_every
             due = every is not None and (final or it % every == 0)
-            blob = _dumps(pack.member_state(member)) if due else None
-            if blob is not None and self.snapshot_every and it % self.snapshot_every == 0 and not final:
-                self._snapshot(member, blob, pack.member_state(member, on_device=True))
+            blob = None
+            if due:
+                state = pack.member_state(member)
+                if self.snapshot_every and it % self.snapshot_every == 0 and not final:
+                    state["snapshot"] = self._snapshot(member, pack.member_state(member, on_device=True))
+                blob = _dumps(state)
             replies[member] = {"result": result, "checkpoint": blob, "final": final}
         return replies
 
-    def _snapshot(self, member: str, blob: bytes, state: dict[str, Any]) -> None:
-        """Keep ``state`` (the checkpoint ``blob``'s, on the device) among the member's latest snapshots."""
+    def _snapshot(self, member: str, state: dict[str, Any]) -> str:
+        """Keep ``state`` (on the device) among the member's latest snapshots; returns its token."""
         keys = self.snapshot_of.setdefault(member, [])
-        keys.append(_digest(blob))
+        keys.append(uuid.uuid4().hex)
         self.snapshots[keys[-1]] = state
         if len(keys) > SNAPSHOTS_PER_MEMBER:
             self.snapshots.pop(keys.pop(0), None)
         while len(self.snapshots) > SNAPSHOTS_PER_MEMBER * self.slots:  # members gone: the oldest go
             del self.snapshots[next(iter(self.snapshots))]
+        return keys[-1]
 
     def _restore(self, trial_id: str, state: dict[str, Any], config: Mapping[str, Any] | None = None) -> int:
         saved = state["slot_state"]
@@ -180,8 +185,8 @@ class Packs:
         """A member continuing another's state with a new config must keep that state's architecture."""
         if not isinstance(self.recipe, mb.Recipe):
             return  # a pack factory's trainer checks its members itself
-        before = architecture_signature(build_model(self.recipe, saved.config, saved.seed))
-        if architecture_signature(build_model(self.recipe, config, saved.seed)) == before:
+        before = architecture_signature(model_shapes(self.recipe, saved.config, saved.seed))
+        if architecture_signature(model_shapes(self.recipe, config, saved.seed)) == before:
             return
         changed = sorted(k for k in {*config, *saved.config} if config.get(k) != saved.config.get(k))
         raise ValueError(
@@ -241,8 +246,9 @@ def _unshared(snapshot: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v if k in kept else copy.deepcopy(v) for k, v in snapshot.items()}
 
 
-def _digest(blob: bytes) -> bytes:
-    return hashlib.sha1(blob).digest()
+def _snapshot_token(blob: bytes) -> str | None:
+    """The snapshot token in a checkpoint, read without its tensors (``None``: none)."""
+    return torch.load(io.BytesIO(blob), weights_only=False, map_location="meta").get("snapshot")
 
 
 def load_member_state(blob: bytes) -> dict[str, Any]:
