@@ -65,9 +65,10 @@ class Recorded:
         super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
 
     def _exploit(self, tune_controller, trial, trial_to_clone):
+        before = copy.deepcopy(trial.config)
         super()._exploit(tune_controller, trial, trial_to_clone)
         exploit = (trial.trial_id, trial_to_clone.trial_id, self.seen[trial.trial_id] - 1)
-        self.events.append(("exploit", *exploit, copy.deepcopy(trial.config)))
+        self.events.append(("exploit", *exploit, copy.deepcopy(trial.config), before))
 
 
 class RecordedPBT(Recorded, PopulationBasedTraining):
@@ -119,7 +120,7 @@ def replay(rec: mb.Recipe, rows: dict[str, list[dict]], scheduler) -> dict[str, 
         if event[0] == "checkpoint":
             checkpoints[event[1]] = event[2]
         else:
-            _, tid, donor, row, config = event
+            _, tid, donor, row, config, _ = event
             starts[tid].append((row + 1, (donor, checkpoints[donor]), config))
     done: dict[str, list[dict]] = {}
 
@@ -170,11 +171,14 @@ def exploits(events):
     return [e for e in events if e[0] == "exploit"]
 
 
-def assert_pbt_exploited(analysis, scheduler, members=MEMBERS) -> None:
+def assert_pbt_exploited(analysis, scheduler, members=MEMBERS, mutated=True) -> None:
+    """Every member finished, and some exploit changed a member's lr (``mutated``: to a new value)."""
     assert len(analysis.trials) == members and all(t.status == "TERMINATED" for t in analysis.trials)
     done = exploits(scheduler.events)
     assert done, "PBT exploited no member: the test checked nothing"
-    assert any(e[4]["lr"] not in LRS for e in done)  # a mutated lr, not only a copied one
+    assert any(e[4]["lr"] != e[5]["lr"] for e in done)
+    if mutated:  # PB2 copies the donor's lr while its model has no data of the donor
+        assert any(e[4]["lr"] not in LRS for e in done)
 
 
 @pytest.mark.usefixtures("local_ray")
@@ -214,7 +218,7 @@ def test_pb2_with_the_searcher_exploits_with_the_new_config_exactly(tmp_path):
     searcher = ModelBatchSearcher(rec, slots_per_gpu=MEMBERS)
     scheduler = pbt(RecordedPB2)
     analysis, rows = run(searcher.trainable(), scheduler, tmp_path, search_alg=searcher)
-    assert_pbt_exploited(analysis, scheduler)
+    assert_pbt_exploited(analysis, scheduler, mutated=False)
 
     def final_state(trial):
         return load_member_state(read_checkpoint(trial.checkpoint))["model"]
