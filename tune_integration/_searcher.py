@@ -125,6 +125,8 @@ class ModelBatchSearcher(Searcher):
     checkpoints at a perturbation step there). Keep ``checkpoint_every`` a divisor of
     ``perturbation_interval`` (1, the default): PBT exploits only checkpointed results. Mutate
     hyperparameters (lr, weight_decay, grad_clip, ...), not what changes the parameter shapes.
+    PBT (and HyperBand) pause members often: pass ``park_after_s=1.0`` so that a paused member
+    holds its pack back for a second, not 30.
 
     Sweeps share the cluster: one packing service per Ray cluster (detached actors in the
     ``modelbatch`` namespace, started by the first sweep that needs it, or by ``modelbatch
