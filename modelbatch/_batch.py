@@ -703,6 +703,13 @@ class ModelBatch(nn.Module):
         for path, rate in rates.items():
             self.stack.get_submodule(path).p.rates[index] = rate
 
+    def load_member_rates(self, index: int, source: nn.Module) -> None:
+        """Set member ``index``'s dropout rates to those of ``source`` (a model of the pack's architecture,
+        on any device, the meta device too), leaving its weights as they are."""
+        index = check_member_index("ModelBatch.load_member_rates", index, self.n)
+        for path, layer in dropout_modules(source).items():
+            self.stack.get_submodule(path).p.rates[index] = float(layer.p)
+
     # ------------------------------------------------------------------ dropout
     @property
     def dropout_rates(self) -> dict[str, list[float]]:

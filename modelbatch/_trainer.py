@@ -9,7 +9,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -103,6 +103,18 @@ def build_seeded(
     return model.to(recipe.dtype), state
 
 
+def model_shapes(recipe: Recipe, config: Mapping[str, Any], seed: int) -> nn.Module:
+    """The config's model on the meta device: its architecture without initializing weights.
+
+    A factory that needs real tensors (an init that reads values) builds it as usual.
+    """
+    try:
+        with torch.device("meta"):
+            return build_model(recipe, config, seed)
+    except Exception:
+        return build_model(recipe, config, seed)
+
+
 @dataclass
 class Slot:
     """One member living in a slot of the pack."""
@@ -182,29 +194,45 @@ class PackTrainer:
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         """Whether a member with this config has the pack's architecture."""
-        model = build_model(self.recipe, config, member_seed(config, 0))
-        return architecture_signature(model) == self.signature
+        return (
+            architecture_signature(model_shapes(self.recipe, config, member_seed(config, 0)))
+            == self.signature
+        )
 
     def add(self, member_id: Any, config: Mapping[str, Any], seed: int | None = None) -> int:
         """Put a new member into a free slot (fresh weights from its seed, fresh optimizer state)."""
+        config = dict(config)
+        seed = member_seed(config, 0) if seed is None else seed
+        model, rng = build_seeded(self.recipe, config, seed)
+        slot = self._occupy(member_id, config, seed, model, model)
+        # Its dropout masks: those a plain script draws after torch.manual_seed(seed) and the factory.
+        self.batch.set_rng_state(slot, {"seed": torch.tensor(seed), "cpu": rng})
+        return slot
+
+    def _occupy(
+        self,
+        member_id: Any,
+        config: dict[str, Any],
+        seed: int,
+        model: nn.Module,
+        weights: nn.Module | Mapping[str, torch.Tensor],
+    ) -> int:
+        """A free slot for a member whose model (``model``: its architecture) gets ``weights``."""
         api = "mb.PackTrainer.add"
         free = self.free_slots()
         if not free:
             raise RuntimeError(f"{api}: all {self.capacity} slots are taken; remove a member first.")
         if member_id in self.live():
             raise ValueError(f"{api}: member {member_id!r} is already in the pack.")
-        config = dict(config)
-        seed = member_seed(config, 0) if seed is None else seed
-        model, rng = build_seeded(self.recipe, config, seed)
         if architecture_signature(model) != self.signature:
             raise ValueError(
                 f"{api}: member {member_id!r} builds a model of another architecture than this pack; "
                 "put configs with different parameter shapes into separate packs."
             )
         slot = free[0]
-        self.batch.load_member(slot, model)  # its weights and dropout rates
-        # Its dropout masks: those a plain script draws after torch.manual_seed(seed) and the factory.
-        self.batch.set_rng_state(slot, {"seed": torch.tensor(seed), "cpu": rng})
+        self.batch.load_member(slot, weights)
+        if weights is not model:  # weights of a saved state: the dropout rates are its config's
+            self.batch.load_member_rates(slot, model)
         self.optimizer.reset_member(slot)
         for name, value in self.recipe.hparams(config).items():
             self.optimizer.set_hparam(name, value, member=slot)
@@ -373,16 +401,21 @@ class PackTrainer:
         return totals
 
     # ------------------------------------------------------------------ member state
-    def member_state(self, member_id: Any) -> dict[str, Any]:
-        """What continues this member elsewhere: weights, optimizer, schedule, data, dropout stream."""
+    def member_state(self, member_id: Any, on_device: bool = False) -> dict[str, Any]:
+        """What continues this member elsewhere: weights, optimizer, schedule, data, dropout stream.
+
+        Tensors are copied to the CPU, or with ``on_device=True`` kept on the pack's device (for a
+        :meth:`restore_member` on the same device: a device-to-device copy).
+        """
         slot = self.slot_of(member_id)
-        opt_state = {
-            k: {n: t[slot].detach().cpu().clone() for n, t in st.items()}
-            for k, st in self.optimizer.state.items()
-        }
+
+        def copied(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().clone() if on_device else t.detach().cpu().clone()
+
+        opt_state = {k: {n: copied(t[slot]) for n, t in st.items()} for k, st in self.optimizer.state.items()}
         return {
             "slot_state": copy.deepcopy(self.slots[slot]),
-            "model": {k: v.detach().cpu().clone() for k, v in self.batch.member(slot).state_dict().items()},
+            "model": {k: copied(v) for k, v in self.batch.member(slot).state_dict().items()},
             "hparams": {k: float(v[slot]) for k, v in self.optimizer.hparams.items()},
             "optimizer_state": opt_state,
             "optimizer_step": float(self.optimizer.steps[slot]),
@@ -391,11 +424,20 @@ class PackTrainer:
             "rng": self.batch.rng_state(slot),
         }
 
-    def restore_member(self, state: Mapping[str, Any]) -> int:
-        """Put a member saved by :meth:`member_state` into a free slot; it continues where it stopped."""
+    def restore_member(self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> int:
+        """Put a member saved by :meth:`member_state` into a free slot; it continues where it stopped.
+
+        ``config``: the member's config from now on (``None``: the saved one). Population-based
+        training continues a member from another's state with new hyperparameters: each optimizer
+        hyperparameter whose value in ``config`` differs from the saved config's is set as a changed
+        ``param_group[name]`` is in torch (an lr schedule goes on from it), and the config's other
+        per-member settings (``grad_clip``) apply from the next step. Its model must have the saved
+        one's architecture.
+        """
         saved: Slot = state["slot_state"]
-        slot = self.add(saved.member_id, saved.config, seed=saved.seed)
-        self.batch.load_member(slot, state["model"])
+        config = dict(saved.config if config is None else config)
+        shapes = model_shapes(self.recipe, config, saved.seed)  # its weights come from the state
+        slot = self._occupy(saved.member_id, config, saved.seed, shapes, state["model"])
         with torch.no_grad():
             for name, st in state["optimizer_state"].items():
                 target = self.optimizer._param_state(name, self.batch.stacked_parameters()[name])
@@ -409,8 +451,12 @@ class PackTrainer:
         self.sampler.load_member_state_dict(slot, state["sampler"])
         if "rng" in state:  # saved before members had their own dropout streams: a fresh one
             self.batch.set_rng_state(slot, state["rng"])
-        self.slots[slot] = copy.deepcopy(saved)
-        self.slots[slot].stopped = None
+        self.slots[slot] = replace(copy.deepcopy(saved), config=config, stopped=None)
+        if config != saved.config:
+            before = self.recipe.hparams(saved.config)
+            for name, value in self.recipe.hparams(config).items():
+                if before.get(name) != value:
+                    self.optimizer.set_hparam(name, value, member=slot)
         return slot
 
     # ------------------------------------------------------------------ helpers

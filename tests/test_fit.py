@@ -230,3 +230,44 @@ def test_a_mostly_empty_pack_trains_its_live_member_as_a_pack_of_one() -> None:
     assert [v != v for v in values] == [False, True, True, True]  # NaN but for the live slot
     for name, value in big.batch.stacked_parameters().items():
         assert torch.equal(value[big.slot_of("stopped")], stopped[name]), name
+
+
+def test_restore_member_with_a_new_config_equals_torch_changing_param_groups() -> None:
+    """Population-based training's exploit: a donor's state goes on with new hyperparameters.
+
+    Reference: one torch.optim.AdamW run alone whose param_group lr and weight decay change after
+    two reports, as a plain Tune PBT trainable does after loading the donor's checkpoint.
+    """
+    cfg, new = CONFIGS[3], {**CONFIGS[3], "lr": 0.02, "weight_decay": 0.05}
+    donor = mb.PackTrainer(recipe(), capacity=2, example_config=cfg)
+    donor.add("d", cfg)
+    got = [donor.train_report()["d"]["val_loss"] for _ in range(2)]
+    state = donor.member_state("d")
+    pack = mb.PackTrainer(recipe(), capacity=3, example_config=cfg)
+    pack.add("other", CONFIGS[0])
+    pack.restore_member(state, new)
+    got += [pack.train_report()["d"]["val_loss"] for _ in range(2)]
+    assert pack.slots[pack.slot_of("d")].config == new and pack.slots[pack.slot_of("d")].iteration == 4
+
+    torch.manual_seed(cfg["seed"])
+    model = Net().double()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, Y),
+        batch_size=16,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg["seed"]),
+    )
+    batches = (b for _ in range(100) for b in loader)
+    want = []
+    for report in range(4):
+        if report == 2:
+            opt.param_groups[0].update(lr=new["lr"], weight_decay=new["weight_decay"])
+        for _ in range(7):
+            xb, yb = next(batches)
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        with torch.no_grad():
+            want.append(float(F.cross_entropy(model(XV), YV)))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-10, atol=0)

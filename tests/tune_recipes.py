@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from ray import cloudpickle
+from ray import cloudpickle, tune
 from torch import nn
 
 import modelbatch as mb
@@ -79,6 +79,20 @@ def assert_matches_fit(
         )
 
 
+class Results(tune.Callback):
+    """A Tune callback keeping every result in the order Tune processed it: ``rows[trial_id]``.
+
+    A trial's ``progress.csv`` is no such record when Tune restarts trials (pauses, PBT's
+    exploits): its CSV logger may replace the file with an older copy from the storage path.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[dict]] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.rows.setdefault(trial.trial_id, []).append(dict(result))
+
+
 def member_without_torch(config: dict) -> None:
     """The relay trainable, then a check that its process never imported torch (else the trial errors)."""
     from tune_integration._relay import modelbatch_member
@@ -99,3 +113,34 @@ def open_sweeps() -> dict:
         return ray.get(service.status.remote())["sweeps"]
     except (ValueError, ray.exceptions.RayActorError):  # none, or it stopped meanwhile
         return {}
+
+
+def plain_member(config: dict) -> None:
+    """One member as a plain Tune function trainable: trained alone by the engine, a checkpoint per report.
+
+    Restored from a checkpoint (``max_failures``, a pause, PBT's exploit), it goes on from that
+    state with this trial's config: a changed lr is set as torch's ``param_group["lr"]`` is (the
+    way Tune's PBT examples load a checkpoint, then apply the new config).
+    """
+    import os
+    import tempfile
+
+    rec = recipe()
+    trainer = mb.PackTrainer(rec, 1, example_config=config)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        trainer.add("member", config)
+    else:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(os.path.join(directory, "member.pt"), weights_only=False)
+        trainer.restore_member(state)
+        trainer.optimizer.set_hparam("lr", config["lr"], member=0)
+        trainer.slots[0].config = dict(config)
+    while True:
+        result = trainer.train_report()["member"]
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(trainer.member_state("member"), os.path.join(directory, "member.pt"))
+            tune.report(
+                {k: v for k, v in result.items() if k != "training_iteration"},
+                checkpoint=tune.Checkpoint.from_directory(directory),
+            )

@@ -11,6 +11,7 @@ import copy
 import io
 import math
 import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,9 +20,11 @@ from typing import Any
 import torch
 
 import modelbatch as mb
-from modelbatch._trainer import architecture_signature, build_model, member_seed, pack_label
+from modelbatch._trainer import architecture_signature, build_model, member_seed, model_shapes, pack_label
 from modelbatch.data._source import example_batch
 
+Limits = tuple[int | None, int | None, int | None]
+"""A member's ``(reports, checkpoint_every, snapshot_every)``: see :meth:`Packs.join`."""
 PackFactory = Callable[[int, Mapping[str, Any]], Any]
 """``(capacity, example_config) -> trainer`` with :class:`modelbatch.PackTrainer`'s slot API."""
 
@@ -31,6 +34,9 @@ AUTO_SLOTS_PER_CPU = 2
 """On a CPU server ``"auto"`` also stays within this many members per core of its node: each live member
 is a Tune trial process that costs ~2 CPU-seconds to start, which on few cores outweighs what larger
 packs gain (a 64-config digits sweep on 2 cores: 23 s with 4 slots, 28 s with 8, 40 s with 16)."""
+SNAPSHOTS_PER_MEMBER = 2
+"""Device snapshots kept per member under PBT: PBT may exploit a donor's checkpoint of the perturbation
+before its latest (the donor trained on before Tune processed its result)."""
 AUTO_MEMORY_FRACTION = 0.8
 """Share of the device's free memory that ``"auto"`` fills."""
 
@@ -40,10 +46,16 @@ class Packs:
 
     A pack is created for the first member of an architecture and dropped when its last member
     leaves. Members are keyed by any hashable id (the server uses ``(sweep id, trial id)``: sweeps
-    of one recipe fingerprint share these packs); each member has its own report limit and
-    checkpoint interval (its sweep's; the constructor's by default). A parked member waits
+    of one recipe fingerprint share these packs); each member has its own report limit, checkpoint
+    and snapshot intervals (its sweep's; the constructor's by default). A parked member waits
     outside its pack, its state kept in memory, until it comes back (:meth:`unpark`): exact, like
     a checkpoint.
+
+    ``snapshot_every`` (population-based training's ``perturbation_interval``): a member's
+    checkpoint at every this many reports is also kept on the device (its latest
+    ``SNAPSHOTS_PER_MEMBER``; ``SNAPSHOTS_PER_MEMBER * slots`` in all at most). A member restored from
+    such a checkpoint (PBT's exploit: the donor's) gets that state by a copy on the device, not
+    from the checkpoint's bytes; any other checkpoint is loaded from its bytes, as exactly.
     """
 
     def __init__(
@@ -54,9 +66,14 @@ class Packs:
         example_configs: Sequence[Mapping[str, Any]] = (),
         checkpoint_every: int | None = 1,
         reports: int | None = None,
+        snapshot_every: int | None = None,
     ) -> None:
         self.recipe = recipe
         self.checkpoint_every, self.reports = checkpoint_every, reports
+        self.snapshot_every = snapshot_every
+        self.snapshots: dict[str, dict[str, Any]] = {}  # a checkpoint's token -> its state on the device
+        self.snapshot_of: dict[Any, list[str]] = {}
+        self.device_restores = 0
         self.device = recipe.resolve_device() if isinstance(recipe, mb.Recipe) else _default_device()
         self.slots = slots if slots != "auto" else auto_slots(recipe, example_configs, self.device)
         self.member_bytes: int | None = None  # memory of one member and of the data (None: not measured)
@@ -70,34 +87,35 @@ class Packs:
         self.packs: dict[int, Any] = {}
         self.pack_of: dict[Any, int] = {}
         self.parked: dict[Any, dict[str, Any]] = {}
-        self.limits: dict[Any, tuple[int | None, int | None]] = {}  # member -> (reports, checkpoint_every)
+        self.limits: dict[Any, Limits] = {}
         self.next_pack = 0
 
-    def live(self, pid: int) -> dict[str, int]:
+    def live(self, pid: int) -> dict[Any, int]:
         """``member -> slot`` of the pack's members still training (``{}`` for a dropped pack)."""
         pack = self.packs.get(pid)
         return pack.live() if pack is not None else {}
 
     def join(
-        self,
-        trial_id: Any,
-        config: dict[str, Any],
-        state: bytes | None,
-        limits: tuple[int | None, int | None] | None = None,
+        self, trial_id: Any, config: dict[str, Any], state: bytes | None, limits: Limits | None = None
     ) -> int:
         """Add a member (restored from ``state`` if given) to its architecture's pack; returns the pack id.
 
-        ``limits``: the member's ``(reports, checkpoint_every)`` (it ends after that many reports;
-        ``None`` each: no end, no checkpoints); by default the constructor's.
+        A member restored from another member's state (population-based training's exploit) goes
+        on from that state with ``config``'s hyperparameters. ``limits``: the member's ``(reports,
+        checkpoint_every, snapshot_every)`` (it ends after that many reports; ``None`` each: no end,
+        no checkpoints, no snapshots); by default the constructor's.
         """
         self.leave(trial_id)  # a restarted trial: drop its stale slot
         if state is None:
             pid = self._pack_for(config)
             self.packs[pid].add(trial_id, config)
         else:
-            pid = self._restore(trial_id, load_member_state(state))
+            snapshot = self.snapshots.get(_snapshot_token(state)) if self.snapshots else None
+            self.device_restores += snapshot is not None
+            saved = _unshared(snapshot) if snapshot is not None else load_member_state(state)
+            pid = self._restore(trial_id, saved, config)
         self.pack_of[trial_id] = pid
-        self.limits[trial_id] = limits if limits is not None else (self.reports, self.checkpoint_every)
+        self.limits[trial_id] = limits or (self.reports, self.checkpoint_every, self.snapshot_every)
         return pid
 
     def leave(self, trial_id: Any) -> int | None:
@@ -155,20 +173,59 @@ class Packs:
             if bad:  # the member ends; its last result says why
                 result["error"] = f"non-finite {bad[0][0]} ({bad[0][1]}) at report {it}"
             finite = not bad
-            reports, every = self.limits.get(member, (self.reports, self.checkpoint_every))
+            reports, every, snapshot_every = self.limits.get(
+                member, (self.reports, self.checkpoint_every, self.snapshot_every)
+            )
             final = not finite or (reports is not None and it >= reports)
             if final:
                 pack.stop(member, "finished" if finite else result["error"])
             due = every is not None and (final or it % every == 0)
-            blob = _dumps(pack.member_state(member)) if due else None
+            blob = None
+            if due:
+                state = pack.member_state(member)
+                if snapshot_every and it % snapshot_every == 0 and not final:
+                    state["snapshot"] = self._snapshot(member, pack.member_state(member, on_device=True))
+                blob = _dumps(state)
             replies[member] = {"result": result, "checkpoint": blob, "final": final}
         return replies
 
-    def _restore(self, trial_id: Any, state: dict[str, Any]) -> int:
-        state["slot_state"] = replace(state["slot_state"], member_id=trial_id)
-        pid = self._pack_for(state["slot_state"].config)
-        self.packs[pid].restore_member(state)
+    def _snapshot(self, member: Any, state: dict[str, Any]) -> str:
+        """Keep ``state`` (on the device) among the member's latest snapshots; returns its token."""
+        keys = self.snapshot_of.setdefault(member, [])
+        keys.append(uuid.uuid4().hex)
+        self.snapshots[keys[-1]] = state
+        if len(keys) > SNAPSHOTS_PER_MEMBER:
+            self.snapshots.pop(keys.pop(0), None)
+        while len(self.snapshots) > SNAPSHOTS_PER_MEMBER * self.slots:  # members gone: the oldest go
+            del self.snapshots[next(iter(self.snapshots))]
+        return keys[-1]
+
+    def _restore(self, trial_id: Any, state: dict[str, Any], config: Mapping[str, Any] | None = None) -> int:
+        saved = state["slot_state"]
+        state["slot_state"] = replace(saved, member_id=trial_id)
+        pid = self._pack_for(saved.config)
+        if config is None or dict(config) == saved.config:
+            self.packs[pid].restore_member(state)
+        else:
+            self._check_architecture(trial_id, saved, config)
+            self.packs[pid].restore_member(state, dict(config))
         return pid
+
+    def _check_architecture(self, trial_id: Any, saved: Any, config: Mapping[str, Any]) -> None:
+        """A member continuing another's state with a new config must keep that state's architecture."""
+        if not isinstance(self.recipe, mb.Recipe):
+            return  # a pack factory's trainer checks its members itself
+        before = architecture_signature(model_shapes(self.recipe, saved.config, saved.seed))
+        if architecture_signature(model_shapes(self.recipe, config, saved.seed)) == before:
+            return
+        changed = sorted(k for k in {*config, *saved.config} if config.get(k) != saved.config.get(k))
+        raise ValueError(
+            f"ModelBatchSearcher: member {_name(trial_id)} continues from the state of member "
+            f"{_name(saved.member_id)} "
+            f"(population-based training's exploit) with a config whose model has another architecture "
+            f"(changed: {changed}); a state loads only into its own architecture. Mutate only "
+            "hyperparameters that keep the parameter shapes (lr, weight_decay, ...) in hyperparam_mutations."
+        )
 
     def _pack_for(self, config: Mapping[str, Any]) -> int:
         for pid, pack in self.packs.items():
@@ -182,10 +239,26 @@ class Packs:
         return pid
 
 
+def _name(member: Any) -> str:
+    """A member's trial id (the server keys members by ``(sweep id, trial id)``)."""
+    return str(member[-1] if isinstance(member, tuple) else member)
+
+
 def _dumps(state: Mapping[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(dict(state), buffer)
     return buffer.getvalue()
+
+
+def _unshared(snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    """A snapshot to restore from: its tensors are only read, the rest (schedule, data position) copied."""
+    kept = ("model", "optimizer_state")
+    return {k: v if k in kept else copy.deepcopy(v) for k, v in snapshot.items()}
+
+
+def _snapshot_token(blob: bytes) -> str | None:
+    """The snapshot token in a checkpoint, read without its tensors (``None``: none)."""
+    return torch.load(io.BytesIO(blob), weights_only=False, map_location="meta").get("snapshot")
 
 
 def load_member_state(blob: bytes) -> dict[str, Any]:

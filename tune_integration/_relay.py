@@ -6,6 +6,7 @@ it). Checkpoints travel as opaque bytes written by the server.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any
@@ -17,6 +18,8 @@ from ._server import SERVER_LOST
 from ._service import SlotLost, find_service
 
 CHECKPOINT_FILE = "member.pt"
+ORIGIN_FILE = "origin.json"
+"""Beside the member state in a relay checkpoint: the trial and ``training_iteration`` that wrote it."""
 RESOURCES = {"cpu": 0.01}
 """A relay's resources: Tune rejects ``{"cpu": 0}`` (an empty placement group)."""
 MAX_REJOINS = 5
@@ -42,6 +45,10 @@ def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
     that Tune restarts in the same run (``max_failures``) skips the results Tune processed after
     its checkpoint the same way (the searcher tells the service each member's last iteration).
     After a driver restart (resume) a result logged after a member's last checkpoint may repeat.
+
+    A checkpoint of another trial (population-based training's exploit) continues the donor's
+    state with this trial's config, and Tune counts the trial's iterations on from the donor's
+    checkpoint, as for any trainable: every result after it is reported.
     """
     if parameters:
         raise TypeError(
@@ -52,13 +59,19 @@ def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
     service = find_service()
     context = ray.get_runtime_context()
     trial_id = tune.get_context().get_trial_id()
-    state = read_checkpoint(tune.get_checkpoint())
+    checkpoint = tune.get_checkpoint()
+    state = read_checkpoint(checkpoint)
     job = context.get_job_id()
     try:
         relay = context.current_actor  # the service pings the relay while it lives
     except RuntimeError:  # not in an actor (called by hand): no liveness pings
         relay = None
     server, sweep, reported = ray.get(service.join.remote(job, trial_id, config, state, relay))
+    origin = checkpoint_origin(checkpoint)
+    if origin is not None and origin["trial_id"] != trial_id:
+        # population-based training's exploit: another member's checkpoint, from whose iteration
+        # Tune counts this trial's results on (as it does for any trainable)
+        reported = origin["training_iteration"]
     lost = 0
     while True:
         try:
@@ -81,7 +94,7 @@ def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
             state = reply["checkpoint"]
         iteration = reply["result"].get("training_iteration", 0)
         if iteration > reported:  # else re-trained from an older checkpoint: Tune has this result
-            _report(reply)
+            _report(reply, trial_id)
             reported = iteration
         # Tune has a result with the metric by now (a trial ending without one aborts the sweep);
         # a trial whose last result was skipped ends with the last result Tune has of it.
@@ -90,13 +103,16 @@ def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
             return
 
 
-def _report(reply: dict[str, Any]) -> None:
+def _report(reply: dict[str, Any], trial_id: str) -> None:
     if reply["checkpoint"] is None:
         tune.report(reply["result"])
         return
     with tempfile.TemporaryDirectory() as directory:
         with open(os.path.join(directory, CHECKPOINT_FILE), "wb") as f:
             f.write(reply["checkpoint"])
+        origin = {"trial_id": trial_id, "training_iteration": reply["result"]["training_iteration"]}
+        with open(os.path.join(directory, ORIGIN_FILE), "w") as f:
+            json.dump(origin, f)
         tune.report(reply["result"], checkpoint=tune.Checkpoint.from_directory(directory))
 
 
@@ -113,6 +129,18 @@ def read_checkpoint(checkpoint: tune.Checkpoint | None) -> bytes | None:
             )
         with open(path, "rb") as f:
             return f.read()
+
+
+def checkpoint_origin(checkpoint: tune.Checkpoint | None) -> dict[str, Any] | None:
+    """``{"trial_id", "training_iteration"}`` of the report that wrote a relay checkpoint (``None``: none)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        path = os.path.join(directory, ORIGIN_FILE)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
 
 
 def trainable() -> Any:

@@ -13,6 +13,7 @@ import ray
 import torch
 from ray import cloudpickle
 from ray.tune.result import AUTO_RESULT_KEYS
+from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.sample import Domain
 
@@ -21,6 +22,7 @@ from modelbatch._recipe import OPTIMIZER_KEYS
 from modelbatch._trainer import architecture_signature, build_model, member_seed
 
 from . import _relay
+from ._generator import accept_population_based_training
 from ._lookahead import GroupingLookahead
 from ._packs import PackFactory, load_member_state, pack_label
 from ._sampler import SpaceSampler
@@ -113,8 +115,18 @@ class ModelBatchSearcher(Searcher):
 
     Pass ``reuse_actors=True`` (``tune.run`` / ``TuneConfig``): a finished member's relay
     process then serves the next member instead of a new ~110 MB process starting (on 2 CPUs
-    a 12-member sweep took 18 s instead of 44 s). Tune allows no search algorithm with
-    ``PopulationBasedTraining``.
+    a 12-member sweep took 18 s instead of 44 s).
+
+    Population-based training: pass ``scheduler=PopulationBasedTraining(...)`` (or ``PB2``)
+    with ``search_alg=searcher``; the searcher then suggests the initial population only (Tune
+    refuses other search algorithms with PBT). An exploited member continues from the donor's
+    checkpoint with its new config, counting iterations on from the donor's as plain Tune does;
+    within a server the donor's state is copied on the device (each member keeps its last two
+    checkpoints at a perturbation step there). Keep ``checkpoint_every`` a divisor of
+    ``perturbation_interval`` (1, the default): PBT exploits only checkpointed results. Mutate
+    hyperparameters (lr, weight_decay, grad_clip, ...), not what changes the parameter shapes.
+    PBT (and HyperBand) pause members often: pass ``park_after_s=1.0`` so that a paused member
+    holds its pack back for a second, not 30.
 
     Sweeps share the cluster: one packing service per Ray cluster (detached actors in the
     ``modelbatch`` namespace, started by the first sweep that needs it, or by ``modelbatch
@@ -266,11 +278,13 @@ class ModelBatchSearcher(Searcher):
         self._num_samples = spec.get("num_samples", self._num_samples)
         self.shutdown()  # a new sweep: the previous one's members leave
         self._start()
+        accept_population_based_training(self)
         return self._limiter.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str) -> dict | None:
         if self._sweep is None:
             self._begin_sweep_without_space()
+        accept_population_based_training(self)  # before Tune adds the trial (PBT checks it then)
         self._tell_tune_total()
         self._start()
         self._renew()
@@ -449,6 +463,7 @@ class ModelBatchSearcher(Searcher):
                 "reports": self.reports,
                 "park_after_s": self.park_after_s,
                 "fingerprint": self.recipe.fingerprint() if isinstance(self.recipe, mb.Recipe) else None,
+                "snapshot_every": _perturbation_interval(tune_run_locals().get("scheduler")),
             },
         }
         for attempt in range(3):
@@ -541,6 +556,13 @@ class ModelBatchSearcher(Searcher):
                 "tune.run / Tuner.fit; pass an int slots_per_gpu."
             )
         return resolved
+
+
+def _perturbation_interval(scheduler: Any) -> int | None:
+    """PBT's (and PB2's) ``perturbation_interval`` in reports, where it counts ``training_iteration``."""
+    if not isinstance(scheduler, PopulationBasedTraining) or scheduler._time_attr != "training_iteration":
+        return None
+    return max(int(scheduler._perturbation_interval), 1)
 
 
 def _check_args(

@@ -197,6 +197,10 @@ class SlotServer:
             "packs": len(pack_tenants),
             "parks": sum(self.counts.get(s, {}).get("parks", 0) for s in sweeps),
             "evictions": sum(self.counts.get(s, {}).get("evictions", 0) for s in sweeps),
+            "device_restores": sum(
+                self.groups[g].device_restores
+                for g in {self.group_of[s] for s in sweeps if s in self.group_of}
+            ),  # PBT
             "tenants": tenants,
             "pack_tenants": pack_tenants,
             "memory": _memory(self.device),
@@ -212,7 +216,8 @@ class SlotServer:
         and ``data_bytes`` of its recipe's data (``None``/0: not measured, no example configs), and
         this server's ``budget_bytes`` (the share of its device's memory that packs may fill).
 
-        ``options``: ``reports``, ``checkpoint_every``, ``park_after_s`` (the sweep's own),
+        ``options``: ``reports``, ``checkpoint_every``, ``snapshot_every``, ``park_after_s`` (the
+        sweep's own),
         ``example_configs`` (for ``slots="auto"``) and ``fingerprint`` (the recipe's, or ``None``:
         its members share packs only with each other).
         """
@@ -234,6 +239,7 @@ class SlotServer:
                 self.options[sweep_id] = {
                     "reports": options.get("reports"),
                     "checkpoint_every": options.get("checkpoint_every", 1),
+                    "snapshot_every": options.get("snapshot_every"),
                     "park_after_s": float(options.get("park_after_s", 30.0)),
                 }
             if self.budget is None:
@@ -274,7 +280,7 @@ class SlotServer:
         async with self.lock:
             packs = self._packs(sweep_id)
             opts = self.options[sweep_id]
-            limits = (opts["reports"], opts["checkpoint_every"])
+            limits = (opts["reports"], opts["checkpoint_every"], opts["snapshot_every"])
             await self._in_thread(packs.join, (sweep_id, trial_id), config, state, limits)
 
     async def leave(self, sweep_id: str, trial_id: str) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ray.tune.impl.placeholder import _FunctionResolver, _RefResolver, resolve_placeholders
-from ray.tune.search import Searcher, SearchGenerator
+from ray.tune.search import SearchAlgorithm, Searcher
 from ray.tune.search.variant_generator import generate_variants
 
 from ._service import is_tune_run
@@ -91,10 +91,15 @@ def grid_points(space: Mapping[str, Any]) -> int:
     return sum(1 for _ in generate_variants(copy.deepcopy(dict(space))))
 
 
-def tune_search_generator(searcher: Searcher) -> SearchGenerator | None:
-    """The running ``tune.run``'s ``SearchGenerator`` around ``searcher`` (``None``: none found)."""
+def tune_search_generator(searcher: Searcher) -> SearchAlgorithm | None:
+    """The running ``tune.run``'s ``SearchGenerator`` around ``searcher`` (``None``: none found).
+
+    Also once it is a ``PackedSearchGenerator`` (the same object, see :mod:`._generator`).
+    """
     generator = tune_run_locals().get("search_alg")
-    if not isinstance(generator, SearchGenerator):
+    if not isinstance(generator, SearchAlgorithm) or not isinstance(
+        getattr(generator, "searcher", None), Searcher
+    ):
         return None
     inner = generator.searcher
     while inner is not searcher and isinstance(getattr(inner, "searcher", None), Searcher):
