@@ -135,17 +135,24 @@ class _Hasher:
         self.put("tensor", t.dtype, tuple(t.shape))
         self.put(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
 
-    def function(self, fn: types.FunctionType) -> None:
-        library = _library_module(fn.__module__)
+    def enter(self, kind: str, obj: Any) -> bool:
+        """Feed library code and a cycle by name (``False``); else mark ``obj`` active (``True``: feed
+        its content, then ``self.active.discard(id(obj))``)."""
+        library = _library_module(obj.__module__)
         if library is not None:
-            self.put("libfn", library, fn.__qualname__)
+            self.put(f"lib{kind}", library, obj.__qualname__)
+            return False
+        if id(obj) in self.active:
+            self.put("cycle", obj.__qualname__)
+            return False
+        self.active.add(id(obj))
+        self.put(kind, obj.__qualname__)
+        return True
+
+    def function(self, fn: types.FunctionType) -> None:
+        if not self.enter("fn", fn):
             return
-        if id(fn) in self.active:
-            self.put("cycle", fn.__qualname__)
-            return
-        self.active.add(id(fn))
         try:
-            self.put("fn", fn.__qualname__)
             self.code(fn.__code__)
             self.feed((fn.__defaults__, fn.__kwdefaults__))
             self.feed([cell.cell_contents for cell in fn.__closure__ or ()])
@@ -167,16 +174,9 @@ class _Hasher:
                 self.feed(const)
 
     def cls(self, cls: type) -> None:
-        library = _library_module(cls.__module__)
-        if library is not None:
-            self.put("libcls", library, cls.__qualname__)
+        if not self.enter("cls", cls):
             return
-        if id(cls) in self.active:
-            self.put("cycle", cls.__qualname__)
-            return
-        self.active.add(id(cls))
         try:
-            self.put("cls", cls.__qualname__)
             self.feed(list(cls.__bases__))
             own = {
                 k: v

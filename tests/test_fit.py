@@ -56,10 +56,11 @@ def _assert_same_history(a, b, rtol=1e-10):
     assert a["training_iteration"].tolist() == b["training_iteration"].tolist()
 
 
-def test_member_in_pack_equals_plain_torch_training_alone() -> None:
-    """Reference: torch.manual_seed + the model, a seeded shuffling DataLoader, torch.optim.AdamW."""
-    history = mb.fit(recipe(), CONFIGS, reports=4, progress=False)
-    cfg = CONFIGS[3]
+def plain_torch_val_losses(
+    cfg: dict, reports: int, change_at: int | None = None, new: dict | None = None
+) -> list:
+    """Plain torch alone: torch.manual_seed + the model, a seeded shuffling DataLoader, torch.optim.AdamW,
+    7 steps per report; from report ``change_at`` on, ``new``'s lr and weight decay (as PBT sets them)."""
     torch.manual_seed(cfg["seed"])
     model = Net().double()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -71,7 +72,9 @@ def test_member_in_pack_equals_plain_torch_training_alone() -> None:
     )
     batches = (b for _ in range(100) for b in loader)
     val_losses = []
-    for _ in range(4):
+    for report in range(reports):
+        if report == change_at:
+            opt.param_groups[0].update(lr=new["lr"], weight_decay=new["weight_decay"])
         for _ in range(7):
             xb, yb = next(batches)
             opt.zero_grad()
@@ -79,6 +82,13 @@ def test_member_in_pack_equals_plain_torch_training_alone() -> None:
             opt.step()
         with torch.no_grad():
             val_losses.append(float(F.cross_entropy(model(XV), YV)))
+    return val_losses
+
+
+def test_member_in_pack_equals_plain_torch_training_alone() -> None:
+    """Reference: torch.manual_seed + the model, a seeded shuffling DataLoader, torch.optim.AdamW."""
+    history = mb.fit(recipe(), CONFIGS, reports=4, progress=False)
+    val_losses = plain_torch_val_losses(CONFIGS[3], reports=4)
     got = _by_member(history)[3]["val_loss"].tolist()
     torch.testing.assert_close(torch.tensor(got), torch.tensor(val_losses), rtol=1e-10, atol=0)
 
@@ -248,26 +258,5 @@ def test_restore_member_with_a_new_config_equals_torch_changing_param_groups() -
     pack.restore_member(state, new)
     got += [pack.train_report()["d"]["val_loss"] for _ in range(2)]
     assert pack.slots[pack.slot_of("d")].config == new and pack.slots[pack.slot_of("d")].iteration == 4
-
-    torch.manual_seed(cfg["seed"])
-    model = Net().double()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(X, Y),
-        batch_size=16,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(cfg["seed"]),
-    )
-    batches = (b for _ in range(100) for b in loader)
-    want = []
-    for report in range(4):
-        if report == 2:
-            opt.param_groups[0].update(lr=new["lr"], weight_decay=new["weight_decay"])
-        for _ in range(7):
-            xb, yb = next(batches)
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-        with torch.no_grad():
-            want.append(float(F.cross_entropy(model(XV), YV)))
+    want = plain_torch_val_losses(cfg, reports=4, change_at=2, new=new)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-10, atol=0)
