@@ -232,10 +232,16 @@ def test_weights_one_to_three_share_a_full_server_one_to_three(cluster):
         for n in itertools.count():
             trial = f"{tenant}-{worker}-{n}"
             try:
-                join = service.join.remote(f"job-{tenant}", trial, {"lr": 0.01, "seed": n}, None, None)
-                server, sweep, _ = ray.get(join)
-                for _ in range(2):
-                    ray.get(server.next_result.remote(sweep, trial))
+                config = {"lr": 0.01, "seed": n}
+                server, sweep, _ = ray.get(service.join.remote(f"job-{tenant}", trial, config, None, None))
+                results = 0
+                while results < 2:
+                    reply = ray.get(server.next_result.remote(sweep, trial))
+                    if "parked" in reply:  # preempted for the other tenant: queue again, as a relay does
+                        join = service.join.remote(f"job-{tenant}", trial, config, reply["parked"], None)
+                        server, sweep, _ = ray.get(join)
+                    else:
+                        results += 1
                 ray.get(service.release.remote(sweep, trial))
             except ray.exceptions.RayError:
                 if stop.is_set():  # the service stopped at the end of the test

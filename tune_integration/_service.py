@@ -304,6 +304,8 @@ class Service:
         sweep = self.sweeps.pop(sweep_id, None)
         if sweep is None:
             return
+        if not self.sweeps:  # idle from now (not from the last time it was), while the servers drop it
+            self.idle_since = time.monotonic()
         if self.job_sweep.get(sweep.job_id) == sweep_id:
             del self.job_sweep[sweep.job_id]
         self.policy.remove_sweep(sweep_id)
@@ -595,7 +597,7 @@ class Service:
 
     def _server_died(self, index: int) -> None:
         """A server gone for good: its members' slots are freed (their relays join again elsewhere)."""
-        if not self.servers[index].alive:
+        if index >= len(self.servers) or not self.servers[index].alive:  # gone with a stopping service
             return
         self.servers[index].alive = False
         for member in self.policy.remove_server(index):
