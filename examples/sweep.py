@@ -444,13 +444,17 @@ def run_sweep(args: argparse.Namespace, stage: dict[str, str]) -> tuple[Any, boo
         searcher.shutdown()
 
 
-def member_status(trial: Any, epochs: int) -> str:
-    """``finished`` (all epochs), ``stopped early`` (by ASHA), ``errored``, or Tune's status in lower case."""
+def member_status(trial: Any, epochs: int, reached: int = 0) -> str:
+    """``finished`` (all epochs), ``stopped early`` (by ASHA), ``errored``, or Tune's status in lower case.
+
+    ``reached``: the member's last epoch in its history (a resumed trial's ``last_result`` may be
+    an older one restored with it)."""
     result = trial.last_result or {}
     if trial.status == "ERROR" or result.get("error"):
         return "errored"
     if trial.status == "TERMINATED":
-        return "finished" if result.get("training_iteration", 0) >= epochs else "stopped early"
+        last = max(result.get("training_iteration", 0), reached)
+        return "finished" if last >= epochs else "stopped early"
     return trial.status.lower()
 
 
@@ -466,7 +470,7 @@ def history_frame(analysis: Any, epochs: int) -> pd.DataFrame:
         # MLflow (with dropout the remade one can differ: its masks are drawn anew)
         frame = frame.drop_duplicates("training_iteration", keep="first").copy()
         frame["trial_id"] = trial.trial_id
-        frame["status"] = member_status(trial, epochs)
+        frame["status"] = member_status(trial, epochs, int(frame["training_iteration"].max()))
         rows.append(frame)
     if not rows:
         return pd.DataFrame()
