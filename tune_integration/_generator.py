@@ -12,9 +12,10 @@ state with its new config. So the searcher turns the ``SearchGenerator`` Tune ma
 
 from __future__ import annotations
 
+from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.search import SearchAlgorithm, SearchGenerator
 
-from ._space import tune_search_generator
+from ._space import tune_run_locals, tune_search_generator
 
 _NOT_COPIED = ("__dict__", "__weakref__", "__module__", "__qualname__", "__doc__")
 
@@ -32,7 +33,10 @@ PackedSearchGenerator = type(
 
 def accept_population_based_training(searcher: object) -> None:
     """Let the running ``tune.run``'s scheduler be PBT / PB2: its ``SearchGenerator`` around ``searcher``
-    becomes a :class:`PackedSearchGenerator` (idempotent; nothing outside a Tune run)."""
+    becomes a :class:`PackedSearchGenerator` (idempotent; nothing outside a Tune run, nor under
+    another scheduler: every other sweep keeps Tune's own class)."""
+    if not isinstance(tune_run_locals().get("scheduler"), PopulationBasedTraining):
+        return
     generator = tune_search_generator(searcher)
     if generator is not None and type(generator) is SearchGenerator:
         generator.__class__ = PackedSearchGenerator
