@@ -3,7 +3,8 @@
 HyperBand (synchronous) decides from the members' results in the order Tune added them, so the
 same sweep under plain Tune (a function trainable training each config alone) must stop the same
 configs at the same iterations; MedianStoppingRule's decisions depend on when each result arrives,
-so there every member is checked against ``mb.fit`` and some must have been stopped.
+so there the sweep is laid out to leave it one choice (see its test) and every member is checked
+against ``mb.fit``.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ def local_ray():
     ray.shutdown()
 
 
-def run(trainable, scheduler, tmp_path, search_alg=None, lrs=LRS, stop=None):
+def run(trainable, scheduler, tmp_path, search_alg=None, lrs=LRS, stop=None, max_concurrent_trials=None):
     """The sweep and every trial's results as Tune processed them."""
     results = Results()
     analysis = tune.run(
         trainable,
+        max_concurrent_trials=max_concurrent_trials,
         config={"lr": tune.grid_search(lrs), "seed": 0},
         search_alg=search_alg,
         scheduler=scheduler,
@@ -75,13 +77,28 @@ def test_hyperband_pauses_and_stops_the_members_plain_tune_does_each_exact(tmp_p
     assert open_sweeps() == {}
 
 
-def test_median_stopping_rule_stops_members_early_each_exact(tmp_path):
+def test_median_stopping_rule_stops_the_member_worse_than_the_median_each_exact(tmp_path):
+    """Three members train to the end, then a fourth (lr 1e-6: it barely learns) runs alone.
+
+    The rule compares a member at iteration t with the members that reached t: the first three
+    never see three others (``min_samples_required=3``), whatever order their results arrive in;
+    the fourth sees all three at t=2 (the grace period), is worse than their median, and stops
+    there. ``max_concurrent_trials=3`` starts the fourth only when a slot frees.
+    """
     rec = recipe()
-    searcher = ModelBatchSearcher(rec, slots_per_gpu=6)
+    searcher = ModelBatchSearcher(rec, slots_per_gpu=3)
     rule = MedianStoppingRule(time_attr="training_iteration", grace_period=2, min_samples_required=3)
-    lrs = [0.0002, 0.0005, 0.004, 0.01, 0.03, 0.1]
-    analysis, rows = run(searcher.trainable(), rule, tmp_path, searcher, lrs, stop={"training_iteration": 6})
-    stopped = iterations(analysis)
-    assert min(stopped.values()) < 6 and max(stopped.values()) == 6
+    lrs = [0.004, 0.01, 0.03, 1e-6]
+    analysis, rows = run(
+        searcher.trainable(),
+        rule,
+        tmp_path,
+        searcher,
+        lrs,
+        stop={"training_iteration": 6},
+        max_concurrent_trials=3,
+    )
+    assert iterations(analysis) == {0.004: 6, 0.01: 6, 0.03: 6, 1e-6: 2}
     for trial in analysis.trials:
         assert_matches_fit(rec, trial.config, rows[trial.trial_id])
+    assert open_sweeps() == {}
