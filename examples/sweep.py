@@ -147,8 +147,43 @@ def interrupted_message(args: argparse.Namespace, what: str) -> int:
     return 130
 
 
+class CtrlC:
+    """SIGINT held while the job imports and starts Ray, raised at the next safe point instead.
+
+    A KeyboardInterrupt raised inside an import can be swallowed (``Exception ignored in ...``) and
+    the sweep then runs on, or escape the exit path. Once Tune's own handler is in place
+    (:meth:`hand_to`), a held Ctrl-C goes to it, and one after it (Tune restores this handler)
+    raises at once, as a second Ctrl-C should.
+    """
+
+    def __init__(self) -> None:
+        self.held = False
+        self.raising = False
+        signal.signal(signal.SIGINT, self)
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.raising:
+            raise KeyboardInterrupt
+        self.held = True
+
+    def check(self) -> None:
+        """Raise a held Ctrl-C here."""
+        if self.held:
+            self.held = False
+            raise KeyboardInterrupt
+
+    def hand_to(self, stop: Any) -> None:
+        """Tune's handler is installed: from now on a Ctrl-C raises; a held one is passed to ``stop``."""
+        self.raising = True
+        if self.held:
+            self.held = False
+            stop(signal.SIGINT, None)
+
+
+CTRL_C: CtrlC | None = None  # the command line's (not installed when main() is called in-process)
 if __name__ == "__main__":  # --help and bad flags answer before torch, pandas and Ray are imported
     ARGS = parse_args()
+    CTRL_C = CtrlC()  # before the imports below: a Ctrl-C during them ends the job cleanly too
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -225,8 +260,10 @@ def search_space() -> dict[str, Any]:
     }
 
 
-def make_progress(total: int, max_t: int) -> Any:
-    """A Tune callback showing members running / stopped early / finished / errored and the best so far."""
+def make_progress(total: int, max_t: int, ctrl_c: CtrlC | None = None) -> Any:
+    """A Tune callback showing members running / stopped early / finished / errored and the best so far.
+
+    ``ctrl_c``: the job's held Ctrl-C, handed to Tune's handler when the sweep starts."""
     from ray import tune
     from tqdm.auto import tqdm
 
@@ -249,6 +286,8 @@ def make_progress(total: int, max_t: int) -> Any:
                     tune_handler(signum, frame)
 
             signal.signal(signal.SIGINT, on_sigint)
+            if ctrl_c is not None:
+                ctrl_c.hand_to(on_sigint)
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_: Any) -> None:
             value = result.get(METRIC)
@@ -364,6 +403,8 @@ def keep_scheduler_state(scheduler: Any) -> Any:
 def run_sweep(args: argparse.Namespace, stage: dict[str, str]) -> tuple[Any, bool]:
     """Start or join Ray and run the Tune sweep with ModelBatchSearcher: (ExperimentAnalysis, interrupted)."""
     start_ray(args)
+    if CTRL_C is not None:
+        CTRL_C.check()
     import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -394,7 +435,7 @@ def run_sweep(args: argparse.Namespace, stage: dict[str, str]) -> tuple[Any, boo
         "slots": args.slots,
     }
     callbacks = [
-        make_progress(args.num_samples, args.epochs),
+        make_progress(args.num_samples, args.epochs, CTRL_C),
         MLflowCallback(
             tracking_uri=args.tracking_uri,
             experiment_name=EXPERIMENT,
@@ -417,6 +458,8 @@ def run_sweep(args: argparse.Namespace, stage: dict[str, str]) -> tuple[Any, boo
         f"sweep: {args.num_samples} configs of {sorted(search_space())}, ASHA up to {args.epochs} epochs, "
         f"searcher {args.searcher}{' (resumed)' if resume else ''}; Ctrl-C stops cleanly, --resume continues"
     )
+    if CTRL_C is not None:
+        CTRL_C.check()
     stage["now"] = "during the sweep (--resume continues from Tune's last save)"
     try:
         analysis = tune.run(
@@ -437,8 +480,14 @@ def run_sweep(args: argparse.Namespace, stage: dict[str, str]) -> tuple[Any, boo
             raise_on_failed_trial=False,
         )
         args.view_url = callbacks[1].view_url()
-        return analysis, callbacks[0].interrupted
+        # also a Ctrl-C that reached Tune's handler before the progress bar wrapped it
+        ended = len(analysis.trials) == args.num_samples and all(
+            t.status in ("TERMINATED", "ERROR") for t in analysis.trials
+        )
+        return analysis, callbacks[0].interrupted or not ended
     finally:
+        if CTRL_C is not None:
+            CTRL_C.raising = True  # a Ctrl-C from here on interrupts what follows at once
         hosted = [(s["server"], s["device"], s["members_hosted"]) for s in searcher.server_stats()]
         print(f"slot servers (index, device, members hosted): {hosted}")
         searcher.shutdown()

@@ -134,10 +134,16 @@ class Sweep:
         return stdout, "".join(self.errors)
 
 
-def all_members_started(experiment: Path, members: int):
+def near_the_end(sweep: Sweep, experiment: Path, members: int):
     """Near the end: the last member's trial folder exists (every config suggested), ASHA's grace
-    period (2 epochs) still ahead of it."""
-    return lambda: len([p for p in experiment.glob("modelbatch_member_*") if p.is_dir()]) >= members
+    period (2 epochs) still ahead of it, and this session has had a report (a resumed session finds
+    the folders of the last one at once)."""
+
+    def ready() -> bool:
+        started = len([p for p in experiment.glob("modelbatch_member_*") if p.is_dir()]) >= members
+        return started and "best val_loss" in "".join(sweep.errors)
+
+    return ready
 
 
 def continue_command(stdout: str) -> list[str]:
@@ -189,7 +195,7 @@ def test_ctrl_c_while_ray_starts_and_near_the_end_then_continue_completes_the_sw
     assert "Interrupted while" in stdout and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
 
     near_end = Sweep(tmp_path, [], command=continue_command(stdout))
-    stdout, stderr = near_end.interrupt_when(all_members_started(experiment, 6))
+    stdout, stderr = near_end.interrupt_when(near_the_end(near_end, experiment, 6))
     assert near_end.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
     assert "Tune saved the sweep" in stdout and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
 
@@ -233,7 +239,7 @@ def test_ctrl_c_mid_sweep_and_near_the_end_and_the_printed_command_resumes_that_
 
     experiment = tmp_path / "out" / "digits-sweep"
     near_end = Sweep(tmp_path, [], command=continue_command(stdout))
-    stdout, stderr = near_end.interrupt_when(all_members_started(experiment, 8))
+    stdout, stderr = near_end.interrupt_when(near_the_end(near_end, experiment, 8))
     assert near_end.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
     assert "(resumed)" in stdout and "searcher optuna" in stdout, stdout[-3000:]
 
