@@ -6,6 +6,7 @@ that every sweep shares; member trials take 0.01 CPU each.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -72,6 +73,17 @@ def service_status() -> dict | None:
         return ray.get(ray.get_actor(SERVICE_NAME, namespace=NAMESPACE).status.remote())
     except (ValueError, ray.exceptions.RayActorError):
         return None
+
+
+def stop_service() -> None:
+    """Stop a service an earlier test's sweep left to stop when idle (tested once, by the killed driver)."""
+    try:
+        service = ray.get_actor(SERVICE_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return
+    with contextlib.suppress(ray.exceptions.RayActorError):  # it was stopping already
+        ray.get(service.stop.remote())
+    wait_for(lambda: service_status() is None, 60, "the earlier service stopped")
 
 
 def live_members(tenant: str) -> int:
@@ -217,7 +229,7 @@ def test_weights_one_to_three_share_a_full_server_one_to_three(cluster):
 
     from tune_integration._service import connect
 
-    wait_for(lambda: service_status() is None, IDLE_STOP_S + 60, "the previous test's service stopped")
+    stop_service()
     service = connect({"slots_per_gpu": 4, "idle_stop_s": None})  # as `modelbatch service start` does
     options = {"example_configs": [], "checkpoint_every": None, "reports": 2, "park_after_s": 30.0}
     tenants = {"light": (1.0, 3), "heavy": (3.0, 7)}  # weight, members kept in flight
@@ -281,7 +293,7 @@ def test_members_are_admitted_by_measured_memory_and_one_too_large_for_a_server_
     from tune_integration._packs import member_memory
     from tune_integration._service import connect
 
-    wait_for(lambda: service_status() is None, IDLE_STOP_S + 60, "the previous test's service stopped")
+    stop_service()
     configs = [{"lr": 0.01, "seed": 0}]
     member, data = member_memory(recipe(), configs, torch.device("cpu"))
     options = {"example_configs": configs, "checkpoint_every": None, "reports": 1000, "park_after_s": 30.0}
