@@ -207,10 +207,14 @@ def tune_with_parameters_around_the_relay(ctx: Ctx) -> None:
 
 
 @_ray
-def tune_auto_slots_with_a_searcher_owned_space(ctx: Ctx) -> None:
-    from ray.tune.search.optuna import OptunaSearch
+def tune_auto_slots_with_a_searcher_that_suggests_nothing_yet(ctx: Ctx) -> None:
+    from ray.tune.search import Searcher
 
-    inner = OptunaSearch({"lr": tune.loguniform(1e-3, 1e-1)}, metric="val_loss", mode="min")
+    class Later(Searcher):  # waits for results before its first config
+        def suggest(self, trial_id):
+            return None
+
+    inner = Later(metric="val_loss", mode="min")
     _tune_run(ctx, ModelBatchSearcher(recipe(), searcher=inner, slots_per_gpu="auto"), config=None)
 
 
@@ -869,11 +873,11 @@ BAD = [
         r".*Put the data into the Recipe",
     ),
     (
-        "tune: auto slots with a searcher-owned space",
-        tune_auto_slots_with_a_searcher_owned_space,
+        "tune: auto slots with a searcher that suggests nothing yet",
+        tune_auto_slots_with_a_searcher_that_suggests_nothing_yet,
         ValueError,
-        r"^ModelBatchSearcher: slots_per_gpu='auto' .*the inner searcher holds its own space.*"
-        r"Pass an int slots_per_gpu, or give the space to Tune",
+        r"^ModelBatchSearcher: slots_per_gpu='auto' measures members on the first configs of the "
+        r"sweep, but the inner searcher Later suggested none before the sweep started; pass an int",
     ),
 ]
 

@@ -107,6 +107,32 @@ def test_a_searcher_runs_a_second_sweep_afresh(tmp_path):
     assert open_sweeps() == {}  # the second sweep left the service too
 
 
+def test_auto_slots_measure_the_first_configs_of_a_searcher_that_owns_its_space(tmp_path):
+    """``OptunaSearch(space=...)`` (Tune gets no space): the same configs as under plain Tune with
+    the same seeded Optuna, each member exact, the slots measured on the searcher's first configs."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    def optuna():
+        space = {"lr": tune.loguniform(1e-3, 1e-1), "seed": tune.randint(0, 1000)}
+        return OptunaSearch(space, metric="val_loss", mode="min", seed=7)
+
+    def record(config):
+        tune.report({"val_loss": 0.0})
+
+    plain = _run(record, tmp_path, "plain", search_alg=optuna(), num_samples=3)
+    rec = recipe()
+    searcher = ModelBatchSearcher(rec, searcher=optuna(), slots_per_gpu="auto", reports=2)
+    analysis = _run(searcher.trainable(), tmp_path, "packed", search_alg=searcher, num_samples=3)
+    assert all(t.status == "TERMINATED" for t in analysis.trials)
+    assert sorted(t.config["lr"] for t in analysis.trials) == sorted(t.config["lr"] for t in plain.trials)
+    frames = analysis.trial_dataframes
+    for trial in analysis.trials:
+        assert_matches_fit(rec, trial.config, frames[trial.trial_id])
+    (server,) = searcher.server_stats()
+    assert server["slots"] >= 3 and server["members_hosted"] == 3
+    assert open_sweeps() == {}
+
+
 def test_tune_with_parameters_around_the_member_trial_is_refused_before_any_trial(tmp_path):
     searcher = ModelBatchSearcher(recipe(), slots_per_gpu=2, reports=1)
     tuner = tune.Tuner(

@@ -83,7 +83,8 @@ class ModelBatchSearcher(Searcher):
             configs and receives every member's results; ``None`` samples the search space as
             plain Tune does (every ``grid_search`` point ``num_samples`` times).
         slots_per_gpu: this sweep's members per server, or ``"auto"``: as many as fit in 80 %
-            of the device's free memory, measured on a sample of the search space (at most 64
+            of the device's free memory, measured on a sample of the search space (the first
+            configs of an inner searcher that owns its space; at most 64
             per GPU; on a CPU server at most 16 and 2 per core). When the packing service was
             started with ``--slots-per-gpu`` (a server's slots over all sweeps), members beyond
             this sweep's fair share wait for a slot.
@@ -388,7 +389,11 @@ class ModelBatchSearcher(Searcher):
                 )
             self._new_sweep()
         self._resolvers = tune_resolvers()
-        _check_trainable(tune_run_locals().get("run_or_experiment"))
+        run = tune_run_locals()
+        _check_trainable(run.get("run_or_experiment"))
+        samples = run.get("num_samples")  # Tune tells a searcher that owns its space nothing of it
+        if isinstance(samples, int) and samples > 0:
+            self._num_samples = self._ahead.limit = samples  # the sweep closes when they complete
         num_samples = spec.get("num_samples")
         _check_sweep(self.recipe, metric, mode, config, num_samples, self._resolvers)
         if (
@@ -407,15 +412,11 @@ class ModelBatchSearcher(Searcher):
         """The first suggestion of a sweep Tune gave no space (the inner searcher owns it)."""
         if self._num_samples is not None and 0 < self._num_samples <= len(self._completed):
             self._new_sweep()  # a second fit of this searcher
-        _check_trainable(tune_run_locals().get("run_or_experiment"))
-        if self.slots_per_gpu == "auto" and not self._space:
-            raise ValueError(
-                f"{API}: slots_per_gpu='auto' measures members on a sample of the search space, and "
-                "Tune gave the searcher none: the inner searcher holds its own space (Tune then allows "
-                "no config= / param_space). Pass an int slots_per_gpu, or give the space to Tune "
-                "instead: the inner searcher without one (e.g. OptunaSearch()) and "
-                "tune.run(config=space) / Tuner(param_space=space)."
-            )
+        run = tune_run_locals()
+        _check_trainable(run.get("run_or_experiment"))
+        samples = run.get("num_samples")  # Tune tells a searcher that owns its space nothing of it
+        if isinstance(samples, int) and samples > 0:
+            self._num_samples = self._ahead.limit = samples  # the sweep closes when they complete
 
     def _new_sweep(self) -> None:
         """Forget the trials of an earlier sweep of this searcher (Tune's searchers restore after this)."""
@@ -445,7 +446,15 @@ class ModelBatchSearcher(Searcher):
         if self._sweep is not None:
             return
         check_room_for_relays()
-        if self.slots_per_gpu == "auto":
+        if self.slots_per_gpu == "auto" and not self._space:  # the inner searcher owns the space
+            examples = self._ahead.peek(AUTO_SAMPLES)  # its first configs, handed out as drawn
+            if not examples:
+                raise ValueError(
+                    f"{API}: slots_per_gpu='auto' measures members on the first configs of the sweep, "
+                    f"but the inner searcher {type(self._inner).__name__} suggested none before the "
+                    "sweep started; pass an int slots_per_gpu."
+                )
+        elif self.slots_per_gpu == "auto":
             examples = self._example_configs()
         else:  # for the servers' memory admission, when the space is known here
             examples = self._example_configs(own_rng=True) if self._space else []
