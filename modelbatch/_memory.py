@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import optim as mb_optim
 from ._backends import DEFAULT_CHUNK_SIZE
 from ._batch import ModelBatch
+from ._hparams import check_positive_int
 
 _API = "mb.estimate_memory"
 _OPTIMIZERS: dict[str, type[mb_optim.Optimizer]] = {
@@ -197,8 +198,7 @@ def estimate_memory(
         >>> est.total >= 8 * (est.params + est.grads + est.optimizer_state + est.activations)
         True
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{_API}: n must be an int >= 1 (members in the pack), got {n!r}.")
+    check_positive_int(_API, "n (members in the pack)", n)
     if not callable(model_factory):
         raise TypeError(
             f"{_API}: model_factory must build one model (e.g. lambda: MyNet()), got {model_factory!r}."
