@@ -16,14 +16,9 @@ from . import optim as mb_optim
 from ._backends import DEFAULT_CHUNK_SIZE
 from ._batch import ModelBatch
 from ._hparams import check_positive_int
+from ._recipe import OPTIMIZERS
 
 _API = "mb.estimate_memory"
-_OPTIMIZERS: dict[str, type[mb_optim.Optimizer]] = {
-    "sgd": mb_optim.SGD,
-    "adam": mb_optim.Adam,
-    "adamw": mb_optim.AdamW,
-    "rmsprop": mb_optim.RMSprop,
-}
 PROBE_MEMBERS = 2
 
 
@@ -151,10 +146,10 @@ def _make_optimizer(
         return None
     if callable(optimizer):
         return optimizer(batch)
-    cls = _OPTIMIZERS.get(str(optimizer).lower())
+    cls = OPTIMIZERS.get(str(optimizer).lower())
     if cls is None:
         raise ValueError(
-            f"{_API}: unknown optimizer {optimizer!r}; pass one of {sorted(_OPTIMIZERS)}, None, or a "
+            f"{_API}: unknown optimizer {optimizer!r}; pass one of {sorted(OPTIMIZERS)}, None, or a "
             "callable building it from the pack, e.g. lambda b: mb.optim.SGD(b, lr=0.1, momentum=0.9)."
         )
     return cls(batch, lr=1e-3)
