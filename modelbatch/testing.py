@@ -312,7 +312,7 @@ def _compare(
             scale = scales[tensor_kind(name, name in params)].clamp_min(1e-300)
             diff = (got - ref).abs().reshape(len(ref), -1).amax(1).to(torch.float64) / scale
         report.rel_diff[name] = float(diff.max())
-        bad = (diff > rtol).nonzero().flatten().tolist()
+        bad = (~(diff <= rtol)).nonzero().flatten().tolist()  # nan differs too
         if bad:
             failures.append(f"{name}: members {bad} differ (worst relative diff {float(diff.max()):.3e})")
     if failures:
