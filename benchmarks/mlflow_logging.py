@@ -1,12 +1,17 @@
 """Driver time per member result: tune_integration.MLflowCallback vs Ray's MLflowLoggerCallback, same sweep.
 
-Runs one Tune sweep (function trainables, FIFO so every run has the same results) per callback and
-times what the Tune driver spends inside the callback's hooks (``time.perf_counter`` around each
-hook). The final flush at the end of the sweep (``on_experiment_end``) is reported separately and
-also spread over all results. Every point is then counted in the store.
+First, without Ray: the caller's time per report of the engine's ``MLflowLogger`` (``log_member``
+of 16 members x 125 reports, 6 values each, the writer thread flushing every 50 ms meanwhile), then
+every point counted in the store. Then one Tune sweep (function trainables, FIFO so every run has
+the same results) per callback, timing what the Tune driver spends inside the callback's hooks
+(``time.perf_counter`` around each hook). The final flush at the end of the sweep
+(``on_experiment_end``) is reported separately and also spread over all results. Every point is
+then counted in the store.
 
     python benchmarks/mlflow_logging.py                  # sqlite store (MLflow 3's default kind)
     python benchmarks/mlflow_logging.py --store server   # a local `mlflow server` on 127.0.0.1
+    python benchmarks/mlflow_logging.py --logger-only    # only MLflowLogger's time per report (no Ray)
+    python benchmarks/mlflow_logging.py --quick          # 4 members x 10 reports; 4 trials x 3 results
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-from tune_integration.mlflow import MLflowCallback
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from modelbatch._mlflow import MLflowLogger  # noqa: E402
+from tune_integration.mlflow import MLflowCallback  # noqa: E402
 
 HOOKS = (
     "setup",
@@ -63,6 +71,35 @@ def timed(callback):
 
         setattr(callback, hook, wrapper)
     return callback, times
+
+
+def logger_cost(uri: str, members: int, reports: int) -> dict:
+    """The caller's time per ``MLflowLogger.log_member`` while the writer thread flushes every 50 ms."""
+    logger = MLflowLogger(uri, "bench-logger", flush_interval=0.05)
+    logger.start()
+    for m in range(members):
+        logger.start_member(m, {"lr": 0.1 * m})
+    report = {"loss": 0.5, "val_loss": 0.6, "val_acc": 0.9, "time_total_s": 3.0, "slot": 3, "step": 7}
+    start = time.perf_counter()
+    for it in range(1, reports + 1):
+        for m in range(members):
+            logger.log_member(m, report, step=it)
+    per_report = (time.perf_counter() - start) / (members * reports)
+    start = time.perf_counter()
+    logger.close()
+    close_s = time.perf_counter() - start
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("bench-logger")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    points = sum(len(client.get_metric_history(r.info.run_id, k)) for r in runs for k in report)
+    return {
+        "members": members,
+        "reports": reports,
+        "us_per_report": 1e6 * per_report,
+        "close_ms": 1e3 * close_s,
+        "points_in_store": points,
+        "points_expected": members * reports * len(report),
+    }
 
 
 def start_server(root: Path) -> tuple[subprocess.Popen, str]:
@@ -154,8 +191,14 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--metrics", type=int, default=8)
     parser.add_argument("--flush-interval", type=float, default=1.0)
+    parser.add_argument("--members", type=int, default=16, help="MLflowLogger part: members")
+    parser.add_argument("--reports", type=int, default=125, help="MLflowLogger part: reports per member")
+    parser.add_argument("--logger-only", action="store_true", help="only the MLflowLogger part (no Ray)")
+    parser.add_argument("--quick", action="store_true", help="4 members x 10 reports; 4 trials x 3 results")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.quick:
+        args.members, args.reports, args.samples, args.iterations = 4, 10, 4, 3
     workdir = Path(tempfile.mkdtemp(prefix="mlflow-bench-"))
     os.chdir(workdir)  # Ray's callback may fall back to ./mlruns or ./mlflow.db
     server = None
@@ -164,27 +207,35 @@ def main() -> None:
     else:
         uri = f"sqlite:///{workdir}/mlflow.db"
         MlflowClient(uri).search_experiments()  # create the schema before timing anything
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
-    )
+    rows = []
     try:
-        rows = [run_one(kind, uri, args, workdir) for kind in ("modelbatch", "ray")]
+        logger = logger_cost(uri, args.members, args.reports)
+        print(
+            f"MLflowLogger: {logger['us_per_report']:.1f} us of the caller's time per member report "
+            f"({args.members} members x {args.reports} reports), close {logger['close_ms']:.0f} ms, "
+            f"points {logger['points_in_store']}/{logger['points_expected']}",
+            flush=True,
+        )
+        if not args.logger_only:
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+            try:
+                rows = [run_one(kind, uri, args, workdir) for kind in ("modelbatch", "ray")]
+            finally:
+                ray.shutdown()
     finally:
-        ray.shutdown()
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
-    ours, theirs = rows
     report = {
         "benchmark": "mlflow_logging",
         "store": args.store,
-        "sweep": {
-            "samples": args.samples,
-            "iterations": args.iterations,
-            "metrics_per_result": args.metrics,
-            "scheduler": "FIFO",
-            "max_concurrent_trials": 4,
-        },
+        "command": ["benchmarks/mlflow_logging.py", *sys.argv[1:]],
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -192,11 +243,22 @@ def main() -> None:
             "load_avg_1m": os.getloadavg()[0],
         },
         "versions": {"mlflow": mlflow.__version__, "ray": ray.__version__},
+        "logger": logger,
         "results": rows,
-        "ratio_on_trial_result": theirs["on_trial_result_ms_mean"] / ours["on_trial_result_ms_mean"],
-        "ratio_all_hooks": theirs["all_hooks_ms_per_result"] / ours["all_hooks_ms_per_result"],
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"mlflow_logging-{args.store}.json")
+    if rows:
+        ours, theirs = rows
+        report["sweep"] = {
+            "samples": args.samples,
+            "iterations": args.iterations,
+            "metrics_per_result": args.metrics,
+            "scheduler": "FIFO",
+            "max_concurrent_trials": 4,
+        }
+        report["ratio_on_trial_result"] = theirs["on_trial_result_ms_mean"] / ours["on_trial_result_ms_mean"]
+        report["ratio_all_hooks"] = theirs["all_hooks_ms_per_result"] / ours["all_hooks_ms_per_result"]
+    suffix = ("-logger" if args.logger_only else "") + ("-quick" if args.quick else "")
+    out = Path(args.out or Path(__file__).parent / "results" / f"mlflow_logging-{args.store}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     for row in rows:
@@ -206,10 +268,12 @@ def main() -> None:
             f"{row['all_hooks_ms_per_result']:.3f} ms/result, points {row['points_in_store']}/"
             f"{row['points_expected']}, sweep {row['sweep_wall_s']:.1f} s"
         )
-    print(
-        f"Ray's MLflowLoggerCallback / MLflowCallback: {report['ratio_on_trial_result']:.0f}x per result "
-        f"(on_trial_result), {report['ratio_all_hooks']:.0f}x over all hooks; written to {out}"
-    )
+    if rows:
+        print(
+            f"Ray's MLflowLoggerCallback / MLflowCallback: {report['ratio_on_trial_result']:.0f}x per "
+            f"result (on_trial_result), {report['ratio_all_hooks']:.0f}x over all hooks"
+        )
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
 from ._dropout import at_position, snapshot
+from ._hparams import check_positive_int
 from ._tied import tied_names
 
 BACKENDS = ("auto", "vmap", "chunked", "loop")
@@ -153,8 +154,7 @@ def resolve_backend(api: str, backend: str, chunk_size: int | None, n: int) -> C
                 f"{api}: chunk_size applies only to backend='chunked' (got backend={backend!r}); "
                 "drop chunk_size or pass backend='chunked'."
             )
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"{api}: chunk_size must be an int >= 1, got {chunk_size!r}.")
+        check_positive_int(api, "chunk_size", chunk_size)
     if backend == "auto":
         return None
     if backend == "chunked":

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from ._hparams import check_positive_int
 from ._recipe import Recipe
 from ._trainer import PackTrainer, architecture_signature, build_model, member_seed, pack_label
 from .callbacks import Callback, NaNGuard, Progress
@@ -85,10 +86,9 @@ def fit(
     configs = [dict(c) for c in configs]
     if not configs:
         raise ValueError(f"{api}: got no configs; pass a list with at least one config dict.")
-    if not isinstance(reports, int) or reports <= 0:
-        raise ValueError(f"{api}: reports must be a positive int, got {reports!r}.")
-    if capacity is not None and (not isinstance(capacity, int) or capacity <= 0):
-        raise ValueError(f"{api}: capacity must be a positive int or None, got {capacity!r}.")
+    check_positive_int(api, "reports", reports)
+    if capacity is not None:
+        check_positive_int(api, "capacity", capacity, alternative="None")
     for i, config in enumerate(configs):
         config.setdefault("seed", i)
         member_seed(config, i)

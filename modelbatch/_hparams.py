@@ -1,9 +1,10 @@
-"""Per-member hyperparameters: validation and conversion to ``[N]`` tensors."""
+"""Per-member hyperparameters: validation and conversion to ``[N]`` tensors; the shared argument checks."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -67,3 +68,14 @@ def check_member_index(api: str, index: int, n: int) -> int:
     if not -n <= index < n:
         raise IndexError(f"{api}: member {index} is out of range for a pack of {n} members.")
     return index % n
+
+
+def check_positive_int(api: str, name: str, value: Any, *, alternative: str | None = None) -> None:
+    """Raise a ``ValueError`` naming ``api`` unless ``value`` is an int >= 1 (a bool is refused).
+
+    ``alternative`` names the other value the caller accepts (``"None"``, ``"'auto'"``) in the message;
+    the caller handles that value itself.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        accepted = "a positive int" if alternative is None else f"a positive int or {alternative}"
+        raise ValueError(f"{api}: {name} must be {accepted}, got {value!r}.")

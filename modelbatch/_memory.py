@@ -15,14 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import optim as mb_optim
 from ._backends import DEFAULT_CHUNK_SIZE
 from ._batch import ModelBatch
+from ._hparams import check_positive_int
+from ._recipe import OPTIMIZERS
 
 _API = "mb.estimate_memory"
-_OPTIMIZERS: dict[str, type[mb_optim.Optimizer]] = {
-    "sgd": mb_optim.SGD,
-    "adam": mb_optim.Adam,
-    "adamw": mb_optim.AdamW,
-    "rmsprop": mb_optim.RMSprop,
-}
 PROBE_MEMBERS = 2
 
 
@@ -150,10 +146,10 @@ def _make_optimizer(
         return None
     if callable(optimizer):
         return optimizer(batch)
-    cls = _OPTIMIZERS.get(str(optimizer).lower())
+    cls = OPTIMIZERS.get(str(optimizer).lower())
     if cls is None:
         raise ValueError(
-            f"{_API}: unknown optimizer {optimizer!r}; pass one of {sorted(_OPTIMIZERS)}, None, or a "
+            f"{_API}: unknown optimizer {optimizer!r}; pass one of {sorted(OPTIMIZERS)}, None, or a "
             "callable building it from the pack, e.g. lambda b: mb.optim.SGD(b, lr=0.1, momentum=0.9)."
         )
     return cls(batch, lr=1e-3)
@@ -197,8 +193,7 @@ def estimate_memory(
         >>> est.total >= 8 * (est.params + est.grads + est.optimizer_state + est.activations)
         True
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{_API}: n must be an int >= 1 (members in the pack), got {n!r}.")
+    check_positive_int(_API, "n (members in the pack)", n)
     if not callable(model_factory):
         raise TypeError(
             f"{_API}: model_factory must build one model (e.g. lambda: MyNet()), got {model_factory!r}."

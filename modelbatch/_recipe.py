@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from . import optim as mb_optim
 from ._backends import BACKENDS
+from ._hparams import check_positive_int
 from .data._source import check_data
 from .data._stream import check_loader_kwargs
 
@@ -162,9 +163,7 @@ class Recipe:
         if not callable(self.loss):
             raise TypeError(f"{api}: loss must be callable (outputs, targets) -> scalar.")
         for name in ("batch_size", "steps_per_report"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{api}: {name} must be a positive int, got {value!r}.")
+            check_positive_int(api, name, getattr(self, name))
         self.train_data = check_data(api, "train_data", self.train_data)
         if self.val_data is not None:
             self.val_data = check_data(api, "val_data", self.val_data)

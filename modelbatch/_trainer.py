@@ -18,6 +18,7 @@ from torch import nn
 from ._architecture import module_settings
 from ._batch import ModelBatch
 from ._clip import clip_grad_norm_
+from ._hparams import check_positive_int
 from ._oom import shrink_on_oom
 from ._recipe import Recipe
 from .data import MemberStep, MemberStreams
@@ -160,8 +161,7 @@ class PackTrainer:
     """
 
     def __init__(self, recipe: Recipe, capacity: int, example_config: Mapping[str, Any]) -> None:
-        if not isinstance(capacity, int) or capacity <= 0:
-            raise ValueError(f"mb.PackTrainer: capacity must be a positive int, got {capacity!r}.")
+        check_positive_int("mb.PackTrainer", "capacity", capacity)
         self.recipe = recipe
         self.capacity = capacity
         self.device = recipe.resolve_device()

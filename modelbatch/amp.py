@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ._batch import MemberLosses, ModelBatch
-from ._hparams import MemberValue, check_member_index, member_values
+from ._hparams import MemberValue, check_member_index, check_positive_int, member_values
 from .optim import Optimizer
 
 __all__ = ["GradScaler"]
@@ -82,8 +82,7 @@ class GradScaler:
             raise ValueError(f"{_API}: growth_factor must be a finite number > 1.0, got {growth_factor!r}.")
         if not (isinstance(backoff_factor, (int, float)) and 0.0 < backoff_factor < 1.0):
             raise ValueError(f"{_API}: backoff_factor must be in (0, 1), got {backoff_factor!r}.")
-        if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
-            raise ValueError(f"{_API}: growth_interval must be a positive int, got {growth_interval!r}.")
+        check_positive_int(_API, "growth_interval", growth_interval)
         self._growth_factor = float(growth_factor)
         self._backoff_factor = float(backoff_factor)
         self._growth_interval = growth_interval

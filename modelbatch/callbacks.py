@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from ._hparams import check_positive_int
+
 
 class Control(Protocol):
     """What a callback may do to the run."""
@@ -91,8 +93,7 @@ class EarlyStopping(Callback):
     ):
         if mode not in ("min", "max"):
             raise ValueError(f"mb.callbacks.EarlyStopping: mode must be 'min' or 'max', got {mode!r}.")
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"mb.callbacks.EarlyStopping: patience must be an int >= 1, got {patience!r}.")
+        check_positive_int("mb.callbacks.EarlyStopping", "patience", patience)
         self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
         self.best: dict[Any, float] = {}
         self.bad: dict[Any, int] = {}

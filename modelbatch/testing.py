@@ -30,12 +30,12 @@ from torch import nn
 
 from . import optim as mb_optim
 from ._batch import ModelBatch, select_output
+from ._recipe import OPTIMIZERS as RECIPE_OPTIMIZERS
 
+#: Each optimizer name of :class:`~modelbatch.Recipe`: its packed class and the ``torch.optim``
+#: class of the same name it must match.
 OPTIMIZERS: dict[str, tuple[type[mb_optim.Optimizer], type[torch.optim.Optimizer]]] = {
-    "sgd": (mb_optim.SGD, torch.optim.SGD),
-    "adam": (mb_optim.Adam, torch.optim.Adam),
-    "adamw": (mb_optim.AdamW, torch.optim.AdamW),
-    "rmsprop": (mb_optim.RMSprop, torch.optim.RMSprop),
+    name: (cls, getattr(torch.optim, cls.__name__)) for name, cls in RECIPE_OPTIMIZERS.items()
 }
 
 
@@ -312,7 +312,7 @@ def _compare(
             scale = scales[tensor_kind(name, name in params)].clamp_min(1e-300)
             diff = (got - ref).abs().reshape(len(ref), -1).amax(1).to(torch.float64) / scale
         report.rel_diff[name] = float(diff.max())
-        bad = (diff > rtol).nonzero().flatten().tolist()
+        bad = (~(diff <= rtol)).nonzero().flatten().tolist()  # nan differs too
         if bad:
             failures.append(f"{name}: members {bad} differ (worst relative diff {float(diff.max()):.3e})")
     if failures:

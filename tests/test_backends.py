@@ -203,7 +203,7 @@ def test_chunk_size_edge_cases_and_errors() -> None:
         ValueError, match=r"^ModelBatch.set_backend: chunk_size applies only to backend='chunked'"
     ):
         batch.set_backend("loop", chunk_size=4)
-    with pytest.raises(ValueError, match=r"^ModelBatch: chunk_size must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"^ModelBatch: chunk_size must be a positive int, got 0"):
         _pack("mlp", "chunked", 0)
 
 

@@ -265,7 +265,7 @@ BAD = [
         "pack: chunk_size 0",
         lambda ctx: mb.ModelBatch([nn.Linear(3, 2)], backend="chunked", chunk_size=0),
         ValueError,
-        r"^ModelBatch: chunk_size must be an int >= 1, got 0",
+        r"^ModelBatch: chunk_size must be a positive int, got 0",
     ),
     (
         "pack: set_backend",
@@ -488,7 +488,7 @@ BAD = [
         "memory: n 0",
         lambda ctx: mb.estimate_memory(lambda: nn.Linear(3, 2), torch.randn(4, 3), n=0),
         ValueError,
-        r"^mb.estimate_memory: n must be an int >= 1",
+        r"^mb.estimate_memory: n \(members in the pack\) must be a positive int, got 0",
     ),
     # ---- Recipe
     (
@@ -602,6 +602,12 @@ BAD = [
         r"^mb.fit: capacity must be a positive int or None",
     ),
     (
+        "fit: reports True",
+        lambda ctx: mb.fit(recipe(), CONFIGS, reports=True),
+        ValueError,
+        r"^mb.fit: reports must be a positive int, got True",
+    ),
+    (
         "fit: seed not an int",
         lambda ctx: mb.fit(recipe(), [{"seed": "a"}]),
         TypeError,
@@ -618,6 +624,12 @@ BAD = [
         lambda ctx: mb.callbacks.EarlyStopping("val_loss", mode="best"),
         ValueError,
         r"^mb.callbacks.EarlyStopping: mode must be 'min' or 'max'",
+    ),
+    (
+        "fit: early stopping patience True",
+        lambda ctx: mb.callbacks.EarlyStopping("val_loss", patience=True),
+        ValueError,
+        r"^mb.callbacks.EarlyStopping: patience must be a positive int, got True",
     ),
     (
         "fit: early stopping metric",
@@ -685,6 +697,12 @@ BAD = [
         lambda ctx: mb.PackTrainer(recipe(), 0, {}),
         ValueError,
         r"^mb.PackTrainer: capacity must be a positive int, got 0",
+    ),
+    (
+        "pack trainer: capacity True",
+        lambda ctx: mb.PackTrainer(recipe(), True, {}),
+        ValueError,
+        r"^mb.PackTrainer: capacity must be a positive int, got True",
     ),
     # ---- ModelBatchSearcher (construction: no Ray needed)
     (

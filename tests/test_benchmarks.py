@@ -140,3 +140,23 @@ def test_scale_quick_measures_a_slot_server_pack(tmp_path):
     for row in rows:
         assert 0 < row["outside_training_ms"] < row["report_ms"]
         assert row["report_ms_per_member"] == pytest.approx(row["report_ms"] / row["members"])
+
+
+def test_mlflow_logging_quick_counts_the_loggers_points(tmp_path):
+    """The MLflowLogger part of benchmarks/mlflow_logging.py (no Ray): it runs, and the store holds
+    every point it logged; its time per report is printed and kept in the JSON, not asserted."""
+    out = tmp_path / "mlflow.json"
+    script = ROOT / "benchmarks" / "mlflow_logging.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--logger-only", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "us of the caller's time per member report" in done.stdout
+    report = json.loads(out.read_text())
+    logger = report["logger"]
+    assert (logger["members"], logger["reports"]) == (4, 10)
+    assert logger["points_in_store"] == logger["points_expected"] == 4 * 10 * 6
+    assert logger["us_per_report"] > 0 and report["results"] == []

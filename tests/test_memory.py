@@ -54,7 +54,9 @@ def test_optimizer_choices() -> None:
     assert momentum.optimizer_state - plain.optimizer_state == plain.params  # one momentum buffer
     with pytest.raises(ValueError, match=r"^mb.estimate_memory: unknown optimizer 'lamb'"):
         mb.estimate_memory(MLP, (4, 8), optimizer="lamb")
-    with pytest.raises(ValueError, match=r"^mb.estimate_memory: n must be an int >= 1"):
+    with pytest.raises(
+        ValueError, match=r"^mb.estimate_memory: n \(members in the pack\) must be a positive int, got 0"
+    ):
         mb.estimate_memory(MLP, (4, 8), n=0)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import socket
-import time
+import threading
 
 import pytest
 import torch
@@ -71,20 +71,40 @@ def test_logger_respects_per_call_limits_and_truncates(sqlite_uri) -> None:
         assert _history(client, run.info.run_id, f"k{j}") == [(s, s * 10.0 + j) for s in range(1, 501)]
 
 
-def test_driver_cost_per_report_is_far_below_a_millisecond(sqlite_uri) -> None:
+class _CallerThreads:
+    """Wraps an MlflowClient; records the thread of every method call."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client, self.threads = client, []
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self.threads.append((threading.current_thread().name, name))
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def test_reports_are_only_queued_on_the_callers_thread(sqlite_uri) -> None:
+    """start_member and log_member never call MLflow themselves: the writer thread does (the driver's
+    cost per report is measured by benchmarks/mlflow_logging.py, not asserted here)."""
     logger = MLflowLogger(sqlite_uri, "cost", flush_interval=0.05)
     logger.start()
+    recorder = logger._writer.client = _CallerThreads(logger._writer.client)
     for m in range(16):
         logger.start_member(m, {"lr": 0.1 * m})
     report = {"loss": 0.5, "val_loss": 0.6, "val_acc": 0.9, "time_total_s": 3.0, "slot": 3, "step": 7}
-    start = time.perf_counter()
     for it in range(1, 126):
         for m in range(16):
             logger.log_member(m, report, step=it)
-    per_report = (time.perf_counter() - start) / 2000
+    caller = threading.current_thread().name
+    assert [call for thread, call in recorder.threads if thread == caller] == []
     assert logger.close() is None
-    print(f"driver time per member report: {per_report * 1e6:.1f} us")
-    assert per_report < 1e-3, per_report  # the issue's budget; measured ~10-30 us
+    assert any(call == "log_batch" for _, call in recorder.threads)  # the writer did write
     client, _, children = _runs(sqlite_uri, "cost")
     assert len(children) == 16
     assert all(len(client.get_metric_history(r.info.run_id, "val_acc")) == 125 for r in children)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -171,6 +172,24 @@ def test_conformance_check_catches_a_wrong_member() -> None:
     try:
         with pytest.raises(AssertionError, match=r"members \[1\] differ"):
             assert_pack_matches_sequential(lambda i: seeded(MLP, i), (X, y), optimizer="sgd", steps=5)
+    finally:
+        OPTIMIZERS["sgd"] = original
+
+
+def test_conformance_check_catches_a_member_gone_nan() -> None:
+    """A NaN in one member (its reference stays finite) fails the check: NaN is not <= rtol."""
+
+    class NaNSGD(mb.optim.SGD):
+        def _update(self, param, grad, state, values):
+            super()._update(param, grad, state, values)
+            param[1:2].fill_(math.nan)
+
+    X, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    original = OPTIMIZERS["sgd"]
+    OPTIMIZERS["sgd"] = (NaNSGD, torch.optim.SGD)
+    try:
+        with pytest.raises(AssertionError, match=r"members \[1\] differ \(worst relative diff nan\)"):
+            assert_pack_matches_sequential(lambda i: seeded(MLP, i), (X, y), optimizer="sgd", steps=2)
     finally:
         OPTIMIZERS["sgd"] = original
 

@@ -18,6 +18,7 @@ from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.sample import Domain
 
 import modelbatch as mb
+from modelbatch._hparams import check_positive_int
 from modelbatch._recipe import OPTIMIZER_KEYS
 from modelbatch._trainer import architecture_signature, build_model, member_seed
 
@@ -600,13 +601,11 @@ def _check_args(
         raise ValueError(
             f"{API}: slots_per_gpu='auto' measures a member of a mb.Recipe; with a pack factory pass an int."
         )
-    if slots_per_gpu != "auto" and (
-        isinstance(slots_per_gpu, bool) or not isinstance(slots_per_gpu, int) or slots_per_gpu <= 0
-    ):
-        raise ValueError(f"{API}: slots_per_gpu must be a positive int or 'auto', got {slots_per_gpu!r}.")
+    if slots_per_gpu != "auto":
+        check_positive_int(API, "slots_per_gpu", slots_per_gpu, alternative="'auto'")
     for name, value in (("reports", reports), ("checkpoint_every", checkpoint_every)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ValueError(f"{API}: {name} must be a positive int or None, got {value!r}.")
+        if value is not None:
+            check_positive_int(API, name, value, alternative="None")
     if group_ahead is not None and (
         isinstance(group_ahead, bool) or not isinstance(group_ahead, int) or group_ahead < 0
     ):
@@ -642,10 +641,8 @@ def _check_tenancy(tenant: Any, weight: Any, max_slots: Any, priority: Any) -> N
         or not (weight > 0 and math.isfinite(weight))
     ):
         raise ValueError(f"{API}: weight must be a positive number (the tenant's share), got {weight!r}.")
-    if max_slots is not None and (
-        isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots <= 0
-    ):
-        raise ValueError(f"{API}: max_slots must be a positive int or None, got {max_slots!r}.")
+    if max_slots is not None:
+        check_positive_int(API, "max_slots", max_slots, alternative="None")
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise ValueError(f"{API}: priority must be an int (higher goes first), got {priority!r}.")
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from .._hparams import check_member_index
+from .._hparams import check_member_index, check_positive_int
 from ._subsets import IndexLike, Seeds, as_index, member_seeds
 
 _API = "mb.data.MemberSampler"
@@ -96,8 +96,7 @@ class MemberSampler:
         drop_last: bool = False,
     ) -> None:
         for name, value in (("n_samples", n_samples), ("n_members", n_members), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{_API}: {name} must be a positive int, got {value!r}.")
+            check_positive_int(_API, name, value)
         if order not in ("member", "shared"):
             raise ValueError(f"{_API}: order must be 'member' or 'shared', got {order!r}.")
         self.n_samples, self.n_members, self.batch_size = n_samples, n_members, batch_size

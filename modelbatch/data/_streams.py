@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .._hparams import check_member_index
+from .._hparams import check_member_index, check_positive_int
 from ._sampler import MemberStep, _draw_epoch
 from ._subsets import IndexLike, as_index
 
@@ -50,8 +50,7 @@ class MemberStreams:
 
     def __init__(self, n_samples: int, n_slots: int, batch_size: int, *, drop_last: bool = False) -> None:
         for name, value in (("n_samples", n_samples), ("n_slots", n_slots), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{_API}: {name} must be a positive int, got {value!r}.")
+            check_positive_int(_API, name, value)
         self.n_samples, self.n_slots, self.batch_size = n_samples, n_slots, batch_size
         self.drop_last = bool(drop_last)
         self._streams: list[_Stream | None] = [None] * n_slots

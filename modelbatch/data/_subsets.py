@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._hparams import check_positive_int
+
 Seeds = int | Sequence[int]
 """One int (member ``i`` gets ``seed + i``) or one seed per member."""
 
@@ -19,7 +21,7 @@ IndexLike = torch.Tensor | Sequence[int]
 
 def member_seeds(api: str, seeds: Seeds, n_members: int) -> list[int]:
     """Return one int seed per member: ``seeds + i`` for an int, the list itself otherwise."""
-    _check_positive(api, "n_members", n_members)
+    check_positive_int(api, "n_members", n_members)
     if isinstance(seeds, bool):
         raise TypeError(f"{api}: seeds must be an int or one int per member, got a bool.")
     if isinstance(seeds, int):
@@ -77,18 +79,13 @@ def bootstrap(
         True
     """
     api = "mb.data.bootstrap"
-    _check_positive(api, "n_samples", n_samples)
+    check_positive_int(api, "n_samples", n_samples)
     size = n_samples if size is None else size
-    _check_positive(api, "size", size)
+    check_positive_int(api, "size", size)
     return [
         torch.randint(n_samples, (size,), generator=_generator(seed), dtype=torch.int64)
         for seed in member_seeds(api, seeds, n_members)
     ]
-
-
-def _check_positive(api: str, name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{api}: {name} must be a positive int, got {value!r}.")
 
 
 def kfold(
@@ -111,7 +108,7 @@ def kfold(
         [0, 1, 2, 3, 7, 8, 9]
     """
     api = "mb.data.kfold"
-    _check_positive(api, "n_samples", n_samples)
+    check_positive_int(api, "n_samples", n_samples)
     if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n_samples:
         raise ValueError(
             f"{api}: k must be an int with 2 <= k <= n_samples={n_samples}, got {k!r}; "

@@ -111,23 +111,8 @@ class Adam(Optimizer):
     def _update(
         self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], values: StepValues
     ) -> None:
-        if self.flags["maximize"]:
-            grad = -grad
-        if values.any("weight_decay"):
-            if self.decoupled_weight_decay:
-                param.mul_(values.get("decay_factor", param))
-            else:
-                grad = k.add(grad, param, values.get("weight_decay", param))
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        k.lerp_(exp_avg, grad, values.get("one_minus_beta1", param))
-        k.addcmul_(
-            exp_avg_sq.mul_(values.get("beta2", param)), grad, grad, values.get("one_minus_beta2", param)
-        )
-        second = exp_avg_sq
-        if self.flags["amsgrad"]:
-            second = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
-        denom = (second.sqrt() / values.get("bias2_sqrt", param)).add_(values.get("eps", param))
-        k.addcdiv_(param, exp_avg, denom, values.get("neg_step_size", param))
+        """The base class's per-parameter hook; :meth:`step` calls :meth:`_update_all` instead."""
+        self._update_all([param], [grad], [state], values)
 
 
 class AdamW(Adam):
