@@ -86,6 +86,10 @@ def stop_service() -> None:
     wait_for(lambda: service_status() is None, 60, "the earlier service stopped")
 
 
+def tenants_open() -> set[str]:
+    return {sweep["tenant"] for sweep in open_sweeps().values()}
+
+
 def live_members(tenant: str) -> int:
     status = service_status() or {"tenants": {}}
     return status["tenants"].get(tenant, {}).get("live", 0)
@@ -144,6 +148,7 @@ def test_a_late_tenant_gets_its_share_at_once_by_parking_members_that_then_conti
     """Weights 1:3 on a 4-slot server held by long members: the late, heavier tenant's members
     take 3 of the 4 slots as soon as they join (not when the early members end); the parked early
     members continue afterwards, every iteration once (exactly: tests/test_packs.py)."""
+    stop_service()  # else `start` keeps the last test's service, which stops when idle
     cli(cluster, "start", "--slots-per-gpu", "4")
     outs = {t: tmp_path / f"{t}.json" for t in ("early", "late")}
     reports = {"early": 300, "late": 20}
@@ -187,22 +192,37 @@ def test_a_killed_driver_frees_its_slots_and_the_idle_service_then_frees_its_cpu
     assert freed_after + gone_after <= 60 + LEASE_S
 
 
-@pytest.mark.parametrize("ending", ["ctrl-c", "time budget"])
-def test_a_sweep_ended_in_a_live_driver_leaves_the_service_within_30_s(cluster, tmp_path, ending):
+def test_sweeps_ended_by_ctrl_c_and_by_a_time_budget_in_live_drivers_leave_the_service_within_30_s(
+    cluster, tmp_path
+):
+    """Two drivers at once, each living on after Tune returned: one interrupted, one out of time."""
     args = ["--samples", "2", "--reports", "1000", "--linger", "120"]
-    if ending == "time budget":
-        args += ["--time-budget", "15"]
-    driver = start_driver(cluster, tmp_path / "e.json", "ended", *args)
+    outs = {"ctrl-c": tmp_path / "c.json", "time budget": tmp_path / "t.json"}
+    drivers = {
+        "ctrl-c": start_driver(cluster, outs["ctrl-c"], "ctrl-c", *args),
+        "time budget": start_driver(cluster, outs["time budget"], "budget", *args, "--time-budget", "15"),
+    }
     try:
-        wait_for(lambda: live_members("ended") >= 1, 300, "the sweep's members training")
-        if ending == "ctrl-c":
-            driver.send_signal(signal.SIGINT)
-        wait_for(lambda: (tmp_path / "e.json").exists(), 120, "Tune returned")
-        _, after = wait_for(lambda: open_sweeps() == {}, 60, "the ended sweep closed")
-        assert after <= 30 and driver.poll() is None  # the driver (and its searcher) still live
+        wait_for(lambda: live_members("ctrl-c") >= 1, 300, "the sweep's members training")
+        drivers["ctrl-c"].send_signal(signal.SIGINT)
+        tenants = {"ctrl-c": "ctrl-c", "time budget": "budget"}
+        closed: dict[str, float] = {}
+
+        def both_closed() -> bool:
+            for ending, tenant in tenants.items():
+                if ending not in closed and outs[ending].exists() and tenant not in tenants_open():
+                    closed[ending] = time.time()
+            return len(closed) == 2
+
+        wait_for(both_closed, 180, "both sweeps closed after Tune returned")
+        for ending, at in closed.items():
+            assert at - outs[ending].stat().st_mtime <= 30, ending  # written when Tune returned
+            assert drivers[ending].poll() is None  # the driver (and its searcher) still live
     finally:
-        driver.kill()
-        driver.communicate()
+        for driver in drivers.values():
+            driver.kill()
+            driver.communicate()
+    assert open_sweeps() == {}
 
 
 def test_a_cluster_without_a_cpu_left_for_member_trials_says_so_at_once(tmp_path):
