@@ -135,12 +135,14 @@ class Sweep:
 
 
 def near_the_end(sweep: Sweep, experiment: Path, members: int):
-    """Near the end: every member but the last has its trial folder (waiting for the last one's, a
-    small sweep once ended first), and this session has had a report (a resumed session finds the
-    folders of the last one at once)."""
+    """Near the end: every member but the last two has its trial folder, and this session has had
+    a report (a resumed session finds the last one's folders at once). A pack trains these small
+    members fast: waiting for the last folder, a sweep once ended first, and the first Ctrl-C, sent
+    at the first report shown, lands a few epochs later (the sweep needs members enough to go on).
+    """
 
     def ready() -> bool:
-        started = len([p for p in experiment.glob("modelbatch_member_*") if p.is_dir()]) >= members - 1
+        started = len([p for p in experiment.glob("modelbatch_member_*") if p.is_dir()]) >= members - 2
         return started and "best val_loss" in "".join(sweep.errors)
 
     return ready
@@ -187,7 +189,7 @@ def run_continue_command(stdout: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_ctrl_c_while_ray_starts_and_near_the_end_then_continue_completes_the_sweep(tmp_path) -> None:
-    """Random searcher: Ctrl-C before anything ran, then again once every config was suggested."""
+    """Random searcher: Ctrl-C before anything ran, then again near the end."""
     args = ["--num-samples", "6", "--epochs", "4", "--out", "out"]
     experiment = tmp_path / "out" / "digits-sweep"
     state = experiment / "sweep_args.json"  # written just before Ray starts
@@ -214,15 +216,15 @@ def test_ctrl_c_while_ray_starts_and_near_the_end_then_continue_completes_the_sw
 
 
 def test_ctrl_c_mid_sweep_and_near_the_end_and_the_printed_command_resumes_that_sweep(tmp_path) -> None:
-    """Optuna searcher: Ctrl-C after the first report, then again once every config was suggested."""
-    args = ["--num-samples", "8", "--epochs", "6", "--out", "out", "--slots", "4", "--searcher", "optuna"]
+    """Optuna searcher: Ctrl-C after the first report, then again near the end."""
+    args = ["--num-samples", "16", "--epochs", "6", "--out", "out", "--slots", "4", "--searcher", "optuna"]
     args += ["--seed", "3", "--tracking-uri", f"sqlite:///{tmp_path / 'runs.db'}"]
     sweep = Sweep(tmp_path, args)
     stdout, stderr = sweep.interrupt_when(lambda: "best val_loss" in "".join(sweep.errors))  # a report came
     assert sweep.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
     assert not (tmp_path / "out" / "history.parquet").exists()
     line = stdout.split("Continue with: ", 1)[1].splitlines()[0]
-    for flag in ("--resume", "--searcher optuna", "--seed 3", "--slots 4", "--num-samples 8", "--epochs 6"):
+    for flag in ("--resume", "--searcher optuna", "--seed 3", "--slots 4", "--num-samples 16", "--epochs 6"):
         assert flag in line, (flag, line)
     assert f"--tracking-uri sqlite:///{tmp_path / 'runs.db'}" in line and "--cpus 2" in line
 
@@ -239,15 +241,15 @@ def test_ctrl_c_mid_sweep_and_near_the_end_and_the_printed_command_resumes_that_
 
     experiment = tmp_path / "out" / "digits-sweep"
     near_end = Sweep(tmp_path, [], command=continue_command(stdout))
-    stdout, stderr = near_end.interrupt_when(near_the_end(near_end, experiment, 8))
+    stdout, stderr = near_end.interrupt_when(near_the_end(near_end, experiment, 16))
     assert near_end.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
     assert "(resumed)" in stdout and "searcher optuna" in stdout, stdout[-3000:]
 
     resumed = run_continue_command(stdout, tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "(resumed)" in resumed.stdout and "searcher optuna" in resumed.stdout
-    history = check_outputs(tmp_path / "out", members=8, epochs=6)
-    check_raw_logs(experiment, history, members=8, sessions=3)
+    history = check_outputs(tmp_path / "out", members=16, epochs=6)
+    check_raw_logs(experiment, history, members=16, sessions=3)
     check_asha(experiment, history, epochs=6)
     check_mlflow(f"sqlite:///{tmp_path / 'runs.db'}", history, "optuna")
 
