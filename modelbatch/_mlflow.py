@@ -43,6 +43,7 @@ import argparse
 import atexit
 import base64
 import collections
+import functools
 import hashlib
 import json
 import logging
@@ -62,19 +63,12 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .callbacks import Callback, Control
 
 _log = logging.getLogger("modelbatch.mlflow")
 
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_ENTITIES_PER_BATCH = 1000
-MAX_REQUEST_BYTES = 900_000  # MLflow rejects log_batch requests over 1e6 bytes
-MAX_KEY_LENGTH = 250
-MAX_PARAM_VALUE_LENGTH = 6000
-MAX_TAG_VALUE_LENGTH = 8000
 RUN_KEY_TAG = "modelbatch.run_key"  # finds a run again after a create_run whose answer was lost
 MEMBER_TAG_KEYS = ("pack", "slot", "node", "signature", "server", "server_node")  # tags, not metrics
 SPILL_FORMAT = "modelbatch-mlflow-spill/1"
@@ -99,6 +93,40 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the MLflow UI's saved views: expe
 
 
 # ---------------------------------------------------------------------------- values and keys
+class Limits(NamedTuple):
+    """MLflow's limits on one ``log_batch`` call and on keys and values (see :func:`limits`)."""
+
+    metrics_per_batch: int
+    params_tags_per_batch: int
+    entities_per_batch: int
+    request_bytes: int
+    key_length: int
+    param_value_length: int
+    tag_value_length: int
+
+
+@functools.cache
+def limits() -> Limits:
+    """MLflow's own limits, read from ``mlflow.utils.validation`` on first use (importing mlflow takes
+    seconds; ``import modelbatch`` does not pay them).
+
+    Example:
+        >>> limits().metrics_per_batch, limits().key_length
+        (1000, 250)
+    """
+    from mlflow.utils import validation as v
+
+    return Limits(
+        metrics_per_batch=v.MAX_METRICS_PER_BATCH,
+        params_tags_per_batch=v.MAX_PARAMS_TAGS_PER_BATCH,
+        entities_per_batch=v.MAX_ENTITIES_PER_BATCH,
+        request_bytes=int(0.9 * v.MAX_BATCH_LOG_REQUEST_SIZE),  # room for what _chunk's estimate misses
+        key_length=v.MAX_ENTITY_KEY_LENGTH,
+        param_value_length=v.MAX_PARAM_VAL_LENGTH,
+        tag_value_length=v.MAX_TAG_VAL_LENGTH,
+    )
+
+
 def clean_key(key: Any) -> str:
     """A valid MLflow metric/param/tag name: allowed characters only, no empty or dot path parts, ≤250 chars.
 
@@ -108,7 +136,7 @@ def clean_key(key: Any) -> str:
     """
     text = _BAD_KEY_CHARS.sub("_", str(key))
     text = "/".join(p if p not in ("", ".", "..") else "_" for p in text.split("/"))
-    return text[:MAX_KEY_LENGTH]
+    return text[: limits().key_length]
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
@@ -131,6 +159,14 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dic
 def _truncate(value: Any, limit: int) -> str:
     text = value if isinstance(value, str) else str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _param_value(value: Any) -> str:
+    return _truncate(value, limits().param_value_length)
+
+
+def _tag_value(value: Any) -> str:
+    return _truncate(value, limits().tag_value_length)
 
 
 def is_number(value: Any) -> bool:
@@ -452,9 +488,10 @@ class _Writer:
     @staticmethod
     def _chunk(run: _Run) -> tuple[list, list, list]:
         """The next log_batch call's content: within MLflow's count and request-size limits."""
-        budget, room = MAX_REQUEST_BYTES, MAX_ENTITIES_PER_BATCH
+        limit = limits()
+        budget, room = limit.request_bytes, limit.entities_per_batch
         metrics = []
-        for m in run.metrics[:MAX_METRICS_PER_BATCH]:
+        for m in run.metrics[: limit.metrics_per_batch]:
             budget -= len(m[0]) + 90
             if budget < 0:
                 break
@@ -464,7 +501,7 @@ class _Writer:
         for items in (run.params, run.tags):
             chosen = []
             for k, v in items.items():
-                if len(chosen) >= min(MAX_PARAMS_TAGS_PER_BATCH, room):
+                if len(chosen) >= min(limit.params_tags_per_batch, room):
                     break
                 budget -= len(k) + len(v) + 40
                 if budget < 0:
@@ -646,12 +683,8 @@ class MLflowLogger:
         parent = _Run(key=self.sweep_key, name=name, create_attempted=self.resumed, reopen=self.resumed)
         if self.parent_run_id is not None:
             parent.run_id, parent.owned = self.parent_run_id, False
-        parent.params = {
-            clean_key(k): _truncate(v, MAX_PARAM_VALUE_LENGTH) for k, v in flatten(self.params).items()
-        }
-        parent.tags = {
-            clean_key(k): _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in {**self.tags, **(tags or {})}.items()
-        }
+        parent.params = {clean_key(k): _param_value(v) for k, v in flatten(self.params).items()}
+        parent.tags = {clean_key(k): _tag_value(v) for k, v in {**self.tags, **(tags or {})}.items()}
         self._writer.runs[parent.key] = parent
         if self.view_params is not None:
             view = sweep_view(name, f"{self.sweep_key}-", self.view_params, self.metric, self.mode, _now_ms())
@@ -683,10 +716,8 @@ class MLflowLogger:
         member = self._members[member_id] = _Member(key=f"{self.sweep_key}-{digest}")
         if best is not None:
             member.best, member.best_step = float(best[0]), int(best[1])
-        params = {
-            clean_key(k): _truncate(v, MAX_PARAM_VALUE_LENGTH) for k, v in flatten(config or {}).items()
-        }
-        member_tags = {clean_key(k): _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()}
+        params = {clean_key(k): _param_value(v) for k, v in flatten(config or {}).items()}
+        member_tags = {clean_key(k): _tag_value(v) for k, v in (tags or {}).items()}
         member.tags.update(member_tags)
         self._put(("start", member.key, name or str(member_id), params, member_tags, _now_ms()))
 
@@ -726,7 +757,7 @@ class MLflowLogger:
         member = self._members[member_id]
         changed = {}
         for k, v in tags.items():
-            value = _truncate(v, MAX_TAG_VALUE_LENGTH)
+            value = _tag_value(v)
             key = _key(k)
             if member.tags.get(key) != value:
                 member.tags[key] = changed[key] = value
@@ -821,7 +852,7 @@ class MLflowLogger:
         final.update(summary or {})
         ts = _now_ms()
         points = [(_key(k), float(v), ts, 0) for k, v in final.items() if is_number(v)]
-        tags = {_key(k): _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in final.items() if not is_number(v)}
+        tags = {_key(k): _tag_value(v) for k, v in final.items() if not is_number(v)}
         self._put(("metrics", self.sweep_key, points))
         self._put(("tags", self.sweep_key, tags))
         self._put(("end", self.sweep_key, RUN_STATUS[status], _now_ms()))
