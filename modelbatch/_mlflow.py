@@ -70,7 +70,7 @@ from .callbacks import Callback, Control
 _log = logging.getLogger("modelbatch.mlflow")
 
 RUN_KEY_TAG = "modelbatch.run_key"  # finds a run again after a create_run whose answer was lost
-MEMBER_TAG_KEYS = ("pack", "slot", "node", "signature", "server", "server_node")  # tags, not metrics
+MEMBER_TAG_KEYS = ("pack", "slot", "node", "signature")  # the member tags mb.fit sets (start_member)
 SPILL_FORMAT = "modelbatch-mlflow-spill/1"
 REPLAY_COMMAND = "python -m tune_integration.mlflow replay"
 # member status -> MLflow run status
@@ -593,6 +593,9 @@ class MLflowLogger:
             ``mlflow.sharedViewState.<id>``; in the UI's *Views* menu, named after the parent run):
             the members only, best ``best_<metric>`` first, and a parallel-coordinates plot of these
             params (e.g. the searched ones) against ``best_<metric>``. :meth:`view_url` opens it.
+        tag_keys: report keys that :meth:`log_member` logs as member tags, not metrics (default none):
+            e.g. :data:`MEMBER_TAG_KEYS` (``pack``, ``slot``, ``node``, ``signature``), for an
+            integration whose reports carry them, and that integration's own.
 
     Example:
         >>> import tempfile, modelbatch as mb
@@ -628,6 +631,7 @@ class MLflowLogger:
         artifact_location: str | None = None,
         sweep_key: str | None = None,
         view_params: Sequence[str] | None = None,
+        tag_keys: Sequence[str] = (),
     ) -> None:
         api = "MLflowLogger"
         if mode not in ("min", "max"):
@@ -637,6 +641,8 @@ class MLflowLogger:
                 f"{api}: view_params must be a list of param names and needs metric=... (the plot's "
                 f"axis), got view_params={view_params!r}, metric={metric!r}."
             )
+        if isinstance(tag_keys, str):
+            raise TypeError(f"{api}: tag_keys must be a list of report keys, got {tag_keys!r}.")
         if not flush_interval > 0 or not close_timeout >= 0:
             raise ValueError(f"{api}: flush_interval must be > 0 and close_timeout >= 0.")
         self.tracking_uri = tracking_uri
@@ -655,6 +661,7 @@ class MLflowLogger:
         )
         self.artifact_location = artifact_location
         self.view_params = None if view_params is None else [clean_key(p) for p in view_params]
+        self.tag_keys = tuple(dict.fromkeys(tag_keys))
         self.view_id = "modelbatch" + hashlib.sha1(self.sweep_key.encode()).hexdigest()[:16]
         self._members: dict[Any, _Member] = {}
         self._inbox: collections.deque = collections.deque()
@@ -730,11 +737,16 @@ class MLflowLogger:
         tags: Mapping[str, Any] | None = None,
         timestamp_ms: int | None = None,
     ) -> None:
-        """Queue one report of ``member_id``: every real-number value as a metric at ``step``."""
+        """Queue one report of ``member_id``: every real-number value as a metric at ``step``, the
+        values of :attr:`tag_keys` as member tags (with ``tags``)."""
         member = self._members.get(member_id)
         if member is None or self._state != "running":
             self.start_member(member_id)  # raises after close()
             member = self._members[member_id]
+        found = [k for k in self.tag_keys if k in metrics]
+        if found:
+            tags = {**{k: metrics[k] for k in found}, **(tags or {})}
+            metrics = {k: v for k, v in metrics.items() if k not in found}
         ts = _now_ms() if timestamp_ms is None else timestamp_ms
         step = int(step)
         points = [(_key(k), float(v), ts, step) for k, v in metrics.items() if is_number(v)]

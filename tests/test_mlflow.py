@@ -71,6 +71,20 @@ def test_logger_respects_per_call_limits_and_truncates(sqlite_uri) -> None:
         assert _history(client, run.info.run_id, f"k{j}") == [(s, s * 10.0 + j) for s in range(1, 501)]
 
 
+def test_report_keys_are_tags_only_if_the_logger_is_told(sqlite_uri) -> None:
+    """A report's ``server`` is a tag only with tag_keys=["server"], else a metric, as ``slot`` stays."""
+    for told in (False, True):
+        logger = MLflowLogger(sqlite_uri, f"tags-{told}", tag_keys=["server"] if told else ())
+        logger.start()
+        logger.log_member("m", {"loss": 0.5, "slot": 3, "server": 1}, step=1)
+        assert logger.close() is None
+        _, _, (run,) = _runs(sqlite_uri, f"tags-{told}")
+        assert run.data.metrics["slot"] == 3 and "slot" not in run.data.tags
+        assert ("server" in run.data.tags, "server" in run.data.metrics) == (told, not told)
+    with pytest.raises(TypeError, match="MLflowLogger: tag_keys must be a list"):
+        MLflowLogger(sqlite_uri, "bad", tag_keys="server")
+
+
 class _CallerThreads:
     """Wraps an MlflowClient; records the thread of every method call."""
 
