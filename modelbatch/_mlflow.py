@@ -1,13 +1,14 @@
 """MLflow logging of a sweep: one parent run, one child run per member; buffered, never blocking, lossless.
 
-:class:`MLflowLogger` is the core shared by ``mb.fit(..., mlflow=...)`` and the Tune callback
-``tune_integration.MLflowCallback``. The caller's thread only appends to an in-memory queue
-(a few microseconds per report); a background thread turns the queue into ``MlflowClient.log_batch``
-calls within MLflow's per-call limits (1000 metrics, 100 params, 100 tags). If the tracking server is
-unreachable or errors, the points stay queued and are retried; if it never comes back, :meth:`close`
-writes what is left to a JSON-lines spill file and warns with the command that replays it::
+:class:`MLflowLogger` is the core shared by ``mb.fit(..., mlflow=...)`` and integrations' callbacks
+(through :mod:`modelbatch.mlflow`, the public names of this module). The caller's thread only appends
+to an in-memory queue (a few microseconds per report); a background thread turns the queue into
+``MlflowClient.log_batch`` calls within MLflow's per-call limits (1000 metrics, 100 params, 100 tags;
+see :func:`limits`). If the tracking server is unreachable or errors, the points stay queued and are
+retried; if it never comes back, :meth:`close` writes what is left to a JSON-lines spill file and warns
+with the command that replays it::
 
-    python -m tune_integration.mlflow replay mlflow-spill-<id>.jsonl --tracking-uri http://host:5000
+    python -m modelbatch.mlflow replay mlflow-spill-<id>.jsonl --tracking-uri http://host:5000
 
 Runs: the parent run (one per sweep) carries the sweep's params and tags and, at the end, the
 metrics ``members`` and ``best_<metric>`` (tag ``best_member``); each member's child run (tag
@@ -72,7 +73,7 @@ _log = logging.getLogger("modelbatch.mlflow")
 RUN_KEY_TAG = "modelbatch.run_key"  # finds a run again after a create_run whose answer was lost
 MEMBER_TAG_KEYS = ("pack", "slot", "node", "signature")  # the member tags mb.fit sets (start_member)
 SPILL_FORMAT = "modelbatch-mlflow-spill/1"
-REPLAY_COMMAND = "python -m tune_integration.mlflow replay"
+REPLAY_COMMAND = "python -m modelbatch.mlflow replay"
 # member status -> MLflow run status
 RUN_STATUS = {
     "finished": "FINISHED",
@@ -140,7 +141,7 @@ def clean_key(key: Any) -> str:
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
-    """Nested dicts as one flat dict with ``sep``-joined keys (Tune's convention).
+    """Nested dicts as one flat dict with ``sep``-joined keys (``{"a": {"b": 1}}`` -> ``{"a/b": 1}``).
 
     Example:
         >>> flatten({"lr": 0.1, "net": {"width": 64, "act": {"name": "relu"}}})
@@ -571,7 +572,7 @@ class MLflowLogger:
     every ``flush_interval`` seconds. Use one logger for one sweep: :meth:`start`, then per member
     :meth:`start_member`, :meth:`log_member` (each report), :meth:`end_member`; :meth:`close` at the end
     flushes everything (waiting at most ``close_timeout`` seconds for an unreachable server) and
-    otherwise writes a spill file, which ``python -m tune_integration.mlflow replay FILE`` replays.
+    otherwise writes a spill file, which ``python -m modelbatch.mlflow replay FILE`` replays.
 
     Args:
         tracking_uri: MLflow tracking URI; ``None`` follows MLflow's own default
@@ -584,7 +585,7 @@ class MLflowLogger:
         metric, mode: the metric whose best value each member and the parent log (``best_<metric>``).
         sweep_key: continue the sweep of an earlier logger (its :attr:`sweep_key`): its parent run and
             the child run of each member started again are found and reopened instead of created.
-        log_artifacts: log per-member artifacts (``mb.fit``: the final state_dict; Tune: last checkpoint).
+        log_artifacts: log per-member artifacts (``mb.fit``: the final state_dict).
         flush_interval: seconds between background writes.
         close_timeout: seconds :meth:`close` waits for an unreachable server before spilling.
         spill_path: where to write what could not be logged (default ``./mlflow-spill-<id>.jsonl``).
@@ -1054,10 +1055,10 @@ def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     """``replay SPILL.jsonl [--tracking-uri URI]``: log a spill file into MLflow."""
     parser = argparse.ArgumentParser(
-        prog=REPLAY_COMMAND.rsplit(" ", 1)[0], description=__doc__.split("\n")[0]
+        prog=REPLAY_COMMAND.rsplit(" ", 1)[0], description="Log a spill file of MLflowLogger into MLflow."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("replay", help="log a spill file written by MLflowLogger/MLflowCallback into MLflow")
+    rep = sub.add_parser("replay", help="log a spill file written by MLflowLogger into MLflow")
     rep.add_argument("spill", help="the .jsonl spill file")
     rep.add_argument("--tracking-uri", default=None, help="default: the tracking URI recorded in the file")
     args = parser.parse_args(argv)

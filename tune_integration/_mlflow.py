@@ -2,7 +2,7 @@
 
 Works with any Tune trainable. The driver only queues (well under 1 ms per result); a background
 thread logs with batched ``log_batch`` calls, retries while the tracking server is away, and spills
-what it never could log to a JSON-lines file that ``python -m tune_integration.mlflow replay`` replays.
+what it never could log to a JSON-lines file that ``python -m modelbatch.mlflow replay`` replays.
 
 Example::
 
@@ -26,7 +26,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from modelbatch._mlflow import MEMBER_TAG_KEYS, MLflowLogger, flatten, is_number
+from modelbatch.mlflow import MEMBER_TAG_KEYS, MLflowLogger, flatten, is_number
 
 TUNE_TAG_KEYS = ("server", "server_node")  # what a slot server adds to its members' results: tags
 
