@@ -1,13 +1,14 @@
 """MLflow logging of a sweep: one parent run, one child run per member; buffered, never blocking, lossless.
 
-:class:`MLflowLogger` is the core shared by ``mb.fit(..., mlflow=...)`` and the Tune callback
-``tune_integration.MLflowCallback``. The caller's thread only appends to an in-memory queue
-(a few microseconds per report); a background thread turns the queue into ``MlflowClient.log_batch``
-calls within MLflow's per-call limits (1000 metrics, 100 params, 100 tags). If the tracking server is
-unreachable or errors, the points stay queued and are retried; if it never comes back, :meth:`close`
-writes what is left to a JSON-lines spill file and warns with the command that replays it::
+:class:`MLflowLogger` is the core shared by ``mb.fit(..., mlflow=...)`` and integrations' callbacks
+(through :mod:`modelbatch.mlflow`, the public names of this module). The caller's thread only appends
+to an in-memory queue (a few microseconds per report); a background thread turns the queue into
+``MlflowClient.log_batch`` calls within MLflow's per-call limits (1000 metrics, 100 params, 100 tags;
+see :func:`limits`). If the tracking server is unreachable or errors, the points stay queued and are
+retried; if it never comes back, :meth:`close` writes what is left to a JSON-lines spill file and warns
+with the command that replays it::
 
-    python -m tune_integration.mlflow replay mlflow-spill-<id>.jsonl --tracking-uri http://host:5000
+    python -m modelbatch.mlflow replay mlflow-spill-<id>.jsonl --tracking-uri http://host:5000
 
 Runs: the parent run (one per sweep) carries the sweep's params and tags and, at the end, the
 metrics ``members`` and ``best_<metric>`` (tag ``best_member``); each member's child run (tag
@@ -43,6 +44,7 @@ import argparse
 import atexit
 import base64
 import collections
+import functools
 import hashlib
 import json
 import logging
@@ -62,23 +64,16 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .callbacks import Callback, Control
 
 _log = logging.getLogger("modelbatch.mlflow")
 
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_ENTITIES_PER_BATCH = 1000
-MAX_REQUEST_BYTES = 900_000  # MLflow rejects log_batch requests over 1e6 bytes
-MAX_KEY_LENGTH = 250
-MAX_PARAM_VALUE_LENGTH = 6000
-MAX_TAG_VALUE_LENGTH = 8000
 RUN_KEY_TAG = "modelbatch.run_key"  # finds a run again after a create_run whose answer was lost
-MEMBER_TAG_KEYS = ("pack", "slot", "node", "signature", "server", "server_node")  # tags, not metrics
+MEMBER_TAG_KEYS = ("pack", "slot", "node", "signature")  # the member tags mb.fit sets (start_member)
 SPILL_FORMAT = "modelbatch-mlflow-spill/1"
-REPLAY_COMMAND = "python -m tune_integration.mlflow replay"
+REPLAY_COMMAND = "python -m modelbatch.mlflow replay"
 # member status -> MLflow run status
 RUN_STATUS = {
     "finished": "FINISHED",
@@ -99,6 +94,40 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the MLflow UI's saved views: expe
 
 
 # ---------------------------------------------------------------------------- values and keys
+class Limits(NamedTuple):
+    """MLflow's limits on one ``log_batch`` call and on keys and values (see :func:`limits`)."""
+
+    metrics_per_batch: int
+    params_tags_per_batch: int
+    entities_per_batch: int
+    request_bytes: int
+    key_length: int
+    param_value_length: int
+    tag_value_length: int
+
+
+@functools.cache
+def limits() -> Limits:
+    """MLflow's own limits, read from ``mlflow.utils.validation`` on first use (importing mlflow takes
+    seconds; ``import modelbatch`` does not pay them).
+
+    Example:
+        >>> limits().metrics_per_batch, limits().key_length
+        (1000, 250)
+    """
+    from mlflow.utils import validation as v
+
+    return Limits(
+        metrics_per_batch=v.MAX_METRICS_PER_BATCH,
+        params_tags_per_batch=v.MAX_PARAMS_TAGS_PER_BATCH,
+        entities_per_batch=v.MAX_ENTITIES_PER_BATCH,
+        request_bytes=int(0.9 * v.MAX_BATCH_LOG_REQUEST_SIZE),  # room for what _chunk's estimate misses
+        key_length=v.MAX_ENTITY_KEY_LENGTH,
+        param_value_length=v.MAX_PARAM_VAL_LENGTH,
+        tag_value_length=v.MAX_TAG_VAL_LENGTH,
+    )
+
+
 def clean_key(key: Any) -> str:
     """A valid MLflow metric/param/tag name: allowed characters only, no empty or dot path parts, ≤250 chars.
 
@@ -108,11 +137,11 @@ def clean_key(key: Any) -> str:
     """
     text = _BAD_KEY_CHARS.sub("_", str(key))
     text = "/".join(p if p not in ("", ".", "..") else "_" for p in text.split("/"))
-    return text[:MAX_KEY_LENGTH]
+    return text[: limits().key_length]
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
-    """Nested dicts as one flat dict with ``sep``-joined keys (Tune's convention).
+    """Nested dicts as one flat dict with ``sep``-joined keys (``{"a": {"b": 1}}`` -> ``{"a/b": 1}``).
 
     Example:
         >>> flatten({"lr": 0.1, "net": {"width": 64, "act": {"name": "relu"}}})
@@ -131,6 +160,14 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dic
 def _truncate(value: Any, limit: int) -> str:
     text = value if isinstance(value, str) else str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _param_value(value: Any) -> str:
+    return _truncate(value, limits().param_value_length)
+
+
+def _tag_value(value: Any) -> str:
+    return _truncate(value, limits().tag_value_length)
 
 
 def is_number(value: Any) -> bool:
@@ -452,9 +489,10 @@ class _Writer:
     @staticmethod
     def _chunk(run: _Run) -> tuple[list, list, list]:
         """The next log_batch call's content: within MLflow's count and request-size limits."""
-        budget, room = MAX_REQUEST_BYTES, MAX_ENTITIES_PER_BATCH
+        limit = limits()
+        budget, room = limit.request_bytes, limit.entities_per_batch
         metrics = []
-        for m in run.metrics[:MAX_METRICS_PER_BATCH]:
+        for m in run.metrics[: limit.metrics_per_batch]:
             budget -= len(m[0]) + 90
             if budget < 0:
                 break
@@ -464,7 +502,7 @@ class _Writer:
         for items in (run.params, run.tags):
             chosen = []
             for k, v in items.items():
-                if len(chosen) >= min(MAX_PARAMS_TAGS_PER_BATCH, room):
+                if len(chosen) >= min(limit.params_tags_per_batch, room):
                     break
                 budget -= len(k) + len(v) + 40
                 if budget < 0:
@@ -534,7 +572,7 @@ class MLflowLogger:
     every ``flush_interval`` seconds. Use one logger for one sweep: :meth:`start`, then per member
     :meth:`start_member`, :meth:`log_member` (each report), :meth:`end_member`; :meth:`close` at the end
     flushes everything (waiting at most ``close_timeout`` seconds for an unreachable server) and
-    otherwise writes a spill file, which ``python -m tune_integration.mlflow replay FILE`` replays.
+    otherwise writes a spill file, which ``python -m modelbatch.mlflow replay FILE`` replays.
 
     Args:
         tracking_uri: MLflow tracking URI; ``None`` follows MLflow's own default
@@ -547,7 +585,7 @@ class MLflowLogger:
         metric, mode: the metric whose best value each member and the parent log (``best_<metric>``).
         sweep_key: continue the sweep of an earlier logger (its :attr:`sweep_key`): its parent run and
             the child run of each member started again are found and reopened instead of created.
-        log_artifacts: log per-member artifacts (``mb.fit``: the final state_dict; Tune: last checkpoint).
+        log_artifacts: log per-member artifacts (``mb.fit``: the final state_dict).
         flush_interval: seconds between background writes.
         close_timeout: seconds :meth:`close` waits for an unreachable server before spilling.
         spill_path: where to write what could not be logged (default ``./mlflow-spill-<id>.jsonl``).
@@ -556,6 +594,9 @@ class MLflowLogger:
             ``mlflow.sharedViewState.<id>``; in the UI's *Views* menu, named after the parent run):
             the members only, best ``best_<metric>`` first, and a parallel-coordinates plot of these
             params (e.g. the searched ones) against ``best_<metric>``. :meth:`view_url` opens it.
+        tag_keys: report keys that :meth:`log_member` logs as member tags, not metrics (default none):
+            e.g. :data:`MEMBER_TAG_KEYS` (``pack``, ``slot``, ``node``, ``signature``), for an
+            integration whose reports carry them, and that integration's own.
 
     Example:
         >>> import tempfile, modelbatch as mb
@@ -591,6 +632,7 @@ class MLflowLogger:
         artifact_location: str | None = None,
         sweep_key: str | None = None,
         view_params: Sequence[str] | None = None,
+        tag_keys: Sequence[str] = (),
     ) -> None:
         api = "MLflowLogger"
         if mode not in ("min", "max"):
@@ -600,6 +642,8 @@ class MLflowLogger:
                 f"{api}: view_params must be a list of param names and needs metric=... (the plot's "
                 f"axis), got view_params={view_params!r}, metric={metric!r}."
             )
+        if isinstance(tag_keys, str):
+            raise TypeError(f"{api}: tag_keys must be a list of report keys, got {tag_keys!r}.")
         if not flush_interval > 0 or not close_timeout >= 0:
             raise ValueError(f"{api}: flush_interval must be > 0 and close_timeout >= 0.")
         self.tracking_uri = tracking_uri
@@ -618,6 +662,7 @@ class MLflowLogger:
         )
         self.artifact_location = artifact_location
         self.view_params = None if view_params is None else [clean_key(p) for p in view_params]
+        self.tag_keys = tuple(dict.fromkeys(tag_keys))
         self.view_id = "modelbatch" + hashlib.sha1(self.sweep_key.encode()).hexdigest()[:16]
         self._members: dict[Any, _Member] = {}
         self._inbox: collections.deque = collections.deque()
@@ -646,12 +691,8 @@ class MLflowLogger:
         parent = _Run(key=self.sweep_key, name=name, create_attempted=self.resumed, reopen=self.resumed)
         if self.parent_run_id is not None:
             parent.run_id, parent.owned = self.parent_run_id, False
-        parent.params = {
-            clean_key(k): _truncate(v, MAX_PARAM_VALUE_LENGTH) for k, v in flatten(self.params).items()
-        }
-        parent.tags = {
-            clean_key(k): _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in {**self.tags, **(tags or {})}.items()
-        }
+        parent.params = {clean_key(k): _param_value(v) for k, v in flatten(self.params).items()}
+        parent.tags = {clean_key(k): _tag_value(v) for k, v in {**self.tags, **(tags or {})}.items()}
         self._writer.runs[parent.key] = parent
         if self.view_params is not None:
             view = sweep_view(name, f"{self.sweep_key}-", self.view_params, self.metric, self.mode, _now_ms())
@@ -683,10 +724,8 @@ class MLflowLogger:
         member = self._members[member_id] = _Member(key=f"{self.sweep_key}-{digest}")
         if best is not None:
             member.best, member.best_step = float(best[0]), int(best[1])
-        params = {
-            clean_key(k): _truncate(v, MAX_PARAM_VALUE_LENGTH) for k, v in flatten(config or {}).items()
-        }
-        member_tags = {clean_key(k): _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()}
+        params = {clean_key(k): _param_value(v) for k, v in flatten(config or {}).items()}
+        member_tags = {clean_key(k): _tag_value(v) for k, v in (tags or {}).items()}
         member.tags.update(member_tags)
         self._put(("start", member.key, name or str(member_id), params, member_tags, _now_ms()))
 
@@ -699,11 +738,16 @@ class MLflowLogger:
         tags: Mapping[str, Any] | None = None,
         timestamp_ms: int | None = None,
     ) -> None:
-        """Queue one report of ``member_id``: every real-number value as a metric at ``step``."""
+        """Queue one report of ``member_id``: every real-number value as a metric at ``step``, the
+        values of :attr:`tag_keys` as member tags (with ``tags``)."""
         member = self._members.get(member_id)
         if member is None or self._state != "running":
             self.start_member(member_id)  # raises after close()
             member = self._members[member_id]
+        found = [k for k in self.tag_keys if k in metrics]
+        if found:
+            tags = {**{k: metrics[k] for k in found}, **(tags or {})}
+            metrics = {k: v for k, v in metrics.items() if k not in found}
         ts = _now_ms() if timestamp_ms is None else timestamp_ms
         step = int(step)
         points = [(_key(k), float(v), ts, step) for k, v in metrics.items() if is_number(v)]
@@ -726,7 +770,7 @@ class MLflowLogger:
         member = self._members[member_id]
         changed = {}
         for k, v in tags.items():
-            value = _truncate(v, MAX_TAG_VALUE_LENGTH)
+            value = _tag_value(v)
             key = _key(k)
             if member.tags.get(key) != value:
                 member.tags[key] = changed[key] = value
@@ -821,7 +865,7 @@ class MLflowLogger:
         final.update(summary or {})
         ts = _now_ms()
         points = [(_key(k), float(v), ts, 0) for k, v in final.items() if is_number(v)]
-        tags = {_key(k): _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in final.items() if not is_number(v)}
+        tags = {_key(k): _tag_value(v) for k, v in final.items() if not is_number(v)}
         self._put(("metrics", self.sweep_key, points))
         self._put(("tags", self.sweep_key, tags))
         self._put(("end", self.sweep_key, RUN_STATUS[status], _now_ms()))
@@ -1011,10 +1055,10 @@ def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     """``replay SPILL.jsonl [--tracking-uri URI]``: log a spill file into MLflow."""
     parser = argparse.ArgumentParser(
-        prog=REPLAY_COMMAND.rsplit(" ", 1)[0], description=__doc__.split("\n")[0]
+        prog=REPLAY_COMMAND.rsplit(" ", 1)[0], description="Log a spill file of MLflowLogger into MLflow."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("replay", help="log a spill file written by MLflowLogger/MLflowCallback into MLflow")
+    rep = sub.add_parser("replay", help="log a spill file written by MLflowLogger into MLflow")
     rep.add_argument("spill", help="the .jsonl spill file")
     rep.add_argument("--tracking-uri", default=None, help="default: the tracking URI recorded in the file")
     args = parser.parse_args(argv)

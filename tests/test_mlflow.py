@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +73,20 @@ def test_logger_respects_per_call_limits_and_truncates(sqlite_uri) -> None:
     assert "skip" not in run.data.metrics
     for j in range(5):
         assert _history(client, run.info.run_id, f"k{j}") == [(s, s * 10.0 + j) for s in range(1, 501)]
+
+
+def test_report_keys_are_tags_only_if_the_logger_is_told(sqlite_uri) -> None:
+    """A report's ``server`` is a tag only with tag_keys=["server"], else a metric, as ``slot`` stays."""
+    for told in (False, True):
+        logger = MLflowLogger(sqlite_uri, f"tags-{told}", tag_keys=["server"] if told else ())
+        logger.start()
+        logger.log_member("m", {"loss": 0.5, "slot": 3, "server": 1}, step=1)
+        assert logger.close() is None
+        _, _, (run,) = _runs(sqlite_uri, f"tags-{told}")
+        assert run.data.metrics["slot"] == 3 and "slot" not in run.data.tags
+        assert ("server" in run.data.tags, "server" in run.data.metrics) == (told, not told)
+    with pytest.raises(TypeError, match="MLflowLogger: tag_keys must be a list"):
+        MLflowLogger(sqlite_uri, "bad", tag_keys="server")
 
 
 class _CallerThreads:
@@ -148,21 +166,34 @@ def test_unreachable_server_spills_and_replay_restores_everything(tmp_path, monk
     assert parents[0].data.tags["best_member"] == "2" and parents[0].info.status == "FINISHED"
 
 
-def test_replay_command_line(tmp_path, monkeypatch, capsys) -> None:
+def test_replay_command_line(tmp_path, monkeypatch) -> None:
+    """``python -m modelbatch.mlflow replay`` (the command the warning names) and its older alias
+    ``python -m tune_integration.mlflow replay`` each log the spill file."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     logger = MLflowLogger(
         f"http://127.0.0.1:{_free_port()}", "cli", close_timeout=0.5, spill_path=tmp_path / "s.jsonl"
     )
     logger.start()
     logger.log_member("a", {"x": 1.0}, step=1)
-    with pytest.warns(RuntimeWarning):
+    with pytest.warns(RuntimeWarning, match="python -m modelbatch.mlflow replay"):
         logger.close()
-    from tune_integration.mlflow import main
-
-    assert main(["replay", str(tmp_path / "s.jsonl"), "--tracking-uri", f"sqlite:///{tmp_path}/c.db"]) == 0
-    assert "replayed 2 runs" in capsys.readouterr().out
-    _, parents, children = _runs(f"sqlite:///{tmp_path}/c.db", "cli")
-    assert len(parents) == len(children) == 1
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    for module, store in (("modelbatch.mlflow", "c"), ("tune_integration.mlflow", "d")):
+        uri = f"sqlite:///{tmp_path}/{store}.db"
+        done = subprocess.run(
+            [sys.executable, "-m", module, "replay", str(tmp_path / "s.jsonl"), "--tracking-uri", uri],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "replayed 2 runs" in done.stdout
+        _, parents, children = _runs(uri, "cli")
+        assert len(parents) == len(children) == 1
+        assert _history(MlflowClient(uri), children[0].info.run_id, "x") == [(1, 1.0)]
 
 
 # ---------------------------------------------------------------------------- mb.fit(mlflow=...)

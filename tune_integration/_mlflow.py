@@ -2,7 +2,7 @@
 
 Works with any Tune trainable. The driver only queues (well under 1 ms per result); a background
 thread logs with batched ``log_batch`` calls, retries while the tracking server is away, and spills
-what it never could log to a JSON-lines file that ``python -m tune_integration.mlflow replay`` replays.
+what it never could log to a JSON-lines file that ``python -m modelbatch.mlflow replay`` replays.
 
 Example::
 
@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ray.tune import Callback
 
-from modelbatch._mlflow import MEMBER_TAG_KEYS, MLflowLogger, flatten, is_number
+from modelbatch.mlflow import MEMBER_TAG_KEYS, MLflowLogger, flatten, is_number
+
+TUNE_TAG_KEYS = ("server", "server_node")  # what a slot server adds to its members' results: tags
 
 # What Tune adds to every result that is bookkeeping, not a metric of the member.
 _NOT_METRICS = frozenset(
@@ -78,10 +80,12 @@ def trial_number(trial: Any) -> int | None:
     return int(number) if number.isdigit() else None
 
 
-def split_result(result: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_result(
+    result: Mapping[str, Any], tag_keys: Sequence[str] = (*MEMBER_TAG_KEYS, *TUNE_TAG_KEYS)
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """A Tune result as (metrics, member tags): numbers (nested ones flattened with ``/``) and the
-    member tags ``pack``, ``slot``, ``node``, ``signature``, ``server``, ``server_node`` or anything
-    under ``result["modelbatch"]``.
+    member tags ``tag_keys`` (``pack``, ``slot``, ``node``, ``signature``, ``server``,
+    ``server_node``) or anything under ``result["modelbatch"]``.
 
     Example:
         >>> split_result({"loss": 0.5, "slot": 3, "modelbatch": {"pack": "p0"}, "extra": {"a": 1},
@@ -93,7 +97,7 @@ def split_result(result: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
     for key, value in result.items():
         if key in _NOT_METRICS:
             continue
-        if key in MEMBER_TAG_KEYS:
+        if key in tag_keys:
             tags[key] = value
         elif isinstance(value, Mapping):
             if key == "modelbatch":
@@ -137,8 +141,9 @@ class MLflowCallback(Callback):
         member_name: a trial's child run name (default :func:`trial_name`).
         **kwargs: more :class:`modelbatch.MLflowLogger` arguments (``run_name``, ``parent_run_id``,
             ``tags``, ``params``, ``flush_interval``, ``close_timeout``, ``spill_path``,
-            ``artifact_location``, ``sweep_key``: a key kept with the experiment, so that even a
-            sweep restarted before Tune saved anything continues the same parent run;
+            ``artifact_location``, ``tag_keys``: more result keys logged as member tags, besides
+            ``MEMBER_TAG_KEYS`` and ``TUNE_TAG_KEYS``; ``sweep_key``: a key kept with the experiment,
+            so that even a sweep restarted before Tune saved anything continues the same parent run;
             ``view_params``: save an MLflow UI view of the sweep with a parallel-coordinates plot of
             these config keys against ``best_<metric>``, opened by :meth:`view_url`).
 
@@ -168,6 +173,9 @@ class MLflowCallback(Callback):
             log_artifacts=log_artifacts,
             **kwargs,
         )
+        extra = self.logger_kwargs.get("tag_keys", ())  # a str: MLflowLogger says what is wrong
+        tag_keys = (*MEMBER_TAG_KEYS, *TUNE_TAG_KEYS, *extra)
+        self.logger_kwargs["tag_keys"] = extra if isinstance(extra, str) else tag_keys
         self.sweep_key = self.logger_kwargs.pop("sweep_key", None)
         MLflowLogger(**self.logger_kwargs)  # check the arguments now, not when the sweep starts
         self.max_iterations = max_iterations
@@ -255,7 +263,7 @@ class MLflowCallback(Callback):
         self._stopped_by_tune[tid] = bool(result.get("done"))  # Tune sets done when it decides to stop
         if step and step <= self._iterations[tid]:
             return  # made again after a restore from an earlier checkpoint: that step is logged already
-        metrics, tags = split_result(result)
+        metrics, tags = split_result(result, self.logger.tag_keys)
         self.logger.log_member(tid, metrics, step=step, tags=tags)
         self._iterations[tid] = step
 

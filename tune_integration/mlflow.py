@@ -1,13 +1,9 @@
-"""Replay an MLflow spill file: ``python -m tune_integration.mlflow replay SPILL.jsonl [--tracking-uri URI]``.
-
-When the tracking server stayed unreachable until a sweep ended, :class:`MLflowCallback` (and
-``mb.fit(..., mlflow=...)``) wrote the points it could not log to ``mlflow-spill-<id>.jsonl`` and
-warned. This command logs them into MLflow: runs that exist already are continued (found by run id or
-by their ``modelbatch.run_key`` tag), the others are created under their parent run; a point logged
-twice is stored once. ``--tracking-uri`` defaults to the URI recorded in the file.
+"""Tune's MLflow callback; ``python -m tune_integration.mlflow replay SPILL.jsonl [--tracking-uri URI]`` is
+an alias of the engine's ``python -m modelbatch.mlflow replay`` (see :mod:`modelbatch.mlflow`), which
+logs a spill file of :class:`MLflowCallback` (or ``mb.fit(..., mlflow=...)``) into MLflow.
 """
 
-from modelbatch._mlflow import main, replay
+from modelbatch.mlflow import main, replay
 
 from ._mlflow import MLflowCallback, split_result, trial_name, trial_number
 
