@@ -343,15 +343,16 @@ def test_tune_callback_statuses_without_a_cluster(sqlite_uri) -> None:
     from tune_integration.mlflow import MLflowCallback
 
     cb = MLflowCallback(sqlite_uri, "statuses", metric="loss")
-    cb.setup(num_samples=6)
+    cb.setup(num_samples=7)
     trials = {
         t: _Trial(t, {"training_iteration": 4} if t == "crit" else None)
-        for t in ("returned", "crit", "asha", "most", "nan", "running")
+        for t in ("returned", "crit", "asha", "asha-remade", "most", "nan", "running")
     }
     plan = {
         "returned": (3, False),
         "crit": (4, True),
         "asha": (2, True),
+        "asha-remade": (2, True),  # stopped, then a restore made its last result again (done=False)
         "most": (9, True),
         "nan": (2, False),
         "running": (1, False),
@@ -370,6 +371,8 @@ def test_tune_callback_statuses_without_a_cluster(sqlite_uri) -> None:
                 "server_node": "abc",
             }
             cb.on_trial_result(0, [], trial, dict(trial.last_result))
+        if tid == "asha-remade":  # Ctrl-C before Tune ended it; resumed, it ends without a new result
+            cb.on_trial_result(0, [], trial, {**trial.last_result, "done": False})
         if tid != "running":
             cb.on_trial_complete(0, [], trial)
     cb.on_experiment_end(list(trials.values()))
@@ -379,6 +382,7 @@ def test_tune_callback_statuses_without_a_cluster(sqlite_uri) -> None:
         "returned": ("finished", "FINISHED"),
         "crit": ("finished", "FINISHED"),
         "asha": ("stopped early", "FINISHED"),
+        "asha-remade": ("stopped early", "FINISHED"),
         "most": ("finished", "FINISHED"),
         "nan": ("errored", "FAILED"),
         "running": ("interrupted", "KILLED"),

@@ -260,9 +260,13 @@ class MLflowCallback(Callback):
         tid = trial.trial_id
         self._start(trial)
         step = result.get("training_iteration") or 0
-        self._stopped_by_tune[tid] = bool(result.get("done"))  # Tune sets done when it decides to stop
+        done = bool(result.get("done"))  # Tune sets done when it decides to stop the trial
         if step and step <= self._iterations[tid]:
-            return  # made again after a restore from an earlier checkpoint: that step is logged already
+            # made again after a restore from an earlier checkpoint: that step is logged already,
+            # and a stop decided on it before (e.g. ASHA's, just before a Ctrl-C) still stands
+            self._stopped_by_tune[tid] = self._stopped_by_tune.get(tid, False) or done
+            return
+        self._stopped_by_tune[tid] = done
         metrics, tags = split_result(result, self.logger.tag_keys)
         self.logger.log_member(tid, metrics, step=step, tags=tags)
         self._iterations[tid] = step
