@@ -87,14 +87,8 @@ class GroupingLookahead(Searcher):
     def peek(self, n: int) -> list[dict[str, Any]]:
         """Draw up to ``n`` configs now (fewer where the inner searcher has no more yet) and return
         the waiting ones; they are handed out later as any drawn ahead."""
-        while len(self.waiting) < n and self._may_draw():
-            inner_id = f"{self.prefix}{self.drawn}"
-            config = self.searcher.suggest(inner_id)
-            if config == Searcher.FINISHED:
-                self.exhausted = True
-            if not isinstance(config, dict):
-                break
-            self._add(inner_id, config)
+        while len(self.waiting) < n and self._may_draw() and self._draw_one():
+            pass
         return [entry["config"] for entry in self.waiting[:n]]
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -134,24 +128,25 @@ class GroupingLookahead(Searcher):
         """Fill the waiting list: one config, or ``ahead`` more once two architectures were seen."""
         while self._may_draw():
             target = 1 + (self.ahead if len(self.keys_seen) > 1 else 0)
-            if len(self.waiting) >= target:
+            if len(self.waiting) >= target or not self._draw_one():
                 return
-            inner_id = f"{self.prefix}{self.drawn}"
-            config = self.searcher.suggest(inner_id)
-            if config == Searcher.FINISHED:
-                self.exhausted = True
-            if not isinstance(config, dict):  # FINISHED, or None: the inner searcher is not ready yet
-                return
-            self._add(inner_id, config)
 
     def _may_draw(self) -> bool:
         return not self.exhausted and (self.limit is None or self.drawn < self.limit)
 
-    def _add(self, inner_id: str, config: dict[str, Any]) -> None:
+    def _draw_one(self) -> bool:
+        """Ask the inner searcher for one config and keep it waiting; ``False``: it gave none."""
+        inner_id = f"{self.prefix}{self.drawn}"
+        config = self.searcher.suggest(inner_id)
+        if config == Searcher.FINISHED:
+            self.exhausted = True
+        if not isinstance(config, dict):  # FINISHED, or None: the inner searcher is not ready yet
+            return False
         self.drawn += 1
         key = self.key(config)
         self.keys_seen.add(key)
         self.waiting.append({"id": inner_id, "config": config, "key": key, "passes": 0})
+        return True
 
     def _pick(self) -> int:
         overdue = [i for i, e in enumerate(self.waiting) if e["passes"] >= 2 * max(self.ahead, 1)]

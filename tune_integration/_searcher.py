@@ -390,11 +390,7 @@ class ModelBatchSearcher(Searcher):
                 )
             self._new_sweep()
         self._resolvers = tune_resolvers()
-        run = tune_run_locals()
-        _check_trainable(run.get("run_or_experiment"))
-        samples = run.get("num_samples")  # Tune tells a searcher that owns its space nothing of it
-        if isinstance(samples, int) and samples > 0:
-            self._num_samples = self._ahead.limit = samples  # the sweep closes when they complete
+        _check_trainable(tune_run_locals().get("run_or_experiment"))
         num_samples = spec.get("num_samples")
         _check_sweep(self.recipe, metric, mode, config, num_samples, self._resolvers)
         if (
