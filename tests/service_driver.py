@@ -1,11 +1,15 @@
 """A sweep driver for the packing-service tests, run as its own process (one Ray job per driver).
 
-``python service_driver.py ADDRESS OUT TENANT [--samples N] [--reports N] [--slots N] [--weight W]
-[--priority P] [--time-budget S] [--linger S] [--after TENANT:N] [--barrier DIR:N]``: connects to
-the cluster at ADDRESS, runs a sweep of the tests' recipe as TENANT and writes every trial's results to OUT
-(JSON). ``--linger`` keeps the process (and its searcher) alive that long after Tune returns, as a
-notebook would; ``--after`` starts the sweep once TENANT has N members training in the service;
-``--barrier`` once N drivers (this one included) got there (files in DIR).
+``python service_driver.py ADDRESS OUT TENANT [options]``: connects to the cluster at ADDRESS, runs a
+sweep of the tests' recipe as TENANT and writes every trial's config, status, error and results to
+OUT (JSON). Options: ``--samples``, ``--reports``, ``--slots``, ``--weight``, ``--priority``,
+``--time-budget`` as in the searcher and Tune; ``--linger S`` keeps the process (and its searcher)
+alive that long after Tune returns, as a notebook would; ``--after TENANT:N`` starts the sweep once
+TENANT has N members training in the service; ``--barrier DIR:N`` once N drivers (this one
+included) got there (files in DIR); ``--nan`` makes half the members diverge (``scale`` nan);
+``--loss-fails-after N`` gives the recipe a loss that raises at its N+1-th call in a process (a
+recipe that breaks mid-sweep); ``--until PATH`` stops every trial at its first result after PATH
+exists.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import ray
 from ray import tune
-from tune_recipes import recipe
+from tune_recipes import FailingLoss, recipe
 
 from tune_integration import ModelBatchSearcher
 
@@ -39,6 +43,9 @@ def main() -> None:
     parser.add_argument("--linger", type=float, default=0.0)
     parser.add_argument("--after", default=None)
     parser.add_argument("--barrier", default=None)
+    parser.add_argument("--nan", action="store_true")
+    parser.add_argument("--loss-fails-after", type=int, default=None)
+    parser.add_argument("--until", type=Path, default=None)
     args = parser.parse_args()
     ray.init(address=args.address, log_to_driver=False)
     if args.after is not None:
@@ -48,8 +55,9 @@ def main() -> None:
         (Path(folder) / args.tenant).touch()
         while len(list(Path(folder).iterdir())) < int(drivers):
             time.sleep(0.1)
+    rec = recipe() if args.loss_fails_after is None else recipe(loss=FailingLoss(args.loss_fails_after))
     searcher = ModelBatchSearcher(
-        recipe(),
+        rec,
         slots_per_gpu=args.slots,
         reports=args.reports,
         tenant=args.tenant,
@@ -58,6 +66,8 @@ def main() -> None:
         random_state=sum(map(ord, args.tenant)),
     )
     space = {"lr": tune.loguniform(1e-3, 3e-2), "seed": tune.randint(0, 10_000)}
+    if args.nan:
+        space["scale"] = tune.grid_search([1.0, float("nan")])
     analysis = tune.run(
         searcher.trainable(),
         config=space,
@@ -69,12 +79,18 @@ def main() -> None:
         verbose=0,
         reuse_actors=True,
         time_budget_s=args.time_budget,
+        raise_on_failed_trial=False,
+        stop=None if args.until is None else (lambda trial_id, result: args.until.exists()),
     )
     frames = analysis.trial_dataframes
     rows = {
-        t.trial_id: {"config": t.config, "status": t.status, "results": frames[t.trial_id].to_dict("list")}
+        t.trial_id: {
+            "config": t.config,
+            "status": t.status,
+            "error": t.get_error() and str(t.get_error()),
+            "results": frames[t.trial_id].to_dict("list") if t.trial_id in frames else {},
+        }
         for t in analysis.trials
-        if t.trial_id in frames
     }
     args.out.write_text(json.dumps(rows, default=str))
     print("DONE", flush=True)
@@ -82,8 +98,14 @@ def main() -> None:
 
 
 def wait_for_live(tenant: str, members: str) -> None:
-    service = ray.get_actor("service", namespace="modelbatch")
-    while ray.get(service.status.remote())["tenants"].get(tenant, {}).get("live", 0) < int(members):
+    """Until TENANT has N members training in the service (which the first sweep starts)."""
+    while True:
+        try:
+            status = ray.get(ray.get_actor("service", namespace="modelbatch").status.remote())
+        except ValueError:  # no service yet
+            status = {"tenants": {}}
+        if status["tenants"].get(tenant, {}).get("live", 0) >= int(members):
+            return
         time.sleep(0.2)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -176,6 +177,65 @@ def test_a_late_tenant_gets_its_share_at_once_by_parking_members_that_then_conti
             assert frame["training_iteration"].tolist() == list(range(1, reports[tenant] + 1))  # each once
             if tenant == "late":
                 assert_matches_fit(rec, trial["config"], frame)
+
+
+def test_a_tenant_whose_recipe_breaks_or_members_diverge_touches_only_its_own_members(cluster, tmp_path):
+    """Three tenants on one 4-slot server: bob's members train until the others are done; eve's
+    members share bob's packs (one recipe) and half of them diverge (NaN); mal's recipe raises
+    mid-sweep in its own pack. Bob's members and eve's healthy ones train on exactly; eve's
+    diverged members end at their first report with why; mal's trials fail with mal's error."""
+    stop_service()
+    outs = {t: tmp_path / f"{t}.json" for t in ("bob", "eve", "mal")}
+    until = tmp_path / "others-done"
+    common = ["--samples", "2", "--slots", "4", "--after", "bob:2"]
+    bob = start_driver(
+        cluster,
+        outs["bob"],
+        "bob",
+        "--samples",
+        "4",
+        "--slots",
+        "4",
+        "--reports",
+        "100000",
+        "--until",
+        str(until),
+    )
+    try:
+        eve = start_driver(cluster, outs["eve"], "eve", *common, "--reports", "6", "--nan")
+        mal = start_driver(
+            cluster, outs["mal"], "mal", *common, "--reports", "20", "--loss-fails-after", "24"
+        )
+        finish(eve)
+        finish(mal)
+    finally:
+        until.touch()
+    finish(bob)
+    rec = recipe()
+    pack_tenants: dict[str, set] = {}
+    trials = {tenant: read(out) for tenant, out in outs.items()}
+    for rows in trials.values():
+        for trial in rows.values():
+            for pack, tenant in zip(trial["results"].get("pack_id", []), trial["results"].get("tenant", [])):
+                pack_tenants.setdefault(pack, set()).add(tenant)
+    for tenant in ("bob", "eve"):
+        assert len(trials[tenant]) == 4 and all(t["status"] == "TERMINATED" for t in trials[tenant].values())
+        for trial in trials[tenant].values():
+            frame = pd.DataFrame(trial["results"])
+            if math.isnan(trial["config"].get("scale", 1.0)):
+                assert frame["training_iteration"].tolist() == [1]
+                assert frame["error"].tolist() == ["non-finite loss (nan) at report 1"]
+                assert "bob" in pack_tenants[frame["pack_id"].iloc[0]]  # it diverged in a pack with bob's
+            else:
+                assert_matches_fit(rec, trial["config"], frame)  # bob's: parked and continued too
+    assert len(trials["mal"]) == 2
+    for trial in trials["mal"].values():
+        assert trial["status"] == "ERROR"
+        assert "FailingLoss: this recipe breaks after 24 steps" in trial["error"]
+    assert any(trial["results"] for trial in trials["mal"].values())  # it broke mid-sweep
+    assert {tuple(sorted(t)) for t in pack_tenants.values()} >= {("bob", "eve"), ("mal",)}
+    assert all(t == {"mal"} for t in pack_tenants.values() if "mal" in t)  # mal packed only with mal
+    assert open_sweeps() == {}
 
 
 def test_sweeps_ended_in_every_way_leave_within_30_s_and_the_idle_service_then_frees_its_cpu(

@@ -42,6 +42,19 @@ def make_model(cfg: dict) -> nn.Module:
     return Net(cfg.get("hidden", 8), cfg.get("scale", 1.0), cfg.get("act", nn.Tanh))
 
 
+class FailingLoss:
+    """Cross-entropy that raises at its ``after + 1``-th call in a process: a recipe that breaks mid-sweep."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.calls = after, 0
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError(f"FailingLoss: this recipe breaks after {self.after} steps")
+        return F.cross_entropy(output, target)
+
+
 def recipe(**kw) -> mb.Recipe:
     args = dict(
         model=make_model,
