@@ -25,7 +25,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 from tune_recipes import assert_matches_fit, open_sweeps, recipe  # noqa: E402
 
-from tune_integration._service import IDLE_STOP_S, LEASE_S, NAMESPACE, SERVICE_NAME  # noqa: E402
+from tune_integration._service import IDLE_STOP_S, LEASE_S, NAMESPACE, SERVICE_NAME, server_name  # noqa: E402
 
 pytestmark = pytest.mark.slow
 DRIVER = Path(__file__).with_name("service_driver.py")
@@ -183,7 +183,9 @@ def test_a_tenant_whose_recipe_breaks_or_members_diverge_touches_only_its_own_me
     """Three tenants on one 4-slot server: bob's members train until the others are done; eve's
     members share bob's packs (one recipe) and half of them diverge (NaN); mal's recipe raises
     mid-sweep in its own pack. Bob's members and eve's healthy ones train on exactly; eve's
-    diverged members end at their first report with why; mal's trials fail with mal's error."""
+    diverged members end at their first report with why; mal's trials fail with mal's error.
+    The server is killed once eve trains too: every tenant's members continue from their
+    checkpoints on the server Ray restarts, each iteration once."""
     stop_service()
     outs = {t: tmp_path / f"{t}.json" for t in ("bob", "eve", "mal")}
     until = tmp_path / "others-done"
@@ -202,15 +204,18 @@ def test_a_tenant_whose_recipe_breaks_or_members_diverge_touches_only_its_own_me
         str(until),
     )
     try:
-        eve = start_driver(cluster, outs["eve"], "eve", *common, "--reports", "6", "--nan")
+        eve = start_driver(cluster, outs["eve"], "eve", *common, "--reports", "20", "--nan")
         mal = start_driver(
             cluster, outs["mal"], "mal", *common, "--reports", "20", "--loss-fails-after", "24"
         )
+        wait_for(lambda: live_members("eve") and live_members("bob"), 300, "eve and bob training")
+        ray.kill(ray.get_actor(server_name(0), namespace=NAMESPACE), no_restart=False)
         finish(eve)
         finish(mal)
     finally:
         until.touch()
     finish(bob)
+    assert service_status()["servers"][0]["restarted"]
     rec = recipe()
     pack_tenants: dict[str, set] = {}
     trials = {tenant: read(out) for tenant, out in outs.items()}
@@ -227,6 +232,8 @@ def test_a_tenant_whose_recipe_breaks_or_members_diverge_touches_only_its_own_me
                 assert frame["error"].tolist() == ["non-finite loss (nan) at report 1"]
                 assert "bob" in pack_tenants[frame["pack_id"].iloc[0]]  # it diverged in a pack with bob's
             else:
+                its = frame["training_iteration"].tolist()
+                assert its == list(range(1, len(its) + 1)) and (tenant == "bob" or len(its) == 20)
                 assert_matches_fit(rec, trial["config"], frame)  # bob's: parked and continued too
     assert len(trials["mal"]) == 2
     for trial in trials["mal"].values():

@@ -154,6 +154,8 @@ class SlotServer:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-server")
         self.device = _device()
         self.pack_serial: dict[tuple[str, int], int] = {}  # (group, pack id) -> this server's pack number
+        # a server Ray restarted numbers its packs from 0 again: its process id keeps them apart
+        self.life = f"@{os.getpid()}" if ray.get_runtime_context().was_current_actor_reconstructed else ""
         self.budget: int | None = None  # bytes packs may fill (measured at the first sweep)
 
     def info(self) -> dict[str, Any]:
@@ -356,9 +358,10 @@ class SlotServer:
         return [*packs.pack_of, *packs.parked] if packs is not None else []
 
     def _pack_id(self, group: str, pid: int) -> str:
-        """``"<server>/<n>"``: the pack's number on this server (results' ``pack_id``)."""
+        """``"<server>/<n>"``: the pack's number on this server (results' ``pack_id``);
+        ``"<server>/<n>@<pid>"`` once Ray restarted the server."""
         serial = self.pack_serial.setdefault((group, pid), len(self.pack_serial))
-        return f"{self.where['server']}/{serial}"
+        return f"{self.where['server']}/{serial}{self.life}"
 
     def _live(self, key: PackKey) -> dict[Member, int]:
         packs = self.groups.get(key[0])
