@@ -250,7 +250,29 @@ def test_members_are_admitted_by_their_measured_memory_within_the_servers_budget
     assert policy.memory_used(0) == 10 + 2 * 30 + 20
     policy.set_cap("b", 0, 16, member_bytes=80)
     policy.request("b/1", "b")
-    assert policy.assign() == [] and policy.preempt() == []  # no single member's slot frees 80 bytes
+    assert policy.assign() == [] and policy.preempt() == []  # alice 2 vs bob 1: she may give none
+
+
+def test_a_member_that_needs_the_memory_of_two_parks_two_while_that_keeps_the_shares_even():
+    policy = FairShare(clock=Clock())
+    policy.add_server(0, capacity=16)
+    policy.set_memory(0, 100)
+    policy.add_sweep("a", "alice", caps={0: 16})
+    policy.add_sweep("b", "bob", caps={0: 16})
+    policy.set_cap("a", 0, 16, member_bytes=20)
+    policy.set_cap("b", 0, 16, member_bytes=50)
+    for i in range(4):
+        policy.request(f"a/{i}", "a")
+    policy.assign()
+    policy.request("b/0", "b")
+    assert policy.assign() == [] and policy.memory_used(0) == 80  # 80 + 50 > 100
+    parked: list[str] = []
+    moves = preempting(policy, parked)  # one of alice's frees 20 bytes: not enough; two free 40
+    assert moves == [("a/3", "b/0", 0), ("a/2", "b/0", 0)]  # alice's newest two, no more
+    assert policy.memory_used(0) == 2 * 20 + 50 and policy.live(tenant="bob") == 1
+    assert preempting(policy, parked) == [] and policy.assign() == []  # stable: 90 + 20 > 100
+    policy.request("b/1", "b")  # alice 2 vs bob 1: giving two would leave alice below bob
+    assert policy.preempt() == [] and policy.live(tenant="alice") == 2
 
 
 def test_without_measured_memory_members_are_admitted_by_slots_alone():

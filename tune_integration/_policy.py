@@ -22,10 +22,12 @@ members of its key (its architecture within its recipe: so packs fill, across sw
 recipe too), then to the one with most free slots.
 
 A tenant that arrives at a full cluster does not wait for slots to turn over: :meth:`FairShare.preempt`
-moves slots to it from tenants over their share, one at a time while the move makes the shares more
-even (the donor holds more slots per unit of weight than the receiver will after the move), and
-from any tenant of a lower ``priority``. The service parks the members that lose their slot (their
-state kept; they queue again and continue exactly), so no member is killed to make room.
+moves slots to it from tenants over their share, one member at a time while the move makes the
+shares more even (the donor holds more slots per unit of weight than the receiver will after the
+move), and from any tenant of a lower ``priority``. A member that needs more memory than one slot
+frees takes the slots of as many members of one server as it needs, each from a donor that still
+held more than the receiver will before giving it. The service parks the members that lose their
+slot (their state kept; they queue again and continue exactly), so no member is killed to make room.
 
 Slot-seconds (slots held, integrated over the clock) are kept per tenant for status and fairness
 reports (:meth:`FairShare.shares`).
@@ -45,7 +47,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 SHARE_WINDOW_S = 60.0
@@ -179,14 +181,13 @@ class FairShare:
         """The bytes the server's packs may fill (``None``: no memory limit, slots only)."""
         self.memory[server] = budget
 
-    def memory_used(self, server: int, leaving: str | None = None) -> int:
+    def memory_used(self, server: int, leaving: str | Collection[str] | None = None) -> int:
         """Measured bytes the server's members hold: each member, plus each sweep's data once
-        (``leaving``: as if that member had left)."""
+        (``leaving``: as if that member, or those members, had left)."""
+        gone = self._leaving(server, leaving)
         used = 0
         for name, sweep in self.sweeps.items():
-            held = self._sweep_on_server.get((name, server), 0)
-            if leaving is not None and self.placed.get(leaving) == (name, server):
-                held -= 1
+            held = self._sweep_on_server.get((name, server), 0) - gone.get(name, 0)
             if held > 0:
                 used += held * sweep.member_bytes.get(server, 0) + sweep.data_bytes.get(server, 0)
         return used
@@ -246,10 +247,14 @@ class FairShare:
         one of a lower ``priority``, else of the tenant holding the most slots per unit of weight,
         as long as that tenant holds more per unit of weight than the receiver will after the
         move (so a move is never undone by the next). The newest placed member of the donor is
-        chosen; ``keep`` lists members that must not be chosen (still joining).
+        chosen; ``keep`` lists members that must not be chosen (still joining). When no single
+        member frees the memory the receiver needs, the fewest members of one server that do are
+        chosen, in the same order, each from a donor that held more than the receiver will before
+        giving it.
 
-        Returns ``(parked, granted, server)`` per move: ``parked`` lost its slot (released here;
-        the caller parks it and queues it again), ``granted`` holds it now.
+        Returns ``(parked, granted, server)`` per parked member: ``parked`` lost its slot (released
+        here; the caller parks it and queues it again), ``granted`` holds a slot there now (one
+        member may take the slots of several).
         """
         keep = set(keep)
         moves = []
@@ -258,10 +263,11 @@ class FairShare:
             if move is None:
                 return moves
             parked, request, server = move
-            self.release(parked)
+            for member in parked:
+                self.release(member)
             self._dequeue(request.member)
             self._place(request.member, request.sweep, server, request.key)
-            moves.append((parked, request.member, server))
+            moves += [(member, request.member, server) for member in parked]
 
     # ------------------------------------------------------------------ accounting
     def live(self, tenant: str | None = None, sweep: str | None = None, server: int | None = None) -> int:
@@ -422,16 +428,24 @@ class FairShare:
             and self._memory_fits(sweep, server)
         )
 
-    def _memory_fits(self, sweep: str, server: int, leaving: str | None = None) -> bool:
+    def _memory_fits(self, sweep: str, server: int, leaving: str | Collection[str] | None = None) -> bool:
         """Whether one more member of ``sweep`` fits the server's memory budget (``leaving``'s freed)."""
         budget, need = self.memory.get(server), self.sweeps[sweep].member_bytes.get(server)
         if budget is None or need is None:
             return True
-        held = self._sweep_on_server.get((sweep, server), 0)
-        if leaving is not None and self.placed.get(leaving) == (sweep, server):
-            held -= 1
+        held = self._sweep_on_server.get((sweep, server), 0) - self._leaving(server, leaving).get(sweep, 0)
         data = 0 if held > 0 else self.sweeps[sweep].data_bytes.get(server, 0)
         return self.memory_used(server, leaving) + need + data <= budget
+
+    def _leaving(self, server: int, leaving: str | Collection[str] | None) -> dict[str, int]:
+        """How many of ``leaving`` each sweep holds on ``server``."""
+        members = () if leaving is None else (leaving,) if isinstance(leaving, str) else leaving
+        gone: dict[str, int] = {}
+        for member in members:
+            sweep, where = self.placed.get(member, (None, None))
+            if where == server:
+                gone[sweep] = gone.get(sweep, 0) + 1
+        return gone
 
     def _has_room(self, sweep: str) -> bool:
         caps, held = self.sweeps[sweep].caps, self._sweep_on_server
@@ -441,8 +455,8 @@ class FairShare:
             servers = (s for s in self._free if held.get((sweep, s), 0) < caps.get(s, 0))
         return any(self._memory_fits(sweep, s) for s in servers)
 
-    def _next_move(self, keep: set[str]) -> tuple[str, _Request, int] | None:
-        """The best (parked member, request, server) of :meth:`preempt`, or ``None``."""
+    def _next_move(self, keep: set[str]) -> tuple[list[str], _Request, int] | None:
+        """The best (members to park, request, server) of :meth:`preempt`, or ``None``."""
         oldest: dict[str, _Request] = {}  # tenant -> its oldest request that may take a slot
         for waiting in self._waiting.values():
             if not waiting:
@@ -457,12 +471,13 @@ class FairShare:
         def load(name: str, extra: int = 0) -> float:
             return (self._of_tenant.get(name, 0) + extra) / self.tenants[name].weight
 
-        def may_give(donor: Tenant, receiver: Tenant) -> bool:
+        def may_give(donor: Tenant, receiver: Tenant, given: int = 0) -> bool:
+            """Whether ``donor``, having given ``given`` slots for this move, may give one more."""
             if donor.name == receiver.name:
                 return False
             if donor.priority != receiver.priority:
                 return donor.priority < receiver.priority
-            return load(donor.name) > load(receiver.name, 1)
+            return load(donor.name, -given) > load(receiver.name, 1)
 
         holding = [self.tenants[name] for name in self._of_tenant]
         for name in sorted(oldest, key=lambda n: (-self.tenants[n].priority, load(n), oldest[n].order)):
@@ -474,17 +489,38 @@ class FairShare:
             servers = {
                 s for s in self.capacity if self._sweep_on_server.get((request.sweep, s), 0) < caps.get(s, 0)
             }
-            victims = []
+            # (rank, member, donor) per server: a lower priority first, then the donor most over
+            # its share, then the newest member
+            candidates: dict[int, list[tuple[tuple, str, str]]] = {}
             for member, (sweep, server) in self.placed.items():
                 donor = self.tenants[self.sweeps[sweep].tenant]
-                if donor.name not in donors or server not in servers or member in keep:
-                    continue
-                if self._memory_fits(request.sweep, server, leaving=member):
+                if donor.name in donors and server in servers and member not in keep:
                     rank = (donor.priority, -load(donor.name), -self.granted[member])
-                    victims.append((rank, member, server))
-            if victims:
-                _, member, server = min(victims)
-                return member, request, server
+                    candidates.setdefault(server, []).append((rank, member, donor.name))
+            single = [
+                (rank, member, server)
+                for server, ranked in candidates.items()
+                for rank, member, _ in ranked
+                if self._memory_fits(request.sweep, server, leaving=member)
+            ]
+            if single:
+                _, member, server = min(single)
+                return [member], request, server
+            several = []  # the fewest members of one server whose slots together make room
+            for server, ranked in candidates.items():
+                victims: list[str] = []
+                given: dict[str, int] = {}
+                for _, member, donor in sorted(ranked):
+                    if not may_give(self.tenants[donor], receiver, given.get(donor, 0)):
+                        continue
+                    victims.append(member)
+                    given[donor] = given.get(donor, 0) + 1
+                    if self._memory_fits(request.sweep, server, leaving=victims):
+                        several.append((len(victims), server, victims))
+                        break
+            if several:
+                _, server, victims = min(several)
+                return victims, request, server
         return None
 
     def _next_grant(self) -> tuple[_Request, int] | None:
