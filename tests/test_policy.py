@@ -355,8 +355,61 @@ class Reference:
             placed[request.member], keys[request.member] = (request.sweep, server), request.key
             grants.append((request.member, server))
 
+    def preempt(self, keep: set[str]) -> list[tuple[str, str, int]]:
+        """The moves ``policy.preempt(keep)`` must make now (no memory budgets: one member per move),
+        found by ranking every placed member of every donor."""
+        p = self.p
+        placed, granted, queue = dict(p.placed), dict(p.granted), dict(p.queue)
+        moves = []
+
+        def load(name: str, extra: int = 0) -> float:
+            return (self.live(tenant=name, placed=placed) + extra) / p.tenants[name].weight
+
+        while True:
+            oldest = {}
+            for request in sorted(queue.values(), key=lambda r: r.order):
+                tenant = p.tenants[p.sweeps[request.sweep].tenant]
+                full = (
+                    tenant.max_slots is not None
+                    and self.live(tenant=tenant.name, placed=placed) >= tenant.max_slots
+                )
+                if not full:
+                    oldest.setdefault(tenant.name, request)
+            move = None
+            for name in sorted(oldest, key=lambda n: (-p.tenants[n].priority, load(n), oldest[n].order)):
+                request, receiver = oldest[name], p.tenants[name]
+                caps = p.sweeps[request.sweep].caps
+                victims = []
+                for member, (sweep, server) in placed.items():
+                    donor = p.tenants[p.sweeps[sweep].tenant]
+                    if donor.name == name or member in keep:
+                        continue
+                    if self.live(sweep=request.sweep, server=server, placed=placed) >= caps.get(server, 0):
+                        continue
+                    if donor.priority == receiver.priority and not load(donor.name) > load(name, 1):
+                        continue
+                    if donor.priority > receiver.priority:
+                        continue
+                    victims.append(((donor.priority, -load(donor.name), -granted[member]), member, server))
+                if victims:
+                    _, member, server = min(victims)
+                    move = (member, request, server)
+                    break
+            if move is None:
+                return moves
+            member, request, server = move
+            del placed[member], queue[request.member]
+            placed[request.member] = (request.sweep, server)
+            granted[request.member] = max(granted.values(), default=0) + 1
+            moves.append((member, request.member, server))
+
     def check(self) -> None:
         p = self.p
+        for tenant in p.tenants:  # a tenant's placed members in grant order (preempt's newest first)
+            mine = [
+                m for m in sorted(p.granted, key=p.granted.get) if p.sweeps[p.placed[m][0]].tenant == tenant
+            ]
+            assert list(p._members_of.get(tenant, {})) == mine, tenant
         tenants, sweeps, servers = [*p.tenants, "nobody"], [*p.sweeps, "none"], [*p.capacity, 99, None]
         for tenant, sweep, server in itertools.product([*tenants, None], [*sweeps, None], servers):
             assert p.live(tenant, sweep, server) == self.live(tenant, sweep, server), (tenant, sweep, server)
@@ -383,7 +436,7 @@ def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed, te
     ref = Reference(policy)
     slot_seconds: dict[str, float] = {}
     members = [f"m{i}" for i in range(8 * servers)]
-    granted = 0
+    granted = moved = 0
     for step in range(400):
         dt = rng.choice([0.0, 0.0, 0.3, 1.7])
         for sweep, _ in policy.placed.values():
@@ -391,8 +444,8 @@ def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed, te
             slot_seconds[name] = slot_seconds.get(name, 0.0) + dt
         clock.now += dt
         op = rng.choices(
-            ["server", "sweep", "cap", "request", "cancel", "release", "assign", "lose", "close"],
-            weights=[2, 2, 1, 12, 2, 6, 6, 0.5, 0.5],
+            ["server", "sweep", "cap", "request", "cancel", "release", "assign", "preempt", "lose", "close"],
+            weights=[2, 2, 1, 12, 2, 6, 6, 3, 0.5, 0.5],
         )[0]
         if op == "server":
             policy.add_server(rng.randrange(servers), rng.choice([None, 1, 2, 4]))
@@ -421,6 +474,11 @@ def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed, te
             expected = ref.assign()
             assert policy.assign() == expected, step
             granted += len(expected)
+        elif op == "preempt":
+            keep = {m for m in policy.placed if rng.random() < 0.2}
+            expected = ref.preempt(keep)
+            assert policy.preempt(keep) == expected, step
+            moved += len(expected)
         elif op == "lose" and policy.capacity:
             server = rng.choice(list(policy.capacity))
             held = [m for m, (_, s) in policy.placed.items() if s == server]
@@ -435,3 +493,4 @@ def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed, te
         {n: s for n, s in slot_seconds.items() if s}, rel=1e-9
     )
     assert granted >= 10  # the random walk did place members
+    assert moved >= 1  # and did park some

@@ -34,9 +34,9 @@ reports (:meth:`FairShare.shares`).
 
 Every decision reads counts kept up to date on each change (slots held per server, per sweep, per
 tenant, per sweep on a server, per sweep and architecture on a server), never a scan of all
-members (except :meth:`FairShare.preempt`, which looks at the placed members of a server only when a
-tenant is waiting that may take one of their slots); each sweep's queue in request order; each
-server's size and whether it has a free slot.
+members; each tenant's placed members in grant order (:meth:`FairShare.preempt` takes a donor's
+newest first, and looks further only while memory or ``keep`` rules members out); each sweep's
+queue in request order; each server's size and whether it has a free slot.
 A cluster simulator drives it at a thousand servers and ten thousand members. So a member is
 placed and freed only through ``_place``/``_unplace``, queued and unqueued only through
 ``_enqueue``/``_dequeue``, and a server is resized through ``_resize``, which keep all of these.
@@ -113,6 +113,7 @@ class FairShare:
         self._on_server: dict[int, int] = {}
         self._of_sweep: dict[str, int] = {}
         self._of_tenant: dict[str, int] = {}
+        self._members_of: dict[str, dict[str, None]] = {}  # tenant -> its placed members, oldest grant first
         self._sweep_on_server: dict[tuple[str, int], int] = {}
         self._packs: dict[str, dict[int, int]] = {}  # key -> server -> members
         self._waiting: dict[str, OrderedDict[str, _Request]] = {}  # sweep -> its requests, oldest first
@@ -161,6 +162,14 @@ class FairShare:
             held = self._of_sweep.get(sweep, 0)
             _add(self._of_tenant, reopened.tenant, -held)
             _add(self._of_tenant, tenant, held)
+            moved = [m for m, (sw, _) in self.placed.items() if sw == sweep]
+            for member in moved:
+                self._members_of[reopened.tenant].pop(member)
+            if not self._members_of.get(reopened.tenant, True):
+                del self._members_of[reopened.tenant]
+            if moved:
+                members = [*self._members_of.get(tenant, ()), *moved]
+                self._members_of[tenant] = dict.fromkeys(sorted(members, key=self.granted.__getitem__))
         self.sweeps[sweep] = _Sweep(tenant, dict(caps))
         self._waiting.setdefault(sweep, OrderedDict())
         self._resize_sized_by_sweeps()
@@ -373,6 +382,13 @@ class FairShare:
         _add(self._on_server, server, sign)
         _add(self._of_sweep, sweep, sign)
         _add(self._of_tenant, self.sweeps[sweep].tenant, sign)
+        members = self._members_of.setdefault(self.sweeps[sweep].tenant, {})
+        if sign > 0:
+            members[member] = None
+        else:
+            members.pop(member, None)
+            if not members:
+                del self._members_of[self.sweeps[sweep].tenant]
         _add(self._sweep_on_server, (sweep, server), sign)
         key = self.keys.get(member)
         if key is not None:
@@ -489,23 +505,29 @@ class FairShare:
             servers = {
                 s for s in self.capacity if self._sweep_on_server.get((request.sweep, s), 0) < caps.get(s, 0)
             }
-            # (rank, member, donor) per server: a lower priority first, then the donor most over
-            # its share, then the newest member
-            candidates: dict[int, list[tuple[tuple, str, str]]] = {}
-            for member, (sweep, server) in self.placed.items():
-                donor = self.tenants[self.sweeps[sweep].tenant]
-                if donor.name in donors and server in servers and member not in keep:
-                    rank = (donor.priority, -load(donor.name), -self.granted[member])
-                    candidates.setdefault(server, []).append((rank, member, donor.name))
-            single = [
-                (rank, member, server)
-                for server, ranked in candidates.items()
-                for rank, member, _ in ranked
-                if self._memory_fits(request.sweep, server, leaving=member)
-            ]
+            # The newest member of each donor that makes room alone (it ranks first among the
+            # donor's members: a lower priority first, then the donor most over its share, then
+            # the newest), found without a scan of every placed member.
+            single = []
+            for donor in donors:
+                rank = (self.tenants[donor].priority, -load(donor))
+                for member in reversed(self._members_of[donor]):
+                    server = self.placed[member][1]
+                    if member in keep or server not in servers:
+                        continue
+                    if self._memory_fits(request.sweep, server, leaving=member):
+                        single.append(((*rank, -self.granted[member]), member, server))
+                        break
             if single:
                 _, member, server = min(single)
                 return [member], request, server
+            candidates: dict[int, list[tuple[tuple, str, str]]] = {}  # server -> (rank, member, donor)
+            for donor in donors:
+                for member in self._members_of[donor]:
+                    server = self.placed[member][1]
+                    if member not in keep and server in servers:
+                        rank = (self.tenants[donor].priority, -load(donor), -self.granted[member])
+                        candidates.setdefault(server, []).append((rank, member, donor))
             several = []  # the fewest members of one server whose slots together make room
             for server, ranked in candidates.items():
                 victims: list[str] = []
