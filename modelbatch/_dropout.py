@@ -343,9 +343,18 @@ def _attention(
     """``F.scaled_dot_product_attention`` with each member's own dropout mask (and rate) on the weights.
 
     torch's math formulation (``softmax(q kᵀ · scale + mask) · noise @ v``); the same masks as the
-    plain call, its results to round-off.
+    plain call, its results to round-off. Without dropout it is torch's own SDPA, except under the
+    pack's vmap on the CPU, where it is torch's math kernel: the CPU's fused attention kernel has
+    no batching rule (vmap would run it once per member, with a performance warning).
     """
     if all(r == 0.0 for r in _all_rates(dropout_p)):
+        if query.device.type == "cpu" and torch._C._functorch.is_batchedtensor(query):
+            if attn_mask is not None and attn_mask.dtype == torch.bool:  # as SDPA converts it
+                attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, -math.inf)
+            gqa = {"enable_gqa": True} if enable_gqa else {}
+            return torch.ops.aten._scaled_dot_product_attention_math(
+                query, key, value, attn_mask, 0.0, is_causal, None, scale=scale, **gqa
+            )[0]
         return _ORIGINALS["torch.nn.functional.scaled_dot_product_attention"](
             query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa
         )
