@@ -9,7 +9,8 @@ TENANT has N members training in the service; ``--barrier DIR:N`` once N drivers
 included) got there (files in DIR); ``--nan`` makes half the members diverge (``scale`` nan);
 ``--loss-fails-after N`` gives the recipe a loss that raises at its N+1-th call in a process (a
 recipe that breaks mid-sweep); ``--until PATH`` stops every trial at its first result after PATH
-exists.
+exists; ``--stop-all-after N`` ends the whole experiment (a ``tune.Stopper``) at its N-th result;
+``--fail-fast`` ends it at the first trial error (``fail_fast=True``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--nan", action="store_true")
     parser.add_argument("--loss-fails-after", type=int, default=None)
     parser.add_argument("--until", type=Path, default=None)
+    parser.add_argument("--stop-all-after", type=int, default=None)
+    parser.add_argument("--fail-fast", action="store_true")
     args = parser.parse_args()
     ray.init(address=args.address, log_to_driver=False)
     if args.after is not None:
@@ -80,7 +83,8 @@ def main() -> None:
         reuse_actors=True,
         time_budget_s=args.time_budget,
         raise_on_failed_trial=False,
-        stop=None if args.until is None else (lambda trial_id, result: args.until.exists()),
+        stop=stopper(args),
+        fail_fast=args.fail_fast,
     )
     frames = analysis.trial_dataframes
     rows = {
@@ -95,6 +99,28 @@ def main() -> None:
     args.out.write_text(json.dumps(rows, default=str))
     print("DONE", flush=True)
     time.sleep(args.linger)
+
+
+class StopAllAfter(tune.Stopper):
+    """Ends the experiment at its ``results``-th result."""
+
+    def __init__(self, results: int) -> None:
+        self.results, self.seen = results, 0
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.seen += 1
+        return False
+
+    def stop_all(self) -> bool:
+        return self.seen >= self.results
+
+
+def stopper(args: argparse.Namespace):
+    if args.until is not None:
+        return lambda trial_id, result: args.until.exists()
+    if args.stop_all_after is not None:
+        return StopAllAfter(args.stop_all_after)
+    return None
 
 
 def wait_for_live(tenant: str, members: str) -> None:

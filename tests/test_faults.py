@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from ray import cloudpickle
 from torch import nn
-from tune_recipes import XV, YV, X, Y, assert_matches_fit, open_sweeps, recipe
+from tune_recipes import XV, YV, Results, X, Y, assert_matches_fit, open_sweeps, recipe
 
 import modelbatch as mb
 from tune_integration import ModelBatchSearcher
@@ -243,11 +243,13 @@ def sweep(searcher, tmp_path, config, num_samples, callbacks, **kw):
     )
 
 
-def assert_every_iteration_once(analysis, rec, reports):
-    """Each member reported iterations 1..reports exactly once, equal to its config trained alone."""
-    frames = analysis.trial_dataframes
+def assert_every_iteration_once(analysis, results, rec, reports):
+    """Each member reported iterations 1..reports exactly once, equal to its config trained alone.
+
+    From the results Tune processed (``results``: a :class:`Results` callback): a retried trial's
+    ``progress.csv`` may be replaced by an older copy (it once held iterations 4 and 5 only)."""
     for trial in analysis.trials:
-        frame = frames[trial.trial_id]
+        frame = pd.DataFrame(results.rows[trial.trial_id])
         assert trial.status == "TERMINATED"
         assert frame["training_iteration"].tolist() == list(range(1, reports + 1)), trial
         assert_matches_fit(rec, trial.config, frame)
@@ -279,13 +281,13 @@ def test_a_killed_slot_server_restarts_and_its_members_continue_from_their_check
     # checkpoints every 2 reports: members re-train up to one report, which their relays skip
     searcher = ModelBatchSearcher(rec, slots_per_gpu=3, reports=5, checkpoint_every=2)
     with local_ray():
-        kill = KillServer(after=5)
-        analysis = sweep(searcher, tmp_path, grid(4), 1, [kill])
+        kill, results = KillServer(after=5), Results()
+        analysis = sweep(searcher, tmp_path, grid(4), 1, [kill, results])
         assert open_sweeps() == {}  # the sweep left the service at the end
     assert kill.seen >= 4 * 5 and len(analysis.trials) == 4
     (stats,) = searcher.server_stats()
     assert stats["restarted"]  # the sweep went on on a restarted server
-    assert_every_iteration_once(analysis, rec, reports=5)
+    assert_every_iteration_once(analysis, results, rec, reports=5)
 
 
 @pytest.mark.slow
@@ -308,10 +310,10 @@ def test_a_killed_member_process_is_retried_from_its_checkpoint_once_per_iterati
     # its last checkpoint is from report 2: the retry re-trains report 3, which Tune already has
     searcher = ModelBatchSearcher(rec, slots_per_gpu=3, reports=5, checkpoint_every=2, park_after_s=3)
     with local_ray():
-        kill = KillRelay()
-        analysis = sweep(searcher, tmp_path, grid(3), 1, [kill], max_failures=1)
+        kill, results = KillRelay(), Results()
+        analysis = sweep(searcher, tmp_path, grid(3), 1, [kill, results], max_failures=1)
         assert open_sweeps() == {}
     (killed,) = [t for t in analysis.trials if t.trial_id == kill.killed]
     assert killed.num_failures == 1
     assert all(t.num_failures == 0 for t in analysis.trials if t is not killed)
-    assert_every_iteration_once(analysis, rec, reports=5)
+    assert_every_iteration_once(analysis, results, rec, reports=5)

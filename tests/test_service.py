@@ -248,15 +248,22 @@ def test_a_tenant_whose_recipe_breaks_or_members_diverge_touches_only_its_own_me
 def test_sweeps_ended_in_every_way_leave_within_30_s_and_the_idle_service_then_frees_its_cpu(
     cluster, tmp_path
 ):
-    """Three drivers at once: one killed (SIGKILL), and two that live on after Tune returned, one
-    interrupted (SIGINT) and one out of time (``time_budget_s``). Each sweep leaves the service
-    within 30 s of its end; the service, idle then, stops and every CPU is free again."""
+    """Five drivers at once: one killed (SIGKILL), and four that live on after Tune returned, one
+    interrupted (SIGINT), one out of time (``time_budget_s``), one ended by a stopper (all trials,
+    of ``num_samples=-1``) and one by a trial's error (``fail_fast``). Each sweep leaves the
+    service within 30 s of its end; the service, idle then, stops and every CPU is free again."""
     linger = ["--samples", "2", "--reports", "1000", "--linger", "120"]
-    outs = {t: tmp_path / f"{t}.json" for t in ("killed", "ctrl-c", "budget")}
+    outs = {t: tmp_path / f"{t}.json" for t in ("killed", "ctrl-c", "budget", "stopper", "error")}
     drivers = {
         "killed": start_driver(cluster, outs["killed"], "killed", "--samples", "2", "--reports", "1000"),
         "ctrl-c": start_driver(cluster, outs["ctrl-c"], "ctrl-c", *linger),
         "budget": start_driver(cluster, outs["budget"], "budget", *linger, "--time-budget", "15"),
+        "stopper": start_driver(
+            cluster, outs["stopper"], "stopper", *linger, "--samples", "-1", "--stop-all-after", "10"
+        ),
+        "error": start_driver(
+            cluster, outs["error"], "error", *linger, "--loss-fails-after", "20", "--fail-fast"
+        ),
     }
     ended: dict[str, float] = {}  # when each sweep ended (wall clock)
     closed: dict[str, float] = {}
@@ -272,12 +279,13 @@ def test_sweeps_ended_in_every_way_leave_within_30_s_and_the_idle_service_then_f
                     ended[tenant] = out.stat().st_mtime
                 if tenant in ended and tenant not in closed and tenant not in tenants_open():
                     closed[tenant] = time.time()
-            return len(closed) == 3
+            return len(closed) == len(outs)
 
-        wait_for(all_closed, 180, "every sweep closed")
+        wait_for(all_closed, 240, "every sweep closed")
         for tenant, at in closed.items():
             assert at - ended[tenant] <= 30, tenant
-        assert drivers["ctrl-c"].poll() is None and drivers["budget"].poll() is None  # still live
+        assert all(drivers[t].poll() is None for t in outs if t != "killed")  # still live
+        assert {t["status"] for t in read(outs["error"]).values()} >= {"ERROR"}
     finally:
         for driver in drivers.values():
             driver.kill()
