@@ -18,7 +18,9 @@ per member (log-spaced 1e-4..1e-2) and starts from the same weights:
 Models: ``mlp`` (64-32-10), ``cnn`` (conv 1->8 3x3, relu, maxpool 2, conv 8->16 3x3, relu,
 adaptive avg pool, linear 16->10, on 1x16x16 inputs), ``lstm`` (LSTM 16->32 over 16 steps, last
 hidden state, linear 32->10) and ``attention`` (one TransformerEncoderLayer, d_model 32, 4 heads,
-feed-forward 64, no dropout, over 16 tokens; mean pool, linear 32->10).
+feed-forward 64, no dropout, over 16 tokens; mean pool, linear 32->10); by name also ``resnet18``
+(torchvision's ResNet-18, 10 classes, on 3x32x32 inputs) and ``dropout`` (the MLP with dropout
+after its hidden layer at 0.1, 0.2 or 0.3 by member: each member its own masks and rate).
 
 Every (model, N, side) is measured in a fresh process: ``--warmup`` untimed steps, then up to
 ``--steps`` timed steps (``time.perf_counter``, with ``torch.cuda.synchronize`` on GPU), stopping
@@ -106,12 +108,67 @@ class AttentionClassifier(nn.Module):
         return self.head(self.encoder(x).mean(dim=1))
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "mlp": (make_mlp, (64,)),
-    "cnn": (make_cnn, (1, 16, 16)),
-    "lstm": (LSTMClassifier, (16, 16)),
-    "attention": (AttentionClassifier, (16, 32)),
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: two 3x3 convs with BatchNorm; a 1x1 projection where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18(num_classes=10)`` layer for layer (7x7 stem, max pool, [2, 2, 2, 2]
+    BasicBlocks of 64-512 channels; 11.2 M parameters), written here because torchvision's wheel does not
+    import against the CPU torch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths, layers, cin = (64, 128, 256, 512), [], 64
+        for i, cout in enumerate(widths):
+            layers.append(nn.Sequential(BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(512, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+DROPOUT_RATES = (0.1, 0.2, 0.3)
+
+
+def make_dropout_mlp(i: int) -> nn.Module:
+    """The MLP with dropout after its hidden layer at 0.1, 0.2 or 0.3 by member (all in one pack)."""
+    p = DROPOUT_RATES[i % len(DROPOUT_RATES)]
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(p), nn.Linear(32, 10))
+
+
+# name: (factory of member i, input shape of one example)
+MODELS: dict[str, tuple[Callable[[int], nn.Module], tuple[int, ...]]] = {
+    "mlp": (lambda i: make_mlp(), (64,)),
+    "cnn": (lambda i: make_cnn(), (1, 16, 16)),
+    "lstm": (lambda i: LSTMClassifier(), (16, 16)),
+    "attention": (lambda i: AttentionClassifier(), (16, 32)),
+    "resnet18": (lambda i: ResNet18(), (3, 32, 32)),
+    "dropout": (make_dropout_mlp, (64,)),
 }
+DEFAULT_MODELS = ("mlp", "cnn", "lstm", "attention")
 BACKENDS = ("vmap", "chunked", "loop", "auto")
 
 
@@ -181,7 +238,7 @@ def build_step(
     """
     factory, input_shape = MODELS[model]
     torch.manual_seed(seed)
-    models = [factory().to(device) for _ in range(n)]
+    models = [factory(i).to(device) for i in range(n)]
     xs = torch.randn(n, BATCH_SIZE, *input_shape, device=device)
     ys = torch.randint(0, 10, (n, BATCH_SIZE), device=device)
     lrs = torch.logspace(math.log10(LR_RANGE[0]), math.log10(LR_RANGE[1]), n, dtype=torch.float64).tolist()
@@ -421,7 +478,13 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 64, 256], help="pack sizes N")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=list(DEFAULT_MODELS),
+        help="default: " + " ".join(DEFAULT_MODELS) + " (resnet18 and dropout: by name)",
+    )
     parser.add_argument(
         "--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="pack backends to time"
     )
