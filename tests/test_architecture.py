@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from recipes import small_recipe
 from torch import nn
 
 import modelbatch as mb
@@ -51,18 +52,7 @@ def test_signature_and_pack_label_ignore_dropout_rates_and_train_mode() -> None:
 
 
 def test_fit_packs_each_setting_apart_and_each_member_equals_its_run_alone() -> None:
-    recipe = mb.Recipe(
-        model=lambda cfg: net(slope=cfg["slope"]),
-        optimizer="adam",
-        loss=F.cross_entropy,
-        train_data=(X, Y),
-        val_data=(X, Y),
-        batch_size=16,
-        steps_per_report=4,
-        dtype=torch.float64,
-        device="cpu",
-        backend="vmap",
-    )
+    recipe = small_recipe(lambda cfg: net(slope=cfg["slope"]), (X, Y), val_data=(X, Y), backend="vmap")
     configs = [{"slope": a, "lr": 1e-2, "seed": s} for s, a in enumerate([0.01, 0.3, 0.01, 0.3])]
     together = mb.fit(recipe, configs, reports=2, progress=False)
     for member, config in enumerate(configs):

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from recipes import small_recipe
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
@@ -56,21 +57,16 @@ def make_net(cfg) -> nn.Module:  # module level: the recipe pickles
 
 
 def recipe(train, val, **kw) -> mb.Recipe:
-    args = dict(
+    settings = dict(
         model=make_net,
-        optimizer="adam",
-        loss=F.cross_entropy,
         train_data=train,
         val_data=val,
         batch_size=8,
         steps_per_report=STEPS,
         metrics={"acc": mb.metrics.accuracy},
-        dtype=torch.float64,
-        device="cpu",
         backend="vmap",  # bitwise comparisons between runs need one backend
     )
-    args.update(kw)
-    return mb.Recipe(**args)
+    return small_recipe(**{**settings, **kw})
 
 
 CONFIGS = [{"lr": 3e-3 * (i + 1), "seed": 20 + i} for i in range(4)]

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from recipes import small_recipe
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
@@ -177,10 +178,7 @@ def _net(cfg) -> nn.Module:
 
 
 def _recipe(backend: str = "vmap") -> mb.Recipe:
-    return mb.Recipe(
-        model=_net, optimizer="adam", loss=F.cross_entropy, train_data=(X, Y), val_data=(X, Y),
-        batch_size=16, steps_per_report=4, dtype=torch.float64, device="cpu", backend=backend,
-    )  # fmt: skip
+    return small_recipe(_net, (X, Y), val_data=(X, Y), backend=backend)
 
 
 CONFIGS = [{"dropout": p, "lr": 1e-2, "seed": s} for s, p in enumerate([0.1, 0.5, 0.3, 0.0])]

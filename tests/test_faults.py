@@ -15,10 +15,9 @@ import sys
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from ray import cloudpickle
 from torch import nn
-from tune_recipes import XV, YV, Results, X, Y, assert_matches_fit, open_sweeps, recipe
+from tune_recipes import Results, assert_matches_fit, open_sweeps, recipe
 
 import modelbatch as mb
 from tune_integration import ModelBatchSearcher
@@ -71,26 +70,15 @@ def inject_oom(
 
 
 def bn_dropout_recipe(**kw) -> mb.Recipe:
-    """BatchNorm (buffers the forward updates) and dropout (random draws): what a retry must undo."""
+    """The Tune tests' recipe with BatchNorm (buffers the forward updates) and dropout (random draws)
+    in its model: what a retry must undo."""
 
     def model(cfg: dict) -> nn.Module:
         return nn.Sequential(
             nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3)
         )
 
-    args = dict(
-        model=model,
-        optimizer="adamw",
-        loss=F.cross_entropy,
-        train_data=(X, Y),
-        val_data=(XV, YV),
-        batch_size=16,
-        steps_per_report=3,
-        dtype=torch.float64,
-        device="cpu",
-        backend="vmap",
-    )
-    return mb.Recipe(**{**args, **kw})
+    return recipe(**{"model": model, "metrics": {}, "steps_per_report": 3, "backend": "vmap", **kw})
 
 
 def pack(rec: mb.Recipe, configs=CONFIGS) -> mb.PackTrainer:

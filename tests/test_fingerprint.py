@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from tune_recipes import recipe
 
 TESTS = Path(__file__).parent
+# A recipe of its own, not tests/recipes.py's: each copy is a whole user's file whose model reads a
+# global of that file, imported in another process.
 SOURCE = """
 import torch
 import modelbatch as mb

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from recipes import small_recipe
 from torch import nn
 
 import modelbatch as mb
@@ -24,21 +25,16 @@ class Net(nn.Module):
 
 
 def recipe(**kw) -> mb.Recipe:
-    args = dict(
+    settings = dict(
         model=lambda cfg: Net(cfg.get("hidden", 8)),
-        optimizer="adamw",
-        loss=F.cross_entropy,
         train_data=(X, Y),
+        optimizer="adamw",
         val_data=(XV, YV),
-        batch_size=16,
         steps_per_report=7,
         metrics={"acc": mb.metrics.accuracy},
-        dtype=torch.float64,
-        device="cpu",
         backend="vmap",  # bitwise comparisons between runs need one backend
     )
-    args.update(kw)
-    return mb.Recipe(**args)
+    return small_recipe(**{**settings, **kw})
 
 
 CONFIGS = [{"lr": 1e-3 * (i + 1), "weight_decay": 0.01 * i, "seed": 10 + i} for i in range(5)]

@@ -1,8 +1,10 @@
 """Every common layer in a pack: forward, backward, optimizer steps, exact against training alone.
 
-One conformance test runs ``mb.testing.assert_pack_matches_sequential`` (float64, Adam, 20 steps,
-rtol 1e-10) over every layer x mode; known impossibilities are strict xfails. Dropout is tested
-by its statistics, float32 by per-step gradients, the pre-flight check by disabling a fix.
+One conformance test trains every layer x mode x backend (vmap, chunked, loop) x input layout
+(per member ``[N, B, ...]``: ``mb.testing.assert_pack_matches_sequential``; shared ``[B, ...]``: the
+same check here) packed and alone (float64, Adam, 20 steps, rtol 1e-10); known impossibilities and
+engine bugs are strict xfails. Dropout is tested by its statistics, float32 by per-step gradients,
+the pre-flight check by disabling a fix.
 """
 
 from __future__ import annotations
@@ -334,8 +336,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable, tuple[str, ...]]] = {
         features(4),
         ("train",),
     ),
-    # Through the loop only (backend="auto" runs recurrent layers with it on CPU): a PackedSequence
-    # cannot be vmapped (its batch_sizes drive Python control flow).
+    # Through the loop only: a PackedSequence cannot be vmapped (its batch_sizes drive Python
+    # control flow); vmap and chunked are strict xfails (CANNOT below).
     "lstm-PackedSequence": (PackedLSTM, SEQ, ("train",)),
 }
 
@@ -369,40 +371,133 @@ def _factory(build: Callable[[], nn.Module], mode: str) -> Callable[[int], nn.Mo
     return make
 
 
+BACKENDS = ("vmap", "chunked", "loop")  # named, not "auto": each cell runs one known backend
+CHUNK = 2  # "chunked" with N=3 members: chunks [0, 1] and [2], one of them short
+LAYOUTS = ("stacked", "shared")  # ModelBatch.forward's in_dims=0 ([N, B, ...]) and in_dims=None ([B, ...])
+# (layer, backend) cells a backend cannot run, with the documented error each raises.
+CANNOT = {
+    ("lstm-PackedSequence", backend): (
+        TypeError,
+        "a PackedSequence cannot be vmapped (its batch_sizes drive Python control flow): "
+        "ModelBatch raises its documented TypeError pointing to backend='loop'",
+    )
+    for backend in ("vmap", "chunked")
+}
+# Engine bugs (strict: a fix shows up as an XPASS, and this entry goes).
+CANNOT |= {
+    ("embedding-padding_idx-max_norm-freq", backend): (
+        RuntimeError,
+        "engine bug: with max_norm, nn.Embedding renormalizes its weight in place; the loop (unbind) "
+        "and chunked with more than one chunk (split) hand it a view of the stacked weight, which "
+        "autograd refuses ('Output 0 of Unbind/Split is a view ... modified inplace'); vmap works",
+    )
+    for backend in ("chunked", "loop")
+}
+
+
 def _conformance_params() -> list:
-    params = [
-        pytest.param(name, mode, id=f"{name}-{mode}")
-        for name, (_, _, modes) in CASES.items()
-        for mode in modes
-    ]
-    for name, (_, _, error, reason) in XFAILS.items():
-        mark = pytest.mark.xfail(raises=error, reason=reason, strict=True)
-        params.append(pytest.param(name, "train", id=f"{name}-train", marks=mark))
+    params = []
+    for backend in BACKENDS:
+        for layout in LAYOUTS:
+            for name, (_, _, modes) in CASES.items():
+                marks = ()
+                if (name, backend) in CANNOT:
+                    error, reason = CANNOT[name, backend]
+                    marks = pytest.mark.xfail(raises=error, reason=reason, strict=True)
+                for mode in modes:
+                    params.append(
+                        pytest.param(
+                            name, mode, backend, layout, id=f"{name}-{mode}-{backend}-{layout}", marks=marks
+                        )
+                    )
+            for name, (_, _, error, reason) in XFAILS.items():  # refused at build, whatever the backend
+                mark = pytest.mark.xfail(raises=error, reason=reason, strict=True)
+                params.append(
+                    pytest.param(
+                        name, "train", backend, layout, id=f"{name}-train-{backend}-{layout}", marks=mark
+                    )
+                )
     return params
 
 
 ADAM = {"lr": [1e-3, 3e-3, 1e-2], "betas": ([0.9, 0.8, 0.95], 0.999)}
+STEPS, BATCH, MEMBERS, RTOL = 20, 8, 3, 1e-10
 
 
-@pytest.mark.parametrize(("name", "mode"), _conformance_params())
-def test_layer_pack_matches_sequential(name: str, mode: str) -> None:
+def _assert_shared_input_matches_sequential(
+    make: Callable[[int], nn.Module], data: tuple, backend: str, ignore: list[str]
+) -> None:
+    """``mb.testing.assert_pack_matches_sequential`` for a shared input (``in_dims=None``): the pack
+    runs one batch ``[B, ...]`` for all members, each model alone trains on the same batches. The
+    same bound: every tensor within ``RTOL`` of the largest value of its kind, per member."""
+    X, y = data
+    X = X.double() if X.is_floating_point() else X
+    models = [make(i).double() for i in range(MEMBERS)]
+    alone = copy.deepcopy(models)
+    batches = mb.testing.member_batches(SAMPLES, 1, STEPS, BATCH)[:, 0]  # [steps, B]: one stream for all
+    batch = mb.ModelBatch(models, backend=backend, chunk_size=CHUNK if backend == "chunked" else None)
+    opt = mb.optim.Adam(batch, **ADAM)
+    for idx in batches:
+        opt.zero_grad()
+        out = batch(X[idx])
+        batch.compute_loss(out, y[idx], F.cross_entropy, target_in_dims=None).sum().backward()
+        opt.step()
+    for i, model in enumerate(alone):
+        torch_opt = torch.optim.Adam(model.parameters(), **mb.testing.member_hparams(ADAM, i, MEMBERS))
+        for idx in batches:
+            torch_opt.zero_grad()
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            torch_opt.step()
+    params = batch.stacked_parameters()
+    packed = {**params, **batch.stacked_buffers()}
+    refs = {
+        name: torch.stack([{**dict(m.named_parameters()), **dict(m.named_buffers())}[name] for m in alone])
+        for name in packed
+        if name not in ignore
+    }
+    scales: dict[str, torch.Tensor] = {}
+    for name, ref in refs.items():
+        if ref.is_floating_point():
+            kind = mb.testing.tensor_kind(name, name in params)
+            largest = ref.detach().abs().reshape(MEMBERS, -1).amax(1)
+            scales[kind] = torch.maximum(scales.get(kind, largest), largest)
+    for name, ref in refs.items():
+        got = packed[name].detach()
+        if not ref.is_floating_point():  # num_batches_tracked
+            assert torch.equal(got, ref), f"{name}: {got.tolist()} != {ref.tolist()}"
+            continue
+        scale = scales[mb.testing.tensor_kind(name, name in params)].clamp_min(1e-300)
+        diff = (got - ref.detach()).abs().reshape(MEMBERS, -1).amax(1) / scale
+        assert bool((diff <= RTOL).all()), f"{name}: relative difference per member {diff.tolist()}"
+
+
+@pytest.mark.parametrize(("name", "mode", "backend", "layout"), _conformance_params())
+def test_layer_pack_matches_sequential(
+    name: str, mode: str, backend: str, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     build, data = (CASES[name][:2]) if name in CASES else XFAILS[name][:2]
     # The key third of an attention's in_proj_bias has an identically zero true gradient (softmax
     # ignores a shift shared by all keys): Adam turns its round-off into steps. Its effect on the
     # other parameters (all compared) is nil, so it is left out as a whole.
     ignore = [n for n, _ in build().named_parameters() if n.endswith("in_proj_bias")]
+    if layout == "shared":
+        _assert_shared_input_matches_sequential(_factory(build, mode), data(), backend, ignore)
+        return
+    if backend == "chunked":  # assert_pack_matches_sequential takes no chunk_size: its default, made short
+        monkeypatch.setattr("modelbatch._backends.DEFAULT_CHUNK_SIZE", CHUNK)
+        assert mb.ModelBatch([nn.Linear(2, 2) for _ in range(MEMBERS)], backend=backend).chunk_size == CHUNK
     report = mb.testing.assert_pack_matches_sequential(
         _factory(build, mode),
         data(),
         optimizer="adam",
         hparams=ADAM,
-        n_members=3,
-        steps=20,
-        batch_size=8,
+        n_members=MEMBERS,
+        steps=STEPS,
+        batch_size=BATCH,
         ignore=ignore,
-        backend="auto",  # deterministic: what a user's pack runs (a PackedSequence LSTM: the loop)
+        backend=backend,
     )
-    assert report.max_rel_diff <= 1e-10
+    assert report.max_rel_diff <= RTOL
 
 
 OPTIMIZER_HPARAMS = {
@@ -520,33 +615,6 @@ def test_packed_sequence_error_says_how_to_fix(backend: str) -> None:
     batch = mb.ModelBatch([PackedLSTM(), PackedLSTM()], backend=backend)
     with pytest.raises(TypeError, match=r"^ModelBatch: VmapLSTM received a PackedSequence.*backend='loop'"):
         batch(torch.randn(3, 6, 4))
-
-
-RECURRENT = [
-    name for name in CASES if name.split("-")[0] in ("lstm", "gru", "rnn", "lstmcell", "grucell", "rnncell")
-]
-
-
-@pytest.mark.parametrize("name", [n for n in RECURRENT if n != "lstm-PackedSequence"])
-def test_recurrent_layers_under_vmap_train_like_the_loop(name: str) -> None:
-    """backend="auto" runs recurrent layers through the loop on CPU (their own fused kernels, as when
-    trained alone); under vmap (auto's choice on GPU) their plain-ops versions train the same (float64)."""
-    build, data, _ = CASES[name]
-    x, y = data()
-    packs = []
-    for backend in ("vmap", "loop"):
-        batch = mb.ModelBatch([_factory(build, "train")(i).double() for i in range(3)], backend=backend)
-        opt = mb.optim.Adam(batch, lr=ADAM["lr"], betas=ADAM["betas"])
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(20):
-            idx = torch.randint(0, len(x), (3, 8), generator=gen)
-            opt.zero_grad()
-            batch.compute_loss(batch(x[idx].double(), in_dims=0), y[idx], F.cross_entropy).sum().backward()
-            opt.step()
-        packs.append(batch.stacked_parameters())
-    for key, want in packs[1].items():
-        err = float((packs[0][key] - want).detach().abs().max() / want.detach().abs().max())
-        assert err <= 1e-10, f"{name} {key}: relative {err:.1e}"
 
 
 def test_attention_fast_path_setting_is_restored() -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from mlflow import MlflowClient
+from recipes import small_recipe
 from torch import nn
 
 import modelbatch as mb
@@ -214,16 +214,13 @@ class Net(nn.Module):
 
 
 def _recipe() -> mb.Recipe:
-    return mb.Recipe(
-        model=lambda cfg: Net(cfg.get("poison", False)),
-        optimizer="adam",
-        loss=F.cross_entropy,
-        train_data=(X, Y),
+    return small_recipe(
+        lambda cfg: Net(cfg.get("poison", False)),
+        (X, Y),
         val_data=(X, Y),
-        batch_size=16,
         steps_per_report=3,
         metrics={"acc": mb.metrics.accuracy},
-        device="cpu",
+        dtype=torch.float32,  # Recipe's default: the run a user logs (the tests' default is float64)
     )
 
 

@@ -1,7 +1,8 @@
 """A tiny float64 recipe for the Tune tests, and helpers to start Ray and compare with mb.fit.
 
-Ray workers cannot import the tests folder, so this module is pickled by value (its functions
-and classes travel with the recipe to the slot servers).
+The recipe is built by tests/recipes.py's ``small_recipe``. Ray workers cannot import the tests
+folder, so this module and that one are pickled by value (their functions and classes travel with
+the recipe to the slot servers).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import pandas as pd
+import recipes
 import torch
 import torch.nn.functional as F
 from ray import cloudpickle, tune
@@ -17,6 +19,7 @@ from torch import nn
 import modelbatch as mb
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+cloudpickle.register_pickle_by_value(recipes)  # recipe() calls it on the workers
 
 X = torch.randn(192, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 Y = (X[:, 0] + X[:, 1] > 0).long() + (X[:, 2] > 0.5).long()
@@ -56,20 +59,14 @@ class FailingLoss:
 
 
 def recipe(**kw) -> mb.Recipe:
-    args = dict(
+    settings = dict(
         model=make_model,
-        optimizer="adamw",
-        loss=F.cross_entropy,
         train_data=(X, Y),
+        optimizer="adamw",
         val_data=(XV, YV),
-        batch_size=16,
-        steps_per_report=4,
         metrics={"acc": mb.metrics.accuracy},
-        dtype=torch.float64,
-        device="cpu",
     )
-    args.update(kw)
-    return mb.Recipe(**args)
+    return recipes.small_recipe(**{**settings, **kw})
 
 
 def history(trial_dataframe: pd.DataFrame) -> pd.DataFrame:
