@@ -4,7 +4,8 @@ A callback sees every report of every member and may stop members through ``cont
 Write your own by subclassing :class:`Callback` and overriding what you need. ``mb.fit`` calls
 every hook; a sweep's slot servers (``ModelBatchSearcher(recipe, callbacks=[...])``) call
 ``on_report`` and ``on_member_stop`` with the members they train (member ids there are
-``(sweep id, trial id)``; each server has its own copy of the callbacks). Both apply them in one
+``(sweep id, trial id)``; each server has its own copy of the callbacks; a member Tune stops, e.g.
+by ASHA, leaves without ``on_member_stop``). Both apply them in one
 place, :meth:`modelbatch.PackTrainer.after_report`, so a callback stops the same members at the
 same reports in either.
 
