@@ -185,11 +185,6 @@ def test_callbacks_stop_members_on_the_servers_as_mb_fit_does_and_nan_errs_alike
     assert ends[(0.02, False)]["training_iteration"] == 6 and "stopped" not in ends[(0.02, False)]
     assert all(t.last_result["done"] for t in trials)  # each trial's last result ends it
     assert early.best == {}  # the servers ran copies of the callback
-    from tune_integration import MLflowCallback
-
-    tune_callback = MLflowCallback(f"sqlite:///{tmp_path}/mlflow.db")
-    with pytest.raises(TypeError, match=r"^ModelBatchSearcher: callback 0 \(MLflowCallback\) is not a mb"):
-        ModelBatchSearcher(rec, slots_per_gpu=1, callbacks=[tune_callback])  # it goes to tune.run
 
 
 class _Interrupt(tune.Callback):
