@@ -80,7 +80,8 @@ class ModelBatchSearcher(Searcher):
     Args:
         recipe: how to train one member from its config; or a pack factory
             ``(capacity, example_config) -> trainer`` with :class:`modelbatch.PackTrainer`'s
-            slot API (e.g. a ``PackTrainer`` subclass with its own ``_train_step``).
+            slot API (``add``, ``train_report``, ``after_report``, ``member_state``, ...; e.g. a
+            ``PackTrainer`` subclass with its own ``_train_step``).
         searcher: an inner Tune ``Searcher`` (``OptunaSearch(...)``, ...) that suggests the
             configs and receives every member's results; ``None`` samples the search space as
             plain Tune does (every ``grid_search`` point ``num_samples`` times).
