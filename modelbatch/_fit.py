@@ -12,18 +12,10 @@ import pandas as pd
 from ._hparams import check_positive_int
 from ._recipe import Recipe
 from ._trainer import PackTrainer, architecture_signature, build_model, member_seed, pack_label
-from .callbacks import Callback, NaNGuard, Progress
+from .callbacks import Callback, Progress, check_callbacks
 
 if TYPE_CHECKING:
     from ._mlflow import MLflowLogger
-
-
-class _Control:
-    def __init__(self) -> None:
-        self.requests: dict[Any, tuple[str, bool]] = {}
-
-    def stop(self, member_id: Any, reason: str, *, error: bool = False) -> None:
-        self.requests.setdefault(member_id, (reason, error))
 
 
 def fit(
@@ -93,19 +85,10 @@ def fit(
         config.setdefault("seed", i)
         member_seed(config, i)
         recipe.hparams(config, api=f"{api}: config {i}")
-    callbacks = list(callbacks)
-    for i, cb in enumerate(callbacks):
-        hooks = ("on_fit_start", "on_report", "on_member_stop", "on_fit_end")
-        if not all(callable(getattr(cb, hook, None)) for hook in hooks):
-            raise TypeError(
-                f"{api}: callback {i} ({type(cb).__name__}) is not a mb.callbacks.Callback; subclass "
-                "mb.callbacks.Callback and override on_report(reports, control) and/or on_member_stop(...)."
-            )
+    callbacks = check_callbacks(api, callbacks)
     groups = _group_by_architecture(
         recipe, configs
     )  # builds every model: a bad config raises before any start
-    if nan_guard:
-        callbacks.insert(0, NaNGuard())
     if progress is None:
         progress = sys.stderr.isatty()
     if progress:
@@ -121,7 +104,7 @@ def fit(
     rows: list[dict[str, Any]] = []
     try:
         for group in groups:
-            _train_group(recipe, configs, group, reports, capacity or len(group), callbacks, rows)
+            _train_group(recipe, configs, group, reports, capacity or len(group), callbacks, rows, nan_guard)
     except BaseException as exc:
         if mlflow_callback is not None:
             mlflow_callback.on_fit_interrupted(exc)
@@ -148,6 +131,7 @@ def _train_group(
     capacity: int,
     callbacks: list[Callback],
     rows: list[dict[str, Any]],
+    nan_guard: bool,
 ) -> None:
     trainer = PackTrainer(recipe, min(capacity, len(group)), example_config=configs[group[0]])
     label = pack_label(trainer.signature)
@@ -161,21 +145,14 @@ def _train_group(
         trainer.add(member, configs[member])
     while trainer.live():
         results = trainer.train_report()
-        control = _Control()
         for member, report in results.items():
             row = {"member": member, "pack": label, **report, "status": "running"}
             row.update({f"config/{k}": v for k, v in configs[member].items()})
             rows.append(row)
             last[member] = row
-        for cb in callbacks:
-            cb.on_report(results, control)
-        for member, report in results.items():  # after the callbacks: a nan at the last report is an error
-            if report["training_iteration"] >= reports:
-                control.stop(member, "finished")
-        for member, (reason, error) in control.requests.items():
-            last[member]["status"] = f"errored: {reason}" if error else reason
-            for cb in callbacks:  # before remove: a callback may still read the member's slot
-                cb.on_member_stop(member, last[member]["status"], results.get(member))
+        ended = trainer.after_report(results, callbacks, max_reports=reports, nan_guard=nan_guard)
+        for member, end in ended.items():
+            last[member]["status"] = end.status
             trainer.remove(member)
             if pending:
                 nxt = pending.popleft()

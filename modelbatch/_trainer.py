@@ -8,7 +8,7 @@ import inspect
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +21,7 @@ from ._clip import clip_grad_norm_
 from ._hparams import check_positive_int
 from ._oom import shrink_on_oom
 from ._recipe import Recipe
+from .callbacks import Callback, NaNGuard
 from .data import MemberStep, MemberStreams
 from .data._source import PackData
 from .optim.lr_scheduler import PerMember
@@ -131,6 +132,39 @@ class Slot:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Ended:
+    """Why a member ended after a report (:meth:`PackTrainer.after_report`)."""
+
+    reason: str
+    """``"finished"`` (its last report), a callback's reason, or an error's
+    (``"non-finite loss (nan) at report 3"``)."""
+    error: bool = False
+    """Whether it errored (a NaN/inf, or a callback's ``control.stop(..., error=True)``)."""
+
+    @property
+    def kind(self) -> str:
+        """``"finished"``, ``"stopped"`` (by a callback) or ``"errored"``."""
+        return "errored" if self.error else "finished" if self.reason == "finished" else "stopped"
+
+    @property
+    def status(self) -> str:
+        """As ``mb.fit``'s ``status`` column says it: ``finished``, the reason, or ``errored: <reason>``."""
+        return f"errored: {self.reason}" if self.error else self.reason
+
+
+class _Stops:
+    """The control that callbacks stop members of one round through (the first stop of a member counts)."""
+
+    def __init__(self, members: Mapping[Any, Any]) -> None:
+        self.members = members
+        self.ended: dict[Any, Ended] = {}
+
+    def stop(self, member_id: Any, reason: str, *, error: bool = False) -> None:
+        if member_id in self.members:
+            self.ended.setdefault(member_id, Ended(str(reason), bool(error)))
+
+
 class PackTrainer:
     """Trains the members of one recipe (one architecture) in the ``capacity`` slots of a pack.
 
@@ -138,7 +172,7 @@ class PackTrainer:
     reset (weights, optimizer state, schedule, data stream) when the next member joins, so each
     member trains exactly as it would alone, whichever slot it lands in and whenever it joins.
     :meth:`train_report` trains every live member for ``recipe.steps_per_report`` steps and
-    returns one metrics dict per member.
+    returns one metrics dict per member; :meth:`after_report` then ends the members that are done.
 
     Out of memory: a training step or evaluation that raises ``torch.OutOfMemoryError`` (or a
     ``RuntimeError`` saying "out of memory") is undone (buffers and random generators restored;
@@ -253,6 +287,50 @@ class PackTrainer:
             return
         self.slots[slot].stopped = reason
         self.batch.freeze(slot)
+
+    def after_report(
+        self,
+        reports: Mapping[Any, Mapping[str, Any]],
+        callbacks: Sequence[Callback] = (),
+        *,
+        max_reports: int | None = None,
+        nan_guard: bool = True,
+    ) -> dict[Any, Ended]:
+        """End the members that are done after a round of :meth:`train_report`; returns why, by member.
+
+        The rules, in this order (a member's first reason counts): a NaN or infinite value in its
+        report ends it as errored (``nan_guard``; :meth:`mb.callbacks.NaNGuard.reason`); each
+        callback's ``on_report(reports, control)`` may stop members; a member at its
+        ``max_reports``-th report is ``"finished"``. Each ended member is stopped (:meth:`stop`;
+        it keeps its slot until :meth:`remove`) and every callback's ``on_member_stop`` gets it
+        with :attr:`Ended.status`. ``mb.fit`` and the slot servers both end members here.
+
+        Example:
+            >>> import torch, modelbatch as mb
+            >>> X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+            >>> recipe = mb.Recipe(model=lambda cfg: torch.nn.Linear(4, 3), optimizer="sgd",
+            ...     loss=torch.nn.functional.cross_entropy, train_data=(X, y), batch_size=8)
+            >>> trainer = mb.PackTrainer(recipe, capacity=2, example_config={"lr": 0.1})
+            >>> _ = trainer.add("a", {"lr": 0.1}), trainer.add("b", {"lr": 0.2})
+            >>> reports = trainer.train_report()
+            >>> reports["b"]["loss"] = float("nan")  # as a diverging member reports it
+            >>> ended = trainer.after_report(reports, max_reports=2)
+            >>> {m: e.status for m, e in ended.items()}, list(trainer.live())
+            ({'b': 'errored: non-finite loss (nan) at report 1'}, ['a'])
+            >>> {m: e.kind for m, e in trainer.after_report(trainer.train_report(), max_reports=2).items()}
+            {'a': 'finished'}
+        """
+        control = _Stops(reports)
+        for callback in [NaNGuard()] * nan_guard + list(callbacks):
+            callback.on_report(reports, control)
+        for member_id, report in reports.items():
+            if max_reports is not None and report["training_iteration"] >= max_reports:
+                control.stop(member_id, "finished")
+        for member_id, ended in control.ended.items():
+            self.stop(member_id, ended.status)
+            for callback in callbacks:  # before remove: a callback may still read the member's slot
+                callback.on_member_stop(member_id, ended.status, reports[member_id])
+        return control.ended
 
     def remove(self, member_id: Any) -> None:
         """Free the slot of ``member_id``; the next :meth:`add` reuses it."""

@@ -1,7 +1,13 @@
-"""Callbacks for :func:`modelbatch.fit` (and the slot servers): per-member services of a training loop.
+"""Callbacks: per-member services of a training loop, run by :func:`modelbatch.fit` and the slot servers.
 
 A callback sees every report of every member and may stop members through ``control``.
-Write your own by subclassing :class:`Callback` and overriding what you need.
+Write your own by subclassing :class:`Callback` and overriding what you need. ``mb.fit`` calls
+every hook; a sweep's slot servers (``ModelBatchSearcher(recipe, callbacks=[...])``) call
+``on_report`` and ``on_member_stop`` with the members they train (member ids there are
+``(sweep id, trial id)``; each server has its own copy of the callbacks; a member Tune stops, e.g.
+by ASHA, leaves without ``on_member_stop``). Both apply them in one
+place, :meth:`modelbatch.PackTrainer.after_report`, so a callback stops the same members at the
+same reports in either.
 
 Example:
     >>> import modelbatch as mb
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +36,11 @@ class Control(Protocol):
     """What a callback may do to the run."""
 
     def stop(self, member_id: Any, reason: str, *, error: bool = False) -> None:
-        """Stop training ``member_id``; ``error=True`` records it as errored rather than stopped."""
+        """Stop training ``member_id``; ``error=True`` records it as errored rather than stopped.
+
+        The first stop of a member in a round counts; a member that did not report in this
+        round (it ended already) is left alone.
+        """
 
 
 class Callback:
@@ -47,6 +57,25 @@ class Callback:
 
     def on_fit_end(self, history: Any) -> None:
         """After training, with the history DataFrame."""
+
+
+HOOKS = ("on_fit_start", "on_report", "on_member_stop", "on_fit_end")
+
+
+def check_callbacks(api: str, callbacks: Iterable[Any], hint: str = "") -> list[Callback]:
+    """``callbacks`` as a list; one without the :class:`Callback` hooks raises a ``TypeError`` naming
+    ``api`` (``hint``: more advice at the end of the message)."""
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"{api}: callbacks must be a list of mb.callbacks.Callback, got {callbacks!r}.")
+    callbacks = list(callbacks)
+    for i, cb in enumerate(callbacks):
+        if not all(callable(getattr(cb, hook, None)) for hook in HOOKS):
+            raise TypeError(
+                f"{api}: callback {i} ({type(cb).__name__}) is not a mb.callbacks.Callback; subclass "
+                "mb.callbacks.Callback and override on_report(reports, control) and/or on_member_stop(...)."
+                + hint
+            )
+    return callbacks
 
 
 class NaNGuard(Callback):
@@ -67,11 +96,25 @@ class NaNGuard(Callback):
 
     def on_report(self, reports: Mapping[Any, Mapping[str, float]], control: Control) -> None:
         for member_id, report in reports.items():
-            for key, value in report.items():
-                if isinstance(value, float) and not math.isfinite(value):
-                    it = report.get("training_iteration")
-                    control.stop(member_id, f"non-finite {key} ({value}) at report {it}", error=True)
-                    break
+            reason = self.reason(report)
+            if reason is not None:
+                control.stop(member_id, reason, error=True)
+
+    @staticmethod
+    def reason(report: Mapping[str, Any]) -> str | None:
+        """Why a report ends its member: its first NaN or infinite value (``None``: every value is finite).
+
+        The one wording of a diverged member, in ``mb.fit``'s history, a sweep's results and MLflow.
+
+        Example:
+            >>> import modelbatch as mb
+            >>> mb.callbacks.NaNGuard.reason({"loss": 0.5, "val_loss": float("inf"), "training_iteration": 3})
+            'non-finite val_loss (inf) at report 3'
+        """
+        for key, value in report.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"non-finite {key} ({value}) at report {report.get('training_iteration')}"
+        return None
 
 
 class EarlyStopping(Callback):

@@ -115,6 +115,11 @@ def fit_mlflow_bad_lr_in_last_config(ctx: Ctx) -> None:
     _fit(recipe(), [*CONFIGS, {"lr": -1.0}], capacity=1, mlflow=mlflow)
 
 
+class _LockedCallback(mb.callbacks.Callback):
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
 def searcher_recipe_with_lock(ctx: Ctx) -> None:
     lock = threading.Lock()
     ModelBatchSearcher(recipe(model=lambda cfg: lock and Net()))
@@ -819,6 +824,25 @@ BAD = [
         searcher_recipe_with_open_file,
         TypeError,
         r"^ModelBatchSearcher: the recipe cannot be pickled.*not opened for reading.*inside the function",
+    ),
+    (
+        "searcher: a Tune callback as callbacks",
+        lambda ctx: ModelBatchSearcher(recipe(), callbacks=[tune.Callback()]),
+        TypeError,
+        r"^ModelBatchSearcher: callback 0 \(Callback\) is not a mb.callbacks.Callback.*"
+        r"Tune callbacks .* go to tune.run\(callbacks=\.\.\.\)",
+    ),
+    (
+        "searcher: one callback, not a list",
+        lambda ctx: ModelBatchSearcher(recipe(), callbacks=mb.callbacks.EarlyStopping()),
+        TypeError,
+        r"^ModelBatchSearcher: callbacks must be a list of mb.callbacks.Callback",
+    ),
+    (
+        "searcher: a callback holding a lock",
+        lambda ctx: ModelBatchSearcher(recipe(), callbacks=[_LockedCallback()]),
+        TypeError,
+        r"^ModelBatchSearcher: the callbacks cannot be pickled.*cannot pickle '_thread.lock'",
     ),
     # ---- ModelBatchSearcher with tune.run (Ray): nothing may be left running
     (

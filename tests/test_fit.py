@@ -150,6 +150,72 @@ def test_early_stopping_stops_at_the_right_report() -> None:
     assert _by_member(history)[1]["training_iteration"].max() == 8
 
 
+def test_pack_trainer_after_report_ends_members_as_mb_fit_does() -> None:
+    """One after-report path: a pack driven by hand ends the members mb.fit ends, at the same reports, alike.
+
+    Rules in order: a NaN/inf first (it wins over a callback's stop at the same report), then the
+    callbacks (a stop at the last report wins over "finished"), then the report limit.
+    """
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randn(90, 3, dtype=torch.float64, generator=gen)
+    val_targets = torch.randn(40, 3, dtype=torch.float64, generator=gen)
+    r = recipe(
+        optimizer="sgd", loss=F.mse_loss, train_data=(X, targets), val_data=(XV, val_targets), metrics={}
+    )
+    # lr 0: val_loss never improves (early stopped at report 4); lr 1e8 diverges;
+    # 3e-2 is stopped at the last report
+    configs = [
+        {"lr": 0.0, "seed": 1},
+        {"lr": 1e-2, "seed": 2},
+        {"lr": 1e8, "seed": 3},
+        {"lr": 3e-2, "seed": 4},
+    ]
+
+    class StopAtTheEnd(mb.callbacks.Callback):
+        def __init__(self) -> None:
+            self.stopped: list = []
+
+        def on_report(self, reports, control):
+            control.stop(99, "not a member of this round: ignored")
+            if 2 in reports and reports[2]["loss"] != reports[2]["loss"]:
+                control.stop(2, "the NaN guard came first")
+            if 3 in reports and reports[3]["training_iteration"] == 6:
+                control.stop(3, "stopped at the last report")
+
+        def on_member_stop(self, member_id, reason, last_report):
+            self.stopped.append((member_id, reason, last_report["training_iteration"]))
+
+    fitted = StopAtTheEnd()
+    history = mb.fit(
+        r, configs, reports=6, callbacks=[mb.callbacks.EarlyStopping(patience=3), fitted], progress=False
+    )
+    trainer = mb.PackTrainer(r, capacity=len(configs), example_config=configs[0])
+    for member, config in enumerate(configs):
+        trainer.add(member, config)
+    by_hand = StopAtTheEnd()
+    callbacks = [mb.callbacks.EarlyStopping(patience=3), by_hand]
+    got = {}
+    while trainer.live():
+        reports = trainer.train_report()
+        for member, ended in trainer.after_report(reports, callbacks, max_reports=6).items():
+            got[member] = (reports[member]["training_iteration"], ended.status, ended.kind)
+            assert (
+                member not in trainer.live()
+                and trainer.slots[trainer.slot_of(member)].stopped == ended.status
+            )
+    expected = {
+        m: (g["training_iteration"].iloc[-1], g["status"].iloc[-1]) for m, g in _by_member(history).items()
+    }
+    assert {m: g[:2] for m, g in got.items()} == expected
+    assert {m: g[2] for m, g in got.items()} == {0: "stopped", 1: "finished", 2: "errored", 3: "stopped"}
+    assert got[0][:2] == (4, "early stopped: val_loss did not improve for 3 reports")
+    assert got[2][1].startswith("errored: non-finite ") and got[2][1].endswith(f" at report {got[2][0]}")
+    assert got[3][:2] == (6, "stopped at the last report")
+    assert (
+        sorted(by_hand.stopped) == sorted(fitted.stopped) == sorted((m, g[1], g[0]) for m, g in got.items())
+    )
+
+
 def test_tensorboard_writes_one_run_per_member(tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -389,6 +389,43 @@ def test_tune_callback_statuses_without_a_cluster(sqlite_uri) -> None:
     assert (tags["slot"], tags["server"], tags["node"]) == ("1", "0", "abc")
 
 
+def test_tune_callback_status_reasons_are_mb_fit_s_words(sqlite_uri) -> None:
+    """Diverged members, one a mb.callbacks callback stopped on its server, ones Tune stopped: one wording."""
+    from tune_integration.mlflow import MLflowCallback
+
+    cb = MLflowCallback(sqlite_uri, "reasons", metric="loss")
+    cb.setup(num_samples=6)
+    last = {
+        "nan": ({"loss": math.nan}, False),  # any trainable's NaN result
+        "mb-nan": ({"loss": math.nan, "error": "non-finite loss (nan) at report 2"}, False),  # a server's
+        "early": ({"loss": 0.5, "stopped": "early stopped: val_loss did not improve for 3 reports"}, True),
+        "early-last": ({"loss": 0.5, "stopped": "user said so"}, True),  # at the most reports: still stopped
+        "asha": ({"loss": 0.5}, True),
+        "long": ({"loss": 0.5}, True),
+    }
+    trials = {tid: _Trial(tid) for tid in last}
+    for tid, (result, done) in last.items():
+        cb.on_trial_start(0, [], trials[tid])
+        iterations = 3 if tid in ("long", "early-last") else 2
+        for it in range(1, iterations + 1):
+            trials[tid].last_result = {"loss": 1.0, "training_iteration": it, "done": False}
+            if it == iterations:
+                trials[tid].last_result.update(result, done=done)
+            cb.on_trial_result(0, [], trials[tid], dict(trials[tid].last_result))
+        cb.on_trial_complete(0, [], trials[tid])
+    cb.on_experiment_end(list(trials.values()))
+    _, _, children = _runs(sqlite_uri, "reasons")
+    got = {r.data.tags["trial_id"]: (r.data.tags["status"], r.data.tags["status_reason"]) for r in children}
+    assert got == {
+        "nan": ("errored", "non-finite loss (nan) at report 2"),
+        "mb-nan": ("errored", "non-finite loss (nan) at report 2"),
+        "early": ("stopped early", "early stopped: val_loss did not improve for 3 reports"),
+        "early-last": ("stopped early", "user said so"),
+        "asha": ("stopped early", "stopped by the scheduler at report 2"),
+        "long": ("finished", "reached 3 reports, the most"),
+    }
+
+
 def test_a_resumed_sweep_continues_its_parent_and_member_runs(sqlite_uri) -> None:
     """Interrupted, then continued with the first logger's sweep_key: one parent, one child per member."""
     first = MLflowLogger(sqlite_uri, "resumed", metric="loss", params={"searcher": "random"})

@@ -19,6 +19,8 @@ from ray.tune.search import SearchGenerator  # noqa: E402
 from tune_recipes import (  # noqa: E402
     XV,
     YV,
+    Results,
+    assert_ends_as_in_fit,
     assert_matches_fit,
     history,
     member_without_torch,
@@ -26,6 +28,7 @@ from tune_recipes import (  # noqa: E402
     recipe,
 )
 
+import modelbatch as mb  # noqa: E402
 from tune_integration import ModelBatchSearcher  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -159,6 +162,29 @@ def test_a_member_with_nan_results_ends_and_the_others_stay_exact(tmp_path):
         else:
             assert trial.last_result["training_iteration"] == 3
             assert_matches_fit(rec, trial.config, frames[trial.trial_id])
+
+
+def test_callbacks_stop_members_on_the_servers_as_mb_fit_does_and_nan_errs_alike(tmp_path):
+    """ModelBatchSearcher(callbacks=[EarlyStopping]) stops the members mb.fit stops, at the same report."""
+    rec = recipe()
+    # lr 0: val_loss never improves (stopped at report 3); scale nan: errored at report 1
+    space = {"lr": tune.grid_search([0.0, 0.02]), "seed": 1, "scale": tune.grid_search([1.0, float("nan")])}
+    early = mb.callbacks.EarlyStopping("val_loss", patience=2)
+    searcher = ModelBatchSearcher(rec, slots_per_gpu=4, reports=6, callbacks=[early])
+    results = Results()
+    analysis = run(searcher, tmp_path, config=space, num_samples=1, callbacks=[results])
+    trials = analysis.trials
+    assert len(trials) == 4 and all(t.status == "TERMINATED" for t in trials)  # ended normally
+    configs = [dict(t.config) for t in trials]
+    rows = [sorted(results.rows[t.trial_id], key=lambda r: r["training_iteration"]) for t in trials]
+    assert_ends_as_in_fit(rec, configs, [mb.callbacks.EarlyStopping("val_loss", patience=2)], 6, rows)
+    ends = {(c["lr"], math.isnan(c["scale"])): r[-1] for c, r in zip(configs, rows)}
+    assert ends[(0.0, False)]["stopped"] == "early stopped: val_loss did not improve for 2 reports"
+    assert ends[(0.0, False)]["training_iteration"] == 3
+    assert ends[(0.02, True)]["error"] == "non-finite loss (nan) at report 1"  # mb.fit's words
+    assert ends[(0.02, False)]["training_iteration"] == 6 and "stopped" not in ends[(0.02, False)]
+    assert all(t.last_result["done"] for t in trials)  # each trial's last result ends it
+    assert early.best == {}  # the servers ran copies of the callback
 
 
 class _Interrupt(tune.Callback):

@@ -89,6 +89,35 @@ def assert_matches_fit(
         )
 
 
+def assert_ends_as_in_fit(
+    rec: mb.Recipe, configs: list, callbacks: list, reports: int, results: list
+) -> None:
+    """Members ended by a sweep (``results[i]``: config ``i``'s results, in order) end as in ``mb.fit``.
+
+    ``mb.fit(rec, configs, reports, callbacks=callbacks)`` stops the same members at the same
+    report for the same reason (a last result's ``"error"`` or ``"stopped"``; else ``finished``),
+    with the same metrics up to it.
+    """
+    ref = mb.fit(rec, configs, reports=reports, callbacks=callbacks, progress=False)
+    for i, got in enumerate(results):
+        expected = ref[ref["member"] == i]
+        last = got[-1]
+        status = f"errored: {last['error']}" if "error" in last else last.get("stopped", "finished")
+        assert (last["training_iteration"], status) == (
+            expected["training_iteration"].iloc[-1],
+            expected["status"].iloc[-1],
+        ), configs[i]
+        assert not any("error" in r or "stopped" in r for r in got[:-1])
+        for column in ("loss", "val_loss", "val_acc"):
+            torch.testing.assert_close(
+                torch.tensor([r[column] for r in got], dtype=torch.float64),
+                torch.tensor(expected[column].to_numpy()),
+                rtol=1e-10,
+                atol=0,
+                equal_nan=True,
+            )
+
+
 class Results(tune.Callback):
     """A Tune callback keeping every result in the order Tune processed it: ``rows[trial_id]``.
 

@@ -19,13 +19,13 @@ Example::
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ray.tune import Callback
 
+from modelbatch.callbacks import NaNGuard
 from modelbatch.mlflow import MEMBER_TAG_KEYS, MLflowLogger, flatten, is_number
 
 TUNE_TAG_KEYS = ("server", "server_node")  # what a slot server adds to its members' results: tags
@@ -122,7 +122,10 @@ class MLflowCallback(Callback):
     ``step=training_iteration``, and the tags ``trial_id``, the member tags found in results
     (``pack``, ``slot``, ``node``, ``signature``, ``server``, ``server_node``, or a nested
     ``"modelbatch": {...}``), ``status`` (``finished``, ``stopped early``, ``errored`` — also for a
-    last result with a NaN/inf — or ``interrupted``), ``status_reason`` and, with ``metric``, the
+    last result with a NaN/inf or an ``"error"`` — or ``interrupted``), ``status_reason`` (in
+    ``mb.fit``'s words: ``non-finite loss (nan) at report 3``; the reason in a last result's
+    ``"error"`` or ``"stopped"``, which a slot server gives a member that a ``mb.callbacks``
+    callback ended; ``stopped by the scheduler at report 2``) and, with ``metric``, the
     metrics ``best_<metric>`` and ``best_iteration``. The parent run has ``params`` and, at the end,
     the metrics ``members``, ``members_finished``, ``members_stopped_early``, ``members_errored`` and
     ``best_<metric>`` (tag ``best_member``). A resumed sweep (``tune.run(resume=True)``) continues
@@ -182,6 +185,7 @@ class MLflowCallback(Callback):
         self.member_name = member_name
         self.logger: MLflowLogger | None = None
         self._stopped_by_tune: dict[str, bool] = {}
+        self._stopped_by_callback: set[str] = set()  # by a mb.callbacks callback on a slot server
         self._iterations: dict[str, int] = {}
         self._status: dict[str, str] = {}
         self._best: dict[str, tuple[float, int]] = {}  # of members ended, or known from a resumed state
@@ -211,6 +215,7 @@ class MLflowCallback(Callback):
             "iterations": dict(self._iterations),
             "status": dict(self._status),
             "stopped_by_tune": dict(self._stopped_by_tune),
+            "stopped_by_callback": sorted(self._stopped_by_callback),
             "best": best,
         }
 
@@ -233,6 +238,7 @@ class MLflowCallback(Callback):
         self._iterations = dict(state.get("iterations", {}))
         self._status = dict(state.get("status", {}))
         self._stopped_by_tune = dict(state.get("stopped_by_tune", {}))
+        self._stopped_by_callback = set(state.get("stopped_by_callback", ()))
         self._best = dict(state.get("best", {}))
         self._started: set[str] = set()
         tags = {"num_samples": num_samples, "total_num_samples": total_num_samples}
@@ -300,18 +306,22 @@ class MLflowCallback(Callback):
         statuses = self._final_statuses()
         for tid, status in statuses.items():
             if status != self._status[tid] and tid in self._started:
-                self.logger.retag_member(tid, status, f"reached {self._iterations[tid]} iterations, the most")
+                self.logger.retag_member(tid, status, f"reached {self._iterations[tid]} reports, the most")
         summary = self._summary([*statuses.values()])
         self.logger.close(status="interrupted" if interrupted else "finished", summary=summary)
 
     def _final_statuses(self) -> dict[str, str]:
         """Ended members' statuses; without ``max_iterations``, a scheduler's stop at the sweep's most
-        iterations (e.g. ASHA's ``max_t``) counts as finished."""
+        iterations (e.g. ASHA's ``max_t``) counts as finished (a callback's stop stays one)."""
         if self.max_iterations is not None or not self._iterations:
             return dict(self._status)
         most = max(self._iterations.values())
         return {
-            tid: "finished" if status == "stopped early" and self._iterations[tid] >= most else status
+            tid: "finished"
+            if status == "stopped early"
+            and self._iterations[tid] >= most
+            and tid not in self._stopped_by_callback
+            else status
             for tid, status in self._status.items()
         }
 
@@ -335,9 +345,13 @@ class MLflowCallback(Callback):
         tid = trial.trial_id
         it = self._iterations.get(tid, 0)
         last = trial.last_result or {}
-        for key, value in last.items():  # a diverged member (what mb.fit's NaN guard reports as errored)
-            if isinstance(value, float) and not math.isfinite(value):
-                return "errored", f"non-finite {key} ({value}) at iteration {it}"
+        # a diverged member, in mb.fit's words (a ModelBatch member's last result says it in "error")
+        diverged = last.get("error") if isinstance(last.get("error"), str) else NaNGuard.reason(last)
+        if diverged is not None:
+            return "errored", diverged
+        if isinstance(last.get("stopped"), str):  # a ModelBatch member stopped by a mb.callbacks.Callback
+            self._stopped_by_callback.add(tid)
+            return "stopped early", last["stopped"]
         if not self._stopped_by_tune.get(tid, False):
             return "finished", "the trainable returned"
         for criterion, value in (getattr(trial, "stopping_criterion", None) or {}).items():
@@ -346,7 +360,7 @@ class MLflowCallback(Callback):
                 return "finished", f"stop criterion {criterion} >= {value}"
         if self.max_iterations is not None and it >= self.max_iterations:
             return "finished", f"reached max_iterations={self.max_iterations}"
-        return "stopped early", f"stopped by the scheduler at iteration {it}"
+        return "stopped early", f"stopped by the scheduler at report {it}"
 
     def _log_checkpoint(self, trial: Any) -> None:
         checkpoint = trial.checkpoint if self.logger.log_artifacts else None

@@ -2,14 +2,15 @@
 
 A server holds one :class:`modelbatch.PackTrainer` per architecture signature; this module adds
 members to the pack of their architecture, trains a pack one report interval, and turns each
-member's report into a result and, when due, a checkpoint (opaque bytes for the relay).
+member's report into a result and, when due, a checkpoint (opaque bytes for the relay). Which
+members end after a report (their report limit, a NaN/inf, their sweep's callbacks) the pack
+decides itself (:meth:`modelbatch.PackTrainer.after_report`), as ``mb.fit`` does.
 """
 
 from __future__ import annotations
 
 import copy
 import io
-import math
 import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -88,6 +89,7 @@ class Packs:
         self.pack_of: dict[Any, int] = {}
         self.parked: dict[Any, dict[str, Any]] = {}
         self.limits: dict[Any, Limits] = {}
+        self.callbacks: dict[Any, Sequence[mb.callbacks.Callback]] = {}  # per member: its sweep's
         self.next_pack = 0
 
     def live(self, pid: int) -> dict[Any, int]:
@@ -96,14 +98,21 @@ class Packs:
         return pack.live() if pack is not None else {}
 
     def join(
-        self, trial_id: Any, config: dict[str, Any], state: bytes | None, limits: Limits | None = None
+        self,
+        trial_id: Any,
+        config: dict[str, Any],
+        state: bytes | None,
+        limits: Limits | None = None,
+        callbacks: Sequence[mb.callbacks.Callback] = (),
     ) -> int:
         """Add a member (restored from ``state`` if given) to its architecture's pack; returns the pack id.
 
         A member restored from another member's state (population-based training's exploit) goes
         on from that state with ``config``'s hyperparameters. ``limits``: the member's ``(reports,
         checkpoint_every, snapshot_every)`` (it ends after that many reports; ``None`` each: no end,
-        no checkpoints, no snapshots); by default the constructor's.
+        no checkpoints, no snapshots); by default the constructor's. ``callbacks``: its sweep's
+        :class:`modelbatch.callbacks.Callback` objects (one list per sweep: they see that sweep's
+        members of a pack together).
         """
         self.leave(trial_id)  # a restarted trial: drop its stale slot
         if state is None:
@@ -116,12 +125,14 @@ class Packs:
             pid = self._restore(trial_id, saved, config)
         self.pack_of[trial_id] = pid
         self.limits[trial_id] = limits or (self.reports, self.checkpoint_every, self.snapshot_every)
+        self.callbacks[trial_id] = callbacks
         return pid
 
     def leave(self, trial_id: Any) -> int | None:
         """Free the member's slot (or forget it, parked); returns its pack id (``None`` if none)."""
         self.parked.pop(trial_id, None)
         self.limits.pop(trial_id, None)
+        self.callbacks.pop(trial_id, None)
         return self._take_out(trial_id)
 
     def park(self, trial_id: Any) -> None:
@@ -160,25 +171,26 @@ class Packs:
     def train(self, pid: int, where: Mapping[str, Any]) -> dict[Any, dict[str, Any]]:
         """Train the pack one report interval: ``{member: {"result", "checkpoint", "final"}}``.
 
-        A member with a NaN or infinite result ends with it; that result's ``"error"`` says why
-        (``"non-finite loss (nan) at report 3"``).
+        A member ends (``"final"``) as in ``mb.fit``: with a NaN or infinite result, when one of its
+        sweep's callbacks stops it, or at its last report. The result of a member that errored
+        says why in ``"error"`` (``"non-finite loss (nan) at report 3"``); one that a callback
+        stopped, in ``"stopped"`` (``"early stopped: val_loss did not improve for 3 reports"``).
         """
         pack = self.packs[pid]
         label = pack_label(str(getattr(pack, "signature", pid)))
+        reports = pack.train_report()
+        ended = {}
+        for callbacks, max_reports, members in self._rules(reports):
+            ended.update(pack.after_report(members, callbacks, max_reports=max_reports))
         replies = {}
-        for member, report in pack.train_report().items():
+        for member, report in reports.items():
             result = {**report, "slot": pack.slot_of(member), "pack": label, **where}
+            end = ended.get(member)
+            if end is not None and end.kind != "finished":
+                result["error" if end.error else "stopped"] = end.reason
             it = report["training_iteration"]
-            bad = [(k, v) for k, v in report.items() if isinstance(v, float) and not math.isfinite(v)]
-            if bad:  # the member ends; its last result says why
-                result["error"] = f"non-finite {bad[0][0]} ({bad[0][1]}) at report {it}"
-            finite = not bad
-            reports, every, snapshot_every = self.limits.get(
-                member, (self.reports, self.checkpoint_every, self.snapshot_every)
-            )
-            final = not finite or (reports is not None and it >= reports)
-            if final:
-                pack.stop(member, "finished" if finite else result["error"])
+            final = end is not None
+            every, snapshot_every = self._limits(member)[1:]
             due = every is not None and (final or it % every == 0)
             blob = None
             if due:
@@ -188,6 +200,19 @@ class Packs:
                 blob = _dumps(state)
             replies[member] = {"result": result, "checkpoint": blob, "final": final}
         return replies
+
+    def _limits(self, member: Any) -> Limits:
+        return self.limits.get(member, (self.reports, self.checkpoint_every, self.snapshot_every))
+
+    def _rules(self, reports: Mapping[Any, Any]) -> list[tuple[Sequence[Any], int | None, dict[Any, Any]]]:
+        """The round's reports by the rules that end their members: ``(callbacks, max_reports, reports)``
+        for each sweep (members of one sweep share its callbacks and report limit)."""
+        groups: dict[tuple[int, int | None], tuple[Sequence[Any], int | None, dict[Any, Any]]] = {}
+        for member, report in reports.items():
+            callbacks, max_reports = self.callbacks.get(member, ()), self._limits(member)[0]
+            key = (id(callbacks), max_reports)
+            groups.setdefault(key, (callbacks, max_reports, {}))[2][member] = report
+        return list(groups.values())
 
     def _snapshot(self, member: Any, state: dict[str, Any]) -> str:
         """Keep ``state`` (on the device) among the member's latest snapshots; returns its token."""

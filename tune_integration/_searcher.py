@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -79,7 +80,8 @@ class ModelBatchSearcher(Searcher):
     Args:
         recipe: how to train one member from its config; or a pack factory
             ``(capacity, example_config) -> trainer`` with :class:`modelbatch.PackTrainer`'s
-            slot API (e.g. a ``PackTrainer`` subclass with its own ``_train_step``).
+            slot API (``add``, ``train_report``, ``after_report``, ``member_state``, ...; e.g. a
+            ``PackTrainer`` subclass with its own ``_train_step``).
         searcher: an inner Tune ``Searcher`` (``OptunaSearch(...)``, ...) that suggests the
             configs and receives every member's results; ``None`` samples the search space as
             plain Tune does (every ``grid_search`` point ``num_samples`` times).
@@ -95,6 +97,14 @@ class ModelBatchSearcher(Searcher):
         priority: tenants of a higher priority get free slots first.
         reports: end each member after this many reports (``None``: when Tune stops it,
             e.g. ``stop={"training_iteration": 20}`` or a scheduler's ``max_t``).
+        callbacks: :class:`modelbatch.callbacks.Callback` objects run on the slot servers, as
+            ``mb.fit(callbacks=...)`` runs them: ``on_report`` after each report of this sweep's
+            members of a pack (it may stop members: e.g. ``mb.callbacks.EarlyStopping``) and
+            ``on_member_stop``. A member a callback stops ends its Tune trial normally, its last
+            result saying why in ``"stopped"``. Each server has its own copy (member ids there are
+            ``(sweep id, trial id)``); a restarted server, or a member moved to another server,
+            starts with the callbacks as they were passed here. Tune callbacks (``MLflowCallback``)
+            go to ``tune.run(callbacks=...)``.
         checkpoint_every: a Tune checkpoint every this many reports and at a member's last
             report (``None``: none; then resume restarts members from scratch).
         group_ahead: configs drawn ahead from ``searcher`` to group members by architecture
@@ -113,7 +123,8 @@ class ModelBatchSearcher(Searcher):
     ``step``, and where the member trained: ``server``, ``server_node``, ``pack`` (an
     architecture hash), ``slot`` and ``tenant``. A member's seed is ``config["seed"]`` (default 0);
     put ``"seed": tune.randint(0, 2**31 - 1)`` into the space for different initial weights.
-    A member whose result is NaN or infinite reports it and ends.
+    A member whose result is NaN or infinite reports it and ends, its last result saying why in
+    ``"error"`` (``"non-finite loss (nan) at report 3"``, as ``mb.fit``'s history says it).
 
     Pass ``reuse_actors=True`` (``tune.run`` / ``TuneConfig``): a finished member's relay
     process then serves the next member instead of a new ~110 MB process starting (on 2 CPUs
@@ -168,6 +179,7 @@ class ModelBatchSearcher(Searcher):
         slots_per_gpu: int | str = "auto",
         *,
         reports: int | None = None,
+        callbacks: Sequence[mb.callbacks.Callback] = (),
         checkpoint_every: int | None = 1,
         group_ahead: int | None = None,
         park_after_s: float = 30.0,
@@ -180,6 +192,10 @@ class ModelBatchSearcher(Searcher):
         _check_args(recipe, searcher, slots_per_gpu, reports, checkpoint_every, group_ahead, park_after_s)
         _check_tenancy(tenant, weight, max_slots, priority)
         _check_picklable(recipe)
+        self.callbacks = mb.callbacks.check_callbacks(
+            API, callbacks, " Tune callbacks (e.g. MLflowCallback) go to tune.run(callbacks=...)."
+        )
+        _check_picklable(self.callbacks, "callbacks")
         self.tenant = tenant if tenant is not None else default_tenant()
         self.weight, self.max_slots, self.priority = float(weight), max_slots, int(priority)
         self.park_after_s = float(park_after_s)
@@ -467,6 +483,7 @@ class ModelBatchSearcher(Searcher):
                 "example_configs": examples,
                 "checkpoint_every": self.checkpoint_every,
                 "reports": self.reports,
+                "callbacks": cloudpickle.dumps(self.callbacks) if self.callbacks else None,
                 "park_after_s": self.park_after_s,
                 "fingerprint": self.recipe.fingerprint() if isinstance(self.recipe, mb.Recipe) else None,
                 "snapshot_every": _perturbation_interval(tune_run_locals().get("scheduler")),
@@ -615,16 +632,16 @@ class _Discard:
         return len(data)
 
 
-def _check_picklable(recipe: Any) -> None:
-    """Ray sends the recipe to every slot server: fail now, not when the sweep starts them."""
+def _check_picklable(recipe: Any, what: str = "recipe") -> None:
+    """Ray sends the recipe and the callbacks to every slot server: fail now, not when the sweep starts."""
     try:
         cloudpickle.dump(recipe, _Discard())  # streamed and dropped: no copy of the data is kept
     except Exception as exc:
         raise TypeError(
-            f"{API}: the recipe cannot be pickled for Ray, which sends it to every slot server "
+            f"{API}: the {what} cannot be pickled for Ray, which sends it to every slot server "
             f"({type(exc).__name__}: {exc}). Create locks, open files and connections inside the function "
             "that uses them (the model factory, loss or metric), not in a closure, default argument or "
-            "global it captures; or check it with ray.cloudpickle.dumps(recipe)."
+            f"global it captures; or check it with ray.cloudpickle.dumps({what})."
         ) from exc
 
 

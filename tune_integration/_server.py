@@ -141,7 +141,7 @@ class SlotServer:
         self.groups: dict[str, Any] = {}  # group -> Packs of its sweeps
         self.group_of: dict[str, str] = {}  # sweep id -> group
         self.tenants: dict[str, str] = {}  # sweep id -> tenant
-        self.options: dict[str, dict[str, Any]] = {}  # sweep id -> reports, checkpoint_every, park_after_s
+        self.options: dict[str, dict[str, Any]] = {}  # sweep id -> reports, callbacks, park_after_s, ...
         self.counts: dict[str, dict[str, int]] = {}  # sweep id -> parks, evictions
         self.waiting: dict[Member, asyncio.Future] = {}
         self.asked_at: dict[Member, float] = {}
@@ -219,9 +219,9 @@ class SlotServer:
         this server's ``budget_bytes`` (the share of its device's memory that packs may fill).
 
         ``options``: ``reports``, ``checkpoint_every``, ``snapshot_every``, ``park_after_s`` (the
-        sweep's own),
-        ``example_configs`` (for ``slots="auto"``) and ``fingerprint`` (the recipe's, or ``None``:
-        its members share packs only with each other).
+        sweep's own), ``callbacks`` (cloudpickled ``mb.callbacks.Callback`` list: run on this
+        server's copy for the sweep's members), ``example_configs`` (for ``slots="auto"``) and
+        ``fingerprint`` (the recipe's, or ``None``: its members share packs only with each other).
         """
         options = dict(options)
         fingerprint = options.pop("fingerprint", None)
@@ -238,7 +238,9 @@ class SlotServer:
                 self.group_of[sweep_id] = group
                 self.tenants[sweep_id] = tenant
                 self.counts[sweep_id] = {"parks": 0, "evictions": 0}
+                callbacks = options.get("callbacks")
                 self.options[sweep_id] = {
+                    "callbacks": await self._in_thread(cloudpickle.loads, callbacks) if callbacks else (),
                     "reports": options.get("reports"),
                     "checkpoint_every": options.get("checkpoint_every", 1),
                     "snapshot_every": options.get("snapshot_every"),
@@ -283,7 +285,8 @@ class SlotServer:
             packs = self._packs(sweep_id)
             opts = self.options[sweep_id]
             limits = (opts["reports"], opts["checkpoint_every"], opts["snapshot_every"])
-            await self._in_thread(packs.join, (sweep_id, trial_id), config, state, limits)
+            member = (sweep_id, trial_id)
+            await self._in_thread(packs.join, member, config, state, limits, opts["callbacks"])
 
     async def leave(self, sweep_id: str, trial_id: str) -> None:
         """Free the member's slot (idempotent)."""
