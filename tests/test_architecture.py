@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modelbatch as mb
-from modelbatch._trainer import architecture_signature, pack_label
+from modelbatch._architecture import architecture_signature, pack_label
 
 torch.manual_seed(0)
 X = torch.randn(64, 5, dtype=torch.float64)

@@ -20,8 +20,14 @@ from typing import Any
 import torch
 
 import modelbatch as mb
-from modelbatch._trainer import architecture_signature, build_model, member_seed, model_shapes, pack_label
-from modelbatch.data._source import example_batch
+from modelbatch._internal import (
+    architecture_signature,
+    build_model,
+    config_signature,
+    example_batch,
+    member_seed,
+    pack_label,
+)
 
 Limits = tuple[int | None, int | None, int | None]
 """A member's ``(reports, checkpoint_every, snapshot_every)``: see :meth:`Packs.join`."""
@@ -164,7 +170,7 @@ class Packs:
         (``"non-finite loss (nan) at report 3"``).
         """
         pack = self.packs[pid]
-        label = pack_label(str(getattr(pack, "signature", pid)))
+        label = pack_label_of(pack, pid)
         replies = {}
         for member, report in pack.train_report().items():
             result = {**report, "slot": pack.slot_of(member), "pack": label, **where}
@@ -215,8 +221,8 @@ class Packs:
         """A member continuing another's state with a new config must keep that state's architecture."""
         if not isinstance(self.recipe, mb.Recipe):
             return  # a pack factory's trainer checks its members itself
-        before = architecture_signature(model_shapes(self.recipe, saved.config, saved.seed))
-        if architecture_signature(model_shapes(self.recipe, config, saved.seed)) == before:
+        before = config_signature(self.recipe, saved.config, saved.seed)
+        if config_signature(self.recipe, config, saved.seed) == before:
             return
         changed = sorted(k for k in {*config, *saved.config} if config.get(k) != saved.config.get(k))
         raise ValueError(
@@ -237,6 +243,11 @@ class Packs:
         else:
             self.packs[pid] = self.recipe(self.slots, config)
         return pid
+
+
+def pack_label_of(pack: Any, pid: int) -> str:
+    """A pack's ``pack`` label: its signature's (a pack factory's trainer without one: its id)."""
+    return pack_label(str(getattr(pack, "signature", pid)))
 
 
 def _name(member: Any) -> str:

@@ -18,14 +18,18 @@ from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.sample import Domain
 
 import modelbatch as mb
-from modelbatch._hparams import check_positive_int
-from modelbatch._recipe import OPTIMIZER_KEYS
-from modelbatch._trainer import architecture_signature, build_model, member_seed
+from modelbatch._internal import (
+    OPTIMIZER_KEYS,
+    architecture_key,
+    build_model,
+    check_positive_int,
+    member_seed,
+)
 
 from . import _relay
 from ._generator import accept_population_based_training
 from ._lookahead import GroupingLookahead
-from ._packs import PackFactory, load_member_state, pack_label
+from ._packs import PackFactory, load_member_state
 from ._sampler import SpaceSampler
 from ._service import (
     ServiceStopping,
@@ -530,18 +534,9 @@ class ModelBatchSearcher(Searcher):
         if config is None:  # a sample_from value: Tune draws it in the trial
             return None
         try:
-            return pack_label(architecture_signature(self._model_shapes(config)))
+            return architecture_key(self.recipe, config)
         except Exception:  # a bad config: its member trial reports why when it joins a server
             return None
-
-    def _model_shapes(self, config: dict[str, Any]) -> torch.nn.Module:
-        """The config's model on the meta device (shapes and settings, no weights) where it builds there."""
-        seed = member_seed(config, 0)
-        try:
-            with torch.device("meta"):
-                return build_model(self.recipe, config, seed)
-        except Exception:  # a factory that needs real tensors (e.g. an init reading values)
-            return build_model(self.recipe, config, seed)
 
     def _example_configs(self, own_rng: bool = False) -> list[dict[str, Any]]:
         """Configs of the space for the servers to measure a member's memory on (``"auto"`` slots,

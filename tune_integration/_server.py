@@ -172,6 +172,8 @@ class SlotServer:
         chosen = {m for g in {self.group_of[s] for s in sweeps if s in self.group_of} for m in self._all(g)}
         chosen = {m for m in chosen if m[0] in sweeps}
         tenants: dict[str, int] = {}
+        from ._packs import pack_label_of  # torch: only once a pack exists (not at import)
+
         pack_tenants = []
         for group, packs in self.groups.items():
             for pid, pack in packs.packs.items():
@@ -440,13 +442,6 @@ class SlotServer:
 
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-
-def pack_label_of(pack: Any, pid: int) -> str:
-    """The readable label of a pack (its architecture's), as results' ``pack`` say."""
-    from ._packs import pack_label
-
-    return pack_label(str(getattr(pack, "signature", pid)))
 
 
 def _budget(device: Any) -> int:
