@@ -94,6 +94,7 @@ class Packs:
         self.pack_of: dict[Any, int] = {}
         self.parked: dict[Any, dict[str, Any]] = {}
         self.limits: dict[Any, Limits] = {}
+        self.keys: dict[Any, str | None] = {}  # member -> its architecture key (None: unknown)
         self.next_pack = 0
 
     def live(self, pid: int) -> dict[Any, int]:
@@ -102,18 +103,27 @@ class Packs:
         return pack.live() if pack is not None else {}
 
     def join(
-        self, trial_id: Any, config: dict[str, Any], state: bytes | None, limits: Limits | None = None
+        self,
+        trial_id: Any,
+        config: dict[str, Any],
+        state: bytes | None,
+        limits: Limits | None = None,
+        key: str | None = None,
     ) -> int:
         """Add a member (restored from ``state`` if given) to its architecture's pack; returns the pack id.
 
         A member restored from another member's state (population-based training's exploit) goes
         on from that state with ``config``'s hyperparameters. ``limits``: the member's ``(reports,
         checkpoint_every, snapshot_every)`` (it ends after that many reports; ``None`` each: no end,
-        no checkpoints, no snapshots); by default the constructor's.
+        no checkpoints, no snapshots); by default the constructor's. ``key``: the config's
+        :func:`~modelbatch._internal.architecture_key` (the searcher's), which finds its pack by the
+        packs' labels; without one each pack with room builds the config's model on the meta device
+        to compare. The pack checks the member's architecture either way when it adds it.
         """
         self.leave(trial_id)  # a restarted trial: drop its stale slot
+        self.keys[trial_id] = key
         if state is None:
-            pid = self._pack_for(config)
+            pid = self._pack_for(config, key)
             self.packs[pid].add(trial_id, config)
         else:
             snapshot = self.snapshots.get(_snapshot_token(state)) if self.snapshots else None
@@ -128,6 +138,7 @@ class Packs:
         """Free the member's slot (or forget it, parked); returns its pack id (``None`` if none)."""
         self.parked.pop(trial_id, None)
         self.limits.pop(trial_id, None)
+        self.keys.pop(trial_id, None)
         return self._take_out(trial_id)
 
     def park(self, trial_id: Any) -> None:
@@ -209,12 +220,11 @@ class Packs:
     def _restore(self, trial_id: Any, state: dict[str, Any], config: Mapping[str, Any] | None = None) -> int:
         saved = state["slot_state"]
         state["slot_state"] = replace(saved, member_id=trial_id)
-        pid = self._pack_for(saved.config)
-        if config is None or dict(config) == saved.config:
-            self.packs[pid].restore_member(state)
-        else:
+        same = config is None or dict(config) == saved.config
+        if not same:  # the state's architecture must be the config's (whose key the member has)
             self._check_architecture(trial_id, saved, config)
-            self.packs[pid].restore_member(state, dict(config))
+        pid = self._pack_for(saved.config, self.keys.get(trial_id))
+        self.packs[pid].restore_member(state, None if same else dict(config))
         return pid
 
     def _check_architecture(self, trial_id: Any, saved: Any, config: Mapping[str, Any]) -> None:
@@ -233,9 +243,12 @@ class Packs:
             "hyperparameters that keep the parameter shapes (lr, weight_decay, ...) in hyperparam_mutations."
         )
 
-    def _pack_for(self, config: Mapping[str, Any]) -> int:
+    def _pack_for(self, config: Mapping[str, Any], key: str | None = None) -> int:
+        """A pack with room for the config's architecture (a new one if none): found by ``key``
+        (a Recipe's packs' labels) where given, else by each pack's ``accepts``."""
+        by_key = key is not None and isinstance(self.recipe, mb.Recipe)
         for pid, pack in self.packs.items():
-            if pack.free_slots() and pack.accepts(config):
+            if pack.free_slots() and (pack_label_of(pack, pid) == key if by_key else pack.accepts(config)):
                 return pid
         pid, self.next_pack = self.next_pack, self.next_pack + 1
         if isinstance(self.recipe, mb.Recipe):

@@ -294,11 +294,15 @@ class ModelBatchSearcher(Searcher):
         self._tell_tune_total()
         self._start()
         self._renew()
+        return self._next_config(trial_id)
+
+    def _next_config(self, trial_id: str) -> dict | str | None:
+        """The limiter's next config with its architecture key for the relay to join with
+        (``_relay.PACK_KEY``), computed once, when the lookahead drew the config."""
         config = self._limiter.suggest(trial_id)
         key = self._ahead.live_keys.get(trial_id)
-        if isinstance(config, dict) and key is not None and self._sweep is not None:
-            # its server: one hosting its architecture
-            self._sweep.service.expect.remote(self._sweep.id, trial_id, key)
+        if isinstance(config, dict) and key is not None:
+            config = {**config, _relay.PACK_KEY: key}
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

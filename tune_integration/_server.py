@@ -277,13 +277,23 @@ class SlotServer:
         for pid in touched:
             self._maybe_tick((group, pid))  # other sweeps' members of those packs go on
 
-    async def join(self, sweep_id: str, trial_id: str, config: dict[str, Any], state: bytes | None) -> None:
-        """Put a member into a free slot of its architecture's pack (restored from ``state`` if given)."""
+    async def join(
+        self,
+        sweep_id: str,
+        trial_id: str,
+        config: dict[str, Any],
+        state: bytes | None,
+        key: str | None = None,
+    ) -> None:
+        """Put a member into a free slot of its architecture's pack (restored from ``state`` if given).
+
+        ``key``: its architecture key, which finds that pack without a build (:meth:`Packs.join`).
+        """
         async with self.lock:
             packs = self._packs(sweep_id)
             opts = self.options[sweep_id]
             limits = (opts["reports"], opts["checkpoint_every"], opts["snapshot_every"])
-            await self._in_thread(packs.join, (sweep_id, trial_id), config, state, limits)
+            await self._in_thread(packs.join, (sweep_id, trial_id), config, state, limits, key)
 
     async def leave(self, sweep_id: str, trial_id: str) -> None:
         """Free the member's slot (idempotent)."""
