@@ -103,11 +103,11 @@ def pack_label(signature: str) -> str:
     return " ".join(w for w in (name.rsplit(".", 1)[-1], "-".join(sizes), f"#{digest}") if w)
 
 
-def member_seed(config: Mapping[str, Any], default: int) -> int:
-    """The member's seed: ``config["seed"]`` when given, else ``default``."""
+def member_seed(config: Mapping[str, Any], default: int, api: str = "mb.fit") -> int:
+    """The member's seed: ``config["seed"]`` when given, else ``default`` (no int: raises, ``api`` first)."""
     seed = config.get("seed", default)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"mb.fit: config seed must be an int, got {seed!r}.")
+        raise TypeError(f"{api}: config seed must be an int, got {seed!r}.")
     return seed
 
 

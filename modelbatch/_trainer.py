@@ -80,7 +80,7 @@ class PackTrainer:
         self.recipe = recipe
         self.capacity = capacity
         self.device = recipe.resolve_device()
-        template = build_model(recipe, example_config, member_seed(example_config, 0))
+        template = build_model(recipe, example_config, member_seed(example_config, 0, "mb.PackTrainer"))
         self.signature = architecture_signature(template)
         self.batch = ModelBatch([template] * capacity, backend=recipe.backend).to(self.device)
         self.batch.active.fill_(False)
@@ -114,7 +114,7 @@ class PackTrainer:
     def add(self, member_id: Any, config: Mapping[str, Any], seed: int | None = None) -> int:
         """Put a new member into a free slot (fresh weights from its seed, fresh optimizer state)."""
         config = dict(config)
-        seed = member_seed(config, 0) if seed is None else seed
+        seed = member_seed(config, 0, "mb.PackTrainer.add") if seed is None else seed
         model, rng = build_seeded(self.recipe, config, seed)
         slot = self._occupy(member_id, config, seed, model, model)
         # Its dropout masks: those a plain script draws after torch.manual_seed(seed) and the factory.

@@ -738,4 +738,4 @@ def _check_sweep(
     for config in samples:
         where = f"{API}: config {config} (sampled from the search space)"
         recipe.hparams(config, api=where)
-        build_model(recipe, config, member_seed(config, 0), api=where)
+        build_model(recipe, config, member_seed(config, 0, where), api=where)
