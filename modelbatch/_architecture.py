@@ -1,4 +1,10 @@
-"""What makes two models pack-compatible: the same class, tensors and module settings.
+"""What one architecture is: the one place that builds a config's model and names its architecture.
+
+Two models are pack-compatible when they have the same class, tensors and module settings:
+:func:`architecture_signature` is that key, :func:`pack_label` its short name (the results'
+``pack`` column), :func:`architecture_key` a config's label from a model built on the meta
+device (:func:`model_shapes`). :func:`build_model` / :func:`build_seeded` build a member's model
+from its seed (:func:`member_seed`) as a plain script would.
 
 A pack runs every member through ONE copy of the modules (the first model's), with each
 member's own tensors. Plain settings stored on modules — ``LeakyReLU``'s slope,
@@ -10,9 +16,16 @@ pack holds it per member (:mod:`modelbatch._dropout`), so it is not a setting he
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ._recipe import Recipe
 
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -56,3 +69,116 @@ def first_setting_difference(a: nn.Module, b: nn.Module) -> str | None:
                 where = f"{path}.{key}" if path else key
                 return f"{where} = {db.get(key, '<absent>')!r} (model 0: {da.get(key, '<absent>')!r})"
     return None
+
+
+def architecture_signature(model: nn.Module) -> str:
+    """A key equal for models that can share a pack: class, tensor names and shapes, module settings.
+
+    Module settings (``eps``, a slope, ...) are part of it: a pack runs every member through one
+    copy of the modules, so configs that differ in one train in separate packs. A dropout
+    module's rate is not: a pack holds it per member.
+    """
+    shapes = [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
+    settings = repr(sorted(module_settings(model).items()))
+    return f"{type(model).__module__}.{type(model).__qualname__}|" + ";".join(shapes) + "|" + settings
+
+
+def pack_label(signature: str) -> str:
+    """A short readable name of an architecture signature: the results' ``pack`` column.
+
+    The model class, the output sizes of its weight tensors and a hash of the whole signature
+    (which tells apart architectures the readable part does not).
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.2), nn.Linear(64, 10))
+        >>> pack_label(architecture_signature(net))[:-8]
+        'Sequential 64-10'
+    """
+    digest = hashlib.sha1(signature.encode()).hexdigest()[:6]
+    name, _, rest = signature.partition("|")
+    if not rest:
+        return digest
+    sizes = re.findall(r"weight:\((\d+)[,)]", rest.partition("|")[0])
+    return " ".join(w for w in (name.rsplit(".", 1)[-1], "-".join(sizes), f"#{digest}") if w)
+
+
+def member_seed(config: Mapping[str, Any], default: int, api: str = "mb.fit") -> int:
+    """The member's seed: ``config["seed"]`` when given, else ``default`` (no int: raises, ``api`` first)."""
+    seed = config.get("seed", default)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"{api}: config seed must be an int, got {seed!r}.")
+    return seed
+
+
+def build_model(recipe: Recipe, config: Mapping[str, Any], seed: int, api: str = "mb.Recipe") -> nn.Module:
+    """``recipe.model(config)`` under ``torch.manual_seed(seed)``, in the recipe's dtype.
+
+    A factory that reads a key the config lacks, or returns no module, raises with ``api`` first.
+    """
+    return build_seeded(recipe, config, seed, api)[0]
+
+
+def build_seeded(
+    recipe: Recipe, config: Mapping[str, Any], seed: int, api: str = "mb.Recipe"
+) -> tuple[nn.Module, torch.Tensor]:
+    """:func:`build_model`, and the CPU generator's state after the factory ran.
+
+    That state is where a plain script's ``torch.manual_seed(seed); model = factory(config)``
+    leaves the global generator for its training loop: the member's dropout stream starts there.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = recipe.model(config)
+        except KeyError as exc:
+            key = exc.args[0] if len(exc.args) == 1 else None
+            if not isinstance(key, (str, int)) or key in config:
+                raise
+            raise KeyError(
+                f"{api}: the model factory reads cfg[{key!r}], which the config lacks (it has "
+                f"{sorted(map(str, config))}). Add {key!r} to every config (or to the search space), "
+                f"or read it with cfg.get({key!r}, default)."
+            ) from exc
+        state = torch.get_rng_state()
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{api}: model(config) must return an nn.Module, got {type(model).__name__} "
+            f"(config {dict(config)!r}). Return an instance, e.g. MyNet(cfg['hidden'])."
+        )
+    return model.to(recipe.dtype), state
+
+
+def model_shapes(recipe: Recipe, config: Mapping[str, Any], seed: int) -> nn.Module:
+    """The config's model on the meta device: its architecture without initializing weights.
+
+    A factory that needs real tensors (an init that reads values) builds it as usual.
+    """
+    try:
+        with torch.device("meta"):
+            return build_model(recipe, config, seed)
+    except Exception:
+        return build_model(recipe, config, seed)
+
+
+def config_signature(recipe: Recipe, config: Mapping[str, Any], seed: int | None = None) -> str:
+    """The :func:`architecture_signature` of the config's model, built on the meta device where it can be."""
+    seed = member_seed(config, 0) if seed is None else seed
+    return architecture_signature(model_shapes(recipe, config, seed))
+
+
+def architecture_key(recipe: Recipe, config: Mapping[str, Any]) -> str:
+    """The :func:`pack_label` of the config's model: configs of one key train in one pack.
+
+    Built once, on the meta device where it can be; a factory that rejects the config raises.
+
+    Example:
+        >>> import torch, modelbatch as mb
+        >>> recipe = mb.Recipe(model=lambda cfg: torch.nn.Linear(4, cfg["out"]), optimizer="sgd",
+        ...     loss=torch.nn.functional.mse_loss, train_data=(torch.randn(8, 4), torch.randn(8, 2)))
+        >>> architecture_key(recipe, {"out": 2, "lr": 0.1})[:-8]
+        'Linear 2'
+        >>> architecture_key(recipe, {"out": 2, "lr": 0.1}) == architecture_key(recipe, {"out": 2, "lr": 1.0})
+        True
+    """
+    return pack_label(config_signature(recipe, config))

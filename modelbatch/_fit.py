@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from ._architecture import architecture_signature, build_model, member_seed, pack_label
 from ._hparams import check_positive_int
 from ._recipe import Recipe
-from ._trainer import PackTrainer, architecture_signature, build_model, member_seed, pack_label
+from ._trainer import PackTrainer
 from .callbacks import Callback, Progress, check_callbacks
 
 if TYPE_CHECKING:

@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ._architecture import pack_label
 from .callbacks import Callback, Control
 
 _log = logging.getLogger("modelbatch.mlflow")
@@ -1108,11 +1109,9 @@ class MLflowFitCallback(Callback):
     def _tags(self, member_id: Any) -> dict[str, Any]:
         tags: dict[str, Any] = {"node": self.node, "member": member_id}
         if self.trainer is not None:
-            signature = self.trainer.signature
-            digest = hashlib.sha1(signature.encode()).hexdigest()[:10]
             tags.update(
                 pack=f"pack-{self.packs - 1}",
-                signature=f"{signature.split('|')[0].rsplit('.', 1)[-1]}-{digest}",
+                signature=pack_label(self.trainer.signature),  # the results' "pack" column
                 slot=self.trainer.slot_of(member_id),
             )
         return tags

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,7 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._architecture import module_settings
+from ._architecture import (
+    architecture_signature,
+    build_model,
+    build_seeded,
+    config_signature,
+    member_seed,
+    model_shapes,
+)
 from ._batch import ModelBatch
 from ._clip import clip_grad_norm_
 from ._hparams import check_positive_int
@@ -25,96 +30,6 @@ from .callbacks import Callback, NaNGuard
 from .data import MemberStep, MemberStreams
 from .data._source import PackData
 from .optim.lr_scheduler import PerMember
-
-
-def architecture_signature(model: nn.Module) -> str:
-    """A key equal for models that can share a pack: class, tensor names and shapes, module settings.
-
-    Module settings (``eps``, a slope, ...) are part of it: a pack runs every member through one
-    copy of the modules, so configs that differ in one train in separate packs. A dropout
-    module's rate is not: a pack holds it per member.
-    """
-    shapes = [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
-    settings = repr(sorted(module_settings(model).items()))
-    return f"{type(model).__module__}.{type(model).__qualname__}|" + ";".join(shapes) + "|" + settings
-
-
-def pack_label(signature: str) -> str:
-    """A short readable name of an architecture signature: the results' ``pack`` column.
-
-    The model class, the output sizes of its weight tensors and a hash of the whole signature
-    (which tells apart architectures the readable part does not).
-
-    Example:
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.2), nn.Linear(64, 10))
-        >>> pack_label(architecture_signature(net))[:-8]
-        'Sequential 64-10'
-    """
-    digest = hashlib.sha1(signature.encode()).hexdigest()[:6]
-    name, _, rest = signature.partition("|")
-    if not rest:
-        return digest
-    sizes = re.findall(r"weight:\((\d+)[,)]", rest.partition("|")[0])
-    return " ".join(w for w in (name.rsplit(".", 1)[-1], "-".join(sizes), f"#{digest}") if w)
-
-
-def member_seed(config: Mapping[str, Any], default: int) -> int:
-    """The member's seed: ``config["seed"]`` when given, else ``default``."""
-    seed = config.get("seed", default)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"mb.fit: config seed must be an int, got {seed!r}.")
-    return seed
-
-
-def build_model(recipe: Recipe, config: Mapping[str, Any], seed: int, api: str = "mb.Recipe") -> nn.Module:
-    """``recipe.model(config)`` under ``torch.manual_seed(seed)``, in the recipe's dtype.
-
-    A factory that reads a key the config lacks, or returns no module, raises with ``api`` first.
-    """
-    return build_seeded(recipe, config, seed, api)[0]
-
-
-def build_seeded(
-    recipe: Recipe, config: Mapping[str, Any], seed: int, api: str = "mb.Recipe"
-) -> tuple[nn.Module, torch.Tensor]:
-    """:func:`build_model`, and the CPU generator's state after the factory ran.
-
-    That state is where a plain script's ``torch.manual_seed(seed); model = factory(config)``
-    leaves the global generator for its training loop: the member's dropout stream starts there.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            model = recipe.model(config)
-        except KeyError as exc:
-            key = exc.args[0] if len(exc.args) == 1 else None
-            if not isinstance(key, (str, int)) or key in config:
-                raise
-            raise KeyError(
-                f"{api}: the model factory reads cfg[{key!r}], which the config lacks (it has "
-                f"{sorted(map(str, config))}). Add {key!r} to every config (or to the search space), "
-                f"or read it with cfg.get({key!r}, default)."
-            ) from exc
-        state = torch.get_rng_state()
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"{api}: model(config) must return an nn.Module, got {type(model).__name__} "
-            f"(config {dict(config)!r}). Return an instance, e.g. MyNet(cfg['hidden'])."
-        )
-    return model.to(recipe.dtype), state
-
-
-def model_shapes(recipe: Recipe, config: Mapping[str, Any], seed: int) -> nn.Module:
-    """The config's model on the meta device: its architecture without initializing weights.
-
-    A factory that needs real tensors (an init that reads values) builds it as usual.
-    """
-    try:
-        with torch.device("meta"):
-            return build_model(recipe, config, seed)
-    except Exception:
-        return build_model(recipe, config, seed)
 
 
 @dataclass
@@ -199,7 +114,7 @@ class PackTrainer:
         self.recipe = recipe
         self.capacity = capacity
         self.device = recipe.resolve_device()
-        template = build_model(recipe, example_config, member_seed(example_config, 0))
+        template = build_model(recipe, example_config, member_seed(example_config, 0, "mb.PackTrainer"))
         self.signature = architecture_signature(template)
         self.batch = ModelBatch([template] * capacity, backend=recipe.backend).to(self.device)
         self.batch.active.fill_(False)
@@ -228,15 +143,12 @@ class PackTrainer:
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         """Whether a member with this config has the pack's architecture."""
-        return (
-            architecture_signature(model_shapes(self.recipe, config, member_seed(config, 0)))
-            == self.signature
-        )
+        return config_signature(self.recipe, config) == self.signature
 
     def add(self, member_id: Any, config: Mapping[str, Any], seed: int | None = None) -> int:
         """Put a new member into a free slot (fresh weights from its seed, fresh optimizer state)."""
         config = dict(config)
-        seed = member_seed(config, 0) if seed is None else seed
+        seed = member_seed(config, 0, "mb.PackTrainer.add") if seed is None else seed
         model, rng = build_seeded(self.recipe, config, seed)
         slot = self._occupy(member_id, config, seed, model, model)
         # Its dropout masks: those a plain script draws after torch.manual_seed(seed) and the factory.

@@ -9,7 +9,7 @@ from recipes import small_recipe
 from torch import nn
 
 import modelbatch as mb
-from modelbatch._trainer import architecture_signature, pack_label
+from modelbatch._architecture import architecture_signature, pack_label
 
 torch.manual_seed(0)
 X = torch.randn(64, 5, dtype=torch.float64)

@@ -709,6 +709,12 @@ BAD = [
         ValueError,
         r"^mb.PackTrainer: capacity must be a positive int, got True",
     ),
+    (
+        "PackTrainer.add: seed not an int",
+        lambda ctx: mb.PackTrainer(recipe(), 2, {}).add("a", {"seed": 1.5}),
+        TypeError,
+        r"^mb.PackTrainer.add: config seed must be an int, got 1.5",
+    ),
     # ---- ModelBatchSearcher (construction: no Ray needed)
     (
         "searcher: a dict recipe",

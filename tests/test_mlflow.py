@@ -261,7 +261,7 @@ def test_fit_logs_members_as_child_runs(sqlite_uri, tmp_path) -> None:
             got = _history(client, run.info.run_id, key)
             assert [s for s, _ in got] == [s for s, _ in expected]
             assert all(a == b or (math.isnan(a) and math.isnan(b)) for (_, a), (_, b) in zip(got, expected))
-        assert run.data.tags["pack"] == "pack-0" and run.data.tags["signature"].startswith("Net-")
+        assert run.data.tags["pack"] == "pack-0" and run.data.tags["signature"] == rows["pack"].iloc[0]
         assert run.data.tags["slot"] == str(member) and run.data.tags["node"] == socket.gethostname()
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "model")]
         assert artifacts == ["model/state_dict.pt"]

@@ -119,3 +119,40 @@ def test_architecture_keys_of_configs_with_tune_placeholders_use_the_resolved_ob
     assert key(tanh) is None  # hidden is drawn in the trial: its architecture is unknown here
     tanh, relu = ({**c, "hidden": 8} for c in (tanh, relu))
     assert key(tanh) == key({"act": nn.Tanh, "hidden": 8}) != key(relu) == key({"act": nn.ReLU, "hidden": 8})
+
+
+def test_a_members_model_is_built_once_for_its_pack_key_and_once_for_its_weights():
+    """From the searcher's suggestion to its slot: the key is built on the meta device once and sent
+    with the config; the packs find the member's pack by it (before: a meta build per pack with room
+    as well, 38 builds here instead of 27)."""
+    from tune_recipes import make_model
+
+    from tune_integration._packs import Packs
+    from tune_integration._relay import PACK_KEY
+
+    builds: dict[float, int] = {}
+
+    def counting(cfg: dict):
+        builds[cfg["lr"]] = builds.get(cfg["lr"], 0) + 1
+        return make_model(cfg)
+
+    rec = recipe(model=counting)
+    searcher = ModelBatchSearcher(rec, slots_per_gpu=4, random_state=0)
+    space = {"lr": tune.loguniform(1e-3, 1e-1), "hidden": tune.grid_search([8, 16, 32])}
+    searcher._ahead.set_search_properties("val_loss", "min", space, num_samples=12)
+    searcher._limiter.set_max_concurrency(12)
+    searcher._ahead.ahead = 4  # set when the servers start
+    packs = Packs(rec, 4)
+    firsts = []
+    for i in range(12):
+        config = dict(searcher._next_config(f"t{i}"))
+        key = config.pop(PACK_KEY)  # what the relay does before it joins
+        assert builds[config["lr"]] == 1 and key == searcher._ahead.live_keys[f"t{i}"]
+        known = set(packs.packs)
+        pid = packs.join(f"t{i}", config, None, key=key)
+        firsts += [config["lr"]] if pid not in known else []
+        assert packs.packs[pid].slots[packs.packs[pid].slot_of(f"t{i}")].config == config
+    assert len(packs.packs) == 3 and len(builds) == 12
+    # the key, the member's weights, and the pack's template for the first member of each pack
+    assert {lr: n - (lr in firsts) for lr, n in builds.items()} == dict.fromkeys(builds, 2)
+    assert sum(builds.values()) == 27

@@ -28,6 +28,8 @@ from ray.tune import Callback
 from modelbatch.callbacks import NaNGuard
 from modelbatch.mlflow import MEMBER_TAG_KEYS, MLflowLogger, flatten, is_number
 
+from ._relay import PACK_KEY
+
 TUNE_TAG_KEYS = ("server", "server_node")  # what a slot server adds to its members' results: tags
 
 # What Tune adds to every result that is bookkeeping, not a metric of the member.
@@ -66,12 +68,17 @@ def trial_name(trial: Any, limit: int = 60) -> str:
     """
     head = trial_number(trial)
     words = [str(trial.trial_id) if head is None else f"m{head:03d}"]
-    for key, value in flatten(trial.config or {}).items():
+    for key, value in flatten(member_config(trial)).items():
         if key.rsplit("/", 1)[-1] == "seed" or not isinstance(value, (str, int, float)):
             continue
         words.append(f"{key}={value:.2g}" if isinstance(value, float) else f"{key}={value}")
     name = " ".join(words)
     return name if len(name) <= limit else name[: limit - 3] + "..."
+
+
+def member_config(trial: Any) -> dict[str, Any]:
+    """The trial's config without the searcher's architecture key (``PACK_KEY``, for its relay)."""
+    return {k: v for k, v in (trial.config or {}).items() if k != PACK_KEY}
 
 
 def trial_number(trial: Any) -> int | None:
@@ -253,7 +260,7 @@ class MLflowCallback(Callback):
             self._iterations.setdefault(tid, 0)
             self.logger.start_member(
                 tid,
-                trial.config,
+                member_config(trial),
                 name=self.member_name(trial),
                 tags={"trial_id": tid},
                 best=self._best.get(tid),

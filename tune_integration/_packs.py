@@ -21,8 +21,14 @@ from typing import Any
 import torch
 
 import modelbatch as mb
-from modelbatch._trainer import architecture_signature, build_model, member_seed, model_shapes, pack_label
-from modelbatch.data._source import example_batch
+from modelbatch._internal import (
+    architecture_signature,
+    build_model,
+    config_signature,
+    example_batch,
+    member_seed,
+    pack_label,
+)
 
 Limits = tuple[int | None, int | None, int | None]
 """A member's ``(reports, checkpoint_every, snapshot_every)``: see :meth:`Packs.join`."""
@@ -90,6 +96,7 @@ class Packs:
         self.parked: dict[Any, dict[str, Any]] = {}
         self.limits: dict[Any, Limits] = {}
         self.callbacks: dict[Any, Sequence[mb.callbacks.Callback]] = {}  # per member: its sweep's
+        self.keys: dict[Any, str | None] = {}  # member -> its architecture key (None: unknown)
         self.next_pack = 0
 
     def live(self, pid: int) -> dict[Any, int]:
@@ -104,6 +111,7 @@ class Packs:
         state: bytes | None,
         limits: Limits | None = None,
         callbacks: Sequence[mb.callbacks.Callback] = (),
+        key: str | None = None,
     ) -> int:
         """Add a member (restored from ``state`` if given) to its architecture's pack; returns the pack id.
 
@@ -112,11 +120,15 @@ class Packs:
         checkpoint_every, snapshot_every)`` (it ends after that many reports; ``None`` each: no end,
         no checkpoints, no snapshots); by default the constructor's. ``callbacks``: its sweep's
         :class:`modelbatch.callbacks.Callback` objects (one list per sweep: they see that sweep's
-        members of a pack together).
+        members of a pack together). ``key``: the config's
+        :func:`~modelbatch._internal.architecture_key` (the searcher's), which finds its pack by the
+        packs' labels; without one each pack with room builds the config's model on the meta device
+        to compare. The pack checks the member's architecture either way when it adds it.
         """
         self.leave(trial_id)  # a restarted trial: drop its stale slot
+        self.keys[trial_id] = key
         if state is None:
-            pid = self._pack_for(config)
+            pid = self._pack_for(config, key)
             self.packs[pid].add(trial_id, config)
         else:
             snapshot = self.snapshots.get(_snapshot_token(state)) if self.snapshots else None
@@ -133,6 +145,7 @@ class Packs:
         self.parked.pop(trial_id, None)
         self.limits.pop(trial_id, None)
         self.callbacks.pop(trial_id, None)
+        self.keys.pop(trial_id, None)
         return self._take_out(trial_id)
 
     def park(self, trial_id: Any) -> None:
@@ -177,7 +190,7 @@ class Packs:
         stopped, in ``"stopped"`` (``"early stopped: val_loss did not improve for 3 reports"``).
         """
         pack = self.packs[pid]
-        label = pack_label(str(getattr(pack, "signature", pid)))
+        label = pack_label_of(pack, pid)
         reports = pack.train_report()
         ended = {}
         for callbacks, max_reports, members in self._rules(reports):
@@ -228,20 +241,19 @@ class Packs:
     def _restore(self, trial_id: Any, state: dict[str, Any], config: Mapping[str, Any] | None = None) -> int:
         saved = state["slot_state"]
         state["slot_state"] = replace(saved, member_id=trial_id)
-        pid = self._pack_for(saved.config)
-        if config is None or dict(config) == saved.config:
-            self.packs[pid].restore_member(state)
-        else:
+        same = config is None or dict(config) == saved.config
+        if not same:  # the state's architecture must be the config's (whose key the member has)
             self._check_architecture(trial_id, saved, config)
-            self.packs[pid].restore_member(state, dict(config))
+        pid = self._pack_for(saved.config, self.keys.get(trial_id))
+        self.packs[pid].restore_member(state, None if same else dict(config))
         return pid
 
     def _check_architecture(self, trial_id: Any, saved: Any, config: Mapping[str, Any]) -> None:
         """A member continuing another's state with a new config must keep that state's architecture."""
         if not isinstance(self.recipe, mb.Recipe):
             return  # a pack factory's trainer checks its members itself
-        before = architecture_signature(model_shapes(self.recipe, saved.config, saved.seed))
-        if architecture_signature(model_shapes(self.recipe, config, saved.seed)) == before:
+        before = config_signature(self.recipe, saved.config, saved.seed)
+        if config_signature(self.recipe, config, saved.seed) == before:
             return
         changed = sorted(k for k in {*config, *saved.config} if config.get(k) != saved.config.get(k))
         raise ValueError(
@@ -252,9 +264,12 @@ class Packs:
             "hyperparameters that keep the parameter shapes (lr, weight_decay, ...) in hyperparam_mutations."
         )
 
-    def _pack_for(self, config: Mapping[str, Any]) -> int:
+    def _pack_for(self, config: Mapping[str, Any], key: str | None = None) -> int:
+        """A pack with room for the config's architecture (a new one if none): found by ``key``
+        (a Recipe's packs' labels) where given, else by each pack's ``accepts``."""
+        by_key = key is not None and isinstance(self.recipe, mb.Recipe)
         for pid, pack in self.packs.items():
-            if pack.free_slots() and pack.accepts(config):
+            if pack.free_slots() and (pack_label_of(pack, pid) == key if by_key else pack.accepts(config)):
                 return pid
         pid, self.next_pack = self.next_pack, self.next_pack + 1
         if isinstance(self.recipe, mb.Recipe):
@@ -262,6 +277,11 @@ class Packs:
         else:
             self.packs[pid] = self.recipe(self.slots, config)
         return pid
+
+
+def pack_label_of(pack: Any, pid: int) -> str:
+    """A pack's ``pack`` label: its signature's (a pack factory's trainer without one: its id)."""
+    return pack_label(str(getattr(pack, "signature", pid)))
 
 
 def _name(member: Any) -> str:

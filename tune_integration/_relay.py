@@ -24,6 +24,9 @@ RESOURCES = {"cpu": 0.01}
 """A relay's resources: Tune rejects ``{"cpu": 0}`` (an empty placement group)."""
 MAX_REJOINS = 5
 """Times in a row a relay joins again after losing its server without getting a result."""
+PACK_KEY = "modelbatch_pack"
+"""The config entry in which the searcher hands a member's architecture key (its ``pack`` label) to
+its relay, which sends it with ``join`` (the service places members of one key together)."""
 
 
 def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
@@ -56,6 +59,8 @@ def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
             "it trains nothing itself: put the data into the mb.Recipe (train_data=..., val_data=...) and "
             "pass searcher.trainable() without tune.with_parameters."
         )
+    config = dict(config)
+    key = config.pop(PACK_KEY, None)  # not the model's: the searcher's note of its architecture
     service = find_service()
     context = ray.get_runtime_context()
     trial_id = tune.get_context().get_trial_id()
@@ -66,7 +71,11 @@ def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
         relay = context.current_actor  # the service pings the relay while it lives
     except RuntimeError:  # not in an actor (called by hand): no liveness pings
         relay = None
-    server, sweep, reported = ray.get(service.join.remote(job, trial_id, config, state, relay))
+
+    def join(state: bytes | None) -> tuple[Any, str, int]:
+        return ray.get(service.join.remote(job, trial_id, config, state, relay, key))
+
+    server, sweep, reported = join(state)
     origin = checkpoint_origin(checkpoint)
     if origin is not None and origin["trial_id"] != trial_id:
         # population-based training's exploit: another member's checkpoint, from whose iteration
@@ -83,12 +92,12 @@ def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
                     f"ModelBatchSearcher: member {trial_id} lost its slot server {lost} times without a "
                     "result; see the slot servers' logs (ray logs / the dashboard) for why they die."
                 ) from exc
-            server, sweep, _ = ray.get(service.join.remote(job, trial_id, config, state, relay))
+            server, sweep, _ = join(state)
             continue
         lost = 0
         if "parked" in reply:  # its slot went to another tenant: queue again, continue exactly
             state = reply["parked"]
-            server, sweep, _ = ray.get(service.join.remote(job, trial_id, config, state, relay))
+            server, sweep, _ = join(state)
             continue
         if reply["checkpoint"] is not None:
             state = reply["checkpoint"]

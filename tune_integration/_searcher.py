@@ -19,14 +19,18 @@ from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.sample import Domain
 
 import modelbatch as mb
-from modelbatch._hparams import check_positive_int
-from modelbatch._recipe import OPTIMIZER_KEYS
-from modelbatch._trainer import architecture_signature, build_model, member_seed
+from modelbatch._internal import (
+    OPTIMIZER_KEYS,
+    architecture_key,
+    build_model,
+    check_positive_int,
+    member_seed,
+)
 
 from . import _relay
 from ._generator import accept_population_based_training
 from ._lookahead import GroupingLookahead
-from ._packs import PackFactory, load_member_state, pack_label
+from ._packs import PackFactory, load_member_state
 from ._sampler import SpaceSampler
 from ._service import (
     ServiceStopping,
@@ -306,11 +310,15 @@ class ModelBatchSearcher(Searcher):
         self._tell_tune_total()
         self._start()
         self._renew()
+        return self._next_config(trial_id)
+
+    def _next_config(self, trial_id: str) -> dict | str | None:
+        """The limiter's next config with its architecture key for the relay to join with
+        (``_relay.PACK_KEY``), computed once, when the lookahead drew the config."""
         config = self._limiter.suggest(trial_id)
         key = self._ahead.live_keys.get(trial_id)
-        if isinstance(config, dict) and key is not None and self._sweep is not None:
-            # its server: one hosting its architecture
-            self._sweep.service.expect.remote(self._sweep.id, trial_id, key)
+        if isinstance(config, dict) and key is not None:
+            config = {**config, _relay.PACK_KEY: key}
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -547,18 +555,9 @@ class ModelBatchSearcher(Searcher):
         if config is None:  # a sample_from value: Tune draws it in the trial
             return None
         try:
-            return pack_label(architecture_signature(self._model_shapes(config)))
+            return architecture_key(self.recipe, config)
         except Exception:  # a bad config: its member trial reports why when it joins a server
             return None
-
-    def _model_shapes(self, config: dict[str, Any]) -> torch.nn.Module:
-        """The config's model on the meta device (shapes and settings, no weights) where it builds there."""
-        seed = member_seed(config, 0)
-        try:
-            with torch.device("meta"):
-                return build_model(self.recipe, config, seed)
-        except Exception:  # a factory that needs real tensors (e.g. an init reading values)
-            return build_model(self.recipe, config, seed)
 
     def _example_configs(self, own_rng: bool = False) -> list[dict[str, Any]]:
         """Configs of the space for the servers to measure a member's memory on (``"auto"`` slots,
@@ -756,4 +755,4 @@ def _check_sweep(
     for config in samples:
         where = f"{API}: config {config} (sampled from the search space)"
         recipe.hparams(config, api=where)
-        build_model(recipe, config, member_seed(config, 0), api=where)
+        build_model(recipe, config, member_seed(config, 0, where), api=where)

@@ -174,6 +174,8 @@ class SlotServer:
         chosen = {m for g in {self.group_of[s] for s in sweeps if s in self.group_of} for m in self._all(g)}
         chosen = {m for m in chosen if m[0] in sweeps}
         tenants: dict[str, int] = {}
+        from ._packs import pack_label_of  # torch: only once a pack exists (not at import)
+
         pack_tenants = []
         for group, packs in self.groups.items():
             for pid, pack in packs.packs.items():
@@ -279,14 +281,24 @@ class SlotServer:
         for pid in touched:
             self._maybe_tick((group, pid))  # other sweeps' members of those packs go on
 
-    async def join(self, sweep_id: str, trial_id: str, config: dict[str, Any], state: bytes | None) -> None:
-        """Put a member into a free slot of its architecture's pack (restored from ``state`` if given)."""
+    async def join(
+        self,
+        sweep_id: str,
+        trial_id: str,
+        config: dict[str, Any],
+        state: bytes | None,
+        key: str | None = None,
+    ) -> None:
+        """Put a member into a free slot of its architecture's pack (restored from ``state`` if given).
+
+        ``key``: its architecture key, which finds that pack without a build (:meth:`Packs.join`).
+        """
         async with self.lock:
             packs = self._packs(sweep_id)
             opts = self.options[sweep_id]
             limits = (opts["reports"], opts["checkpoint_every"], opts["snapshot_every"])
             member = (sweep_id, trial_id)
-            await self._in_thread(packs.join, member, config, state, limits, opts["callbacks"])
+            await self._in_thread(packs.join, member, config, state, limits, opts["callbacks"], key)
 
     async def leave(self, sweep_id: str, trial_id: str) -> None:
         """Free the member's slot (idempotent)."""
@@ -446,13 +458,6 @@ class SlotServer:
 
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-
-def pack_label_of(pack: Any, pid: int) -> str:
-    """The readable label of a pack (its architecture's), as results' ``pack`` say."""
-    from ._packs import pack_label
-
-    return pack_label(str(getattr(pack, "signature", pid)))
 
 
 def _budget(device: Any) -> int:

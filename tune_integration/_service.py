@@ -224,7 +224,6 @@ class Service:
         self.sweeps: dict[str, _Sweep] = {}
         self.job_sweep: dict[str, str] = {}
         self.members: dict[str, _Member] = {}
-        self.keys: dict[str, str] = {}
         self.last_reported: dict[str, int] = {}
         self.changed = asyncio.Condition()
         self.stopping = False
@@ -315,8 +314,6 @@ class Service:
             del self.last_reported[member]
         for member in [m for m in self.member_locks if m.startswith(sweep_id + ":")]:
             del self.member_locks[member]
-        for member in [m for m in self.keys if m.startswith(sweep_id + ":")]:
-            del self.keys[member]
         await asyncio.gather(
             *(self._quiet_call(i, "drop_sweep", sweep_id) for i, s in enumerate(self.servers) if s.alive)
         )
@@ -333,11 +330,6 @@ class Service:
         sweep.renewed = time.monotonic()
         return sum(sweep.slots.values())
 
-    def expect(self, sweep_id: str, trial_id: str, key: str) -> None:
-        """The architecture key of a member about to join (members of one key share a pack)."""
-        if sweep_id in self.sweeps:
-            self.keys[f"{sweep_id}:{trial_id}"] = key
-
     def reported(self, sweep_id: str, iterations: dict[str, int]) -> None:
         """The searcher's note of the last ``training_iteration`` Tune processed, per member trial."""
         for trial_id, iteration in iterations.items():
@@ -346,9 +338,18 @@ class Service:
 
     # ------------------------------------------------------------------ members
     async def join(
-        self, job_id: str, trial_id: str, config: dict[str, Any], state: bytes | None, relay: Any
+        self,
+        job_id: str,
+        trial_id: str,
+        config: dict[str, Any],
+        state: bytes | None,
+        relay: Any,
+        key: str | None = None,
     ) -> tuple[Any, str, int]:
         """Put a member trial of the sweep of driver ``job_id`` into a slot (restored from ``state``).
+
+        ``key``: its architecture key (the searcher's, ``None``: unknown); members of one key go
+        to a server that hosts their pack, which they join without building their model again.
 
         Waits while the tenant's share or the servers are full. Returns its server, its sweep id
         and the member's last ``training_iteration`` Tune processed (0: none).
@@ -367,7 +368,7 @@ class Service:
         self.joining.add(member)
         try:
             while True:
-                self.policy.request(member, sweep_id, self._pack_key(sweep_id, member))
+                self.policy.request(member, sweep_id, self._pack_key(sweep_id, key))
                 await self._kick()
                 async with self.changed:
                     await self.changed.wait_for(
@@ -378,7 +379,7 @@ class Service:
                         raise RuntimeError(f"ModelBatchSearcher: member {trial_id} left (sweep closed?).")
                     index = self.policy.placed[member][1]
                     try:
-                        await self._server_join(index, sweep_id, trial_id, config, state)
+                        await self._server_join(index, sweep_id, trial_id, config, state, key)
                     except SERVER_GONE:  # gone for good: try another server
                         continue
                     except BaseException:
@@ -396,7 +397,6 @@ class Service:
         """Free the slot of a member that is done (idempotent)."""
         member = f"{sweep_id}:{trial_id}"
         self.last_reported.pop(member, None)
-        self.keys.pop(member, None)
         await self._leave(member)
         self.member_locks.pop(member, None)
 
@@ -587,13 +587,13 @@ class Service:
             self.policy.set_cap(sweep_id, index, hosted["slots"], member_bytes=member, data_bytes=data)
 
     async def _server_join(
-        self, index: int, sweep_id: str, trial_id: str, config: dict, state: bytes | None
+        self, index: int, sweep_id: str, trial_id: str, config: dict, state: bytes | None, key: str | None
     ) -> None:
         try:
-            await self._call(index, "join", sweep_id, trial_id, config, state)
+            await self._call(index, "join", sweep_id, trial_id, config, state, key)
         except UnknownSweep:  # the server restarted since the sweep opened: tell it the sweep again
             await self._add_sweep_to(index, sweep_id, again=True)
-            await self._call(index, "join", sweep_id, trial_id, config, state)
+            await self._call(index, "join", sweep_id, trial_id, config, state, key)
 
     def _server_died(self, index: int) -> None:
         """A server gone for good: its members' slots are freed (their relays join again elsewhere)."""
@@ -654,10 +654,10 @@ class Service:
         async with self.changed:
             self.changed.notify_all()
 
-    def _pack_key(self, sweep_id: str, member: str) -> str | None:
-        """What a member packs with: its architecture within its recipe group (sweeps of one recipe
-        fingerprint and slots share packs on a server, see :class:`~._server.SlotServer`)."""
-        key = self.keys.get(member)
+    def _pack_key(self, sweep_id: str, key: str | None) -> str | None:
+        """What a member of architecture ``key`` packs with: that architecture within its recipe
+        group (sweeps of one recipe fingerprint and slots share packs on a server, see
+        :class:`~._server.SlotServer`)."""
         if key is None:
             return None
         spec = self.sweeps[sweep_id].spec
