@@ -252,6 +252,23 @@ def test_tuner_restore_after_interruption_completes_every_member_exactly(tmp_pat
     assert open_sweeps() == {}
 
 
+def test_a_member_restored_at_its_last_report_is_done_without_training_more():
+    """Interrupted after a member's last result but before Tune ended its trial, a resumed sweep
+    restores the trial from that result's checkpoint: the member is done at once (in one loaded
+    run of the test above it trained one report past ``reports``)."""
+    searcher = ModelBatchSearcher(recipe(), slots_per_gpu=2, reports=3)
+    SearchGenerator(searcher).set_search_properties("val_loss", "min", {"lr": 0.01, "seed": 1})
+    service, job = searcher._sweep.service, ray.get_runtime_context().get_job_id()
+    config = {"lr": 0.01, "seed": 1}
+    server, _, reported = ray.get(service.join.remote(job, "done", config, None, None, None, 3))
+    assert server is None and reported == 3
+    server, sweep, _ = ray.get(service.join.remote(job, "one-left", config, None, None, None, 2))
+    assert server is not None  # one report to go: it trains
+    ray.get(service.release.remote(sweep, "one-left"))
+    searcher.shutdown()
+    assert open_sweeps() == {}
+
+
 def test_a_member_that_stops_asking_is_parked_and_continues_exactly_when_back():
     """A paused trial (HyperBand, PBT) must not stall its pack: it is parked, then restored exactly."""
     from tune_integration._server import SlotServer

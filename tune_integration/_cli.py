@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "stop":
                 with contextlib.suppress(ray.exceptions.RayActorError):  # it exited while answering
                     ray.get(service.stop.remote(), timeout=60)
+                _wait_until_gone(service)
                 print(f"{PROG}: stopped; every sweep's members left their slots.")
                 return 0
             status = ray.get(service.status.remote())
@@ -226,3 +228,16 @@ def _check_tenants(tenants: dict[str, dict[str, Any]], where: str) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _wait_until_gone(service: Any, timeout_s: float = 60.0) -> None:
+    """Until the stopped service's actor has exited (it ends itself just after answering ``stop``)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(service.status.remote(), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return
+        time.sleep(0.2)

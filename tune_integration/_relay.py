@@ -72,15 +72,20 @@ def modelbatch_member(config: dict[str, Any], **parameters: Any) -> None:
     except RuntimeError:  # not in an actor (called by hand): no liveness pings
         relay = None
 
-    def join(state: bytes | None) -> tuple[Any, str, int]:
-        return ray.get(service.join.remote(job, trial_id, config, state, relay, key))
+    def join(state: bytes | None, restored_at: int = 0) -> tuple[Any, str, int]:
+        return ray.get(service.join.remote(job, trial_id, config, state, relay, key, restored_at))
 
-    server, sweep, reported = join(state)
     origin = checkpoint_origin(checkpoint)
-    if origin is not None and origin["trial_id"] != trial_id:
+    own = origin is not None and origin["trial_id"] == trial_id
+    server, sweep, reported = join(state, origin["training_iteration"] if own else 0)
+    if server is None:  # restored at its last report (Tune has that result): done
+        return
+    if origin is not None and not own:
         # population-based training's exploit: another member's checkpoint, from whose iteration
         # Tune counts this trial's results on (as it does for any trainable)
         reported = origin["training_iteration"]
+    elif own:  # Tune restored it from a checkpoint it got with that result
+        reported = max(reported, origin["training_iteration"])
     lost = 0
     while True:
         try:

@@ -345,14 +345,18 @@ class Service:
         state: bytes | None,
         relay: Any,
         key: str | None = None,
+        restored_at: int = 0,
     ) -> tuple[Any, str, int]:
         """Put a member trial of the sweep of driver ``job_id`` into a slot (restored from ``state``).
 
         ``key``: its architecture key (the searcher's, ``None``: unknown); members of one key go
         to a server that hosts their pack, which they join without building their model again.
+        ``restored_at``: the ``training_iteration`` of the member's own checkpoint it restores from.
 
         Waits while the tenant's share or the servers are full. Returns its server, its sweep id
-        and the member's last ``training_iteration`` Tune processed (0: none).
+        and the member's last ``training_iteration`` Tune processed (0: none). The server is
+        ``None`` for a member restored at its sweep's last report (``reports``): it is done (a
+        sweep interrupted after that result, before Tune ended the trial), nothing is trained.
         """
         sweep_id = self.job_sweep.get(job_id)
         if sweep_id is None:
@@ -361,6 +365,9 @@ class Service:
                 "ended, or the service restarted); run the sweep again (tune.run(resume=True) continues it)."
             )
         member = f"{sweep_id}:{trial_id}"
+        last = self.sweeps[sweep_id].spec["options"].get("reports")
+        if last is not None and restored_at >= last:
+            return None, sweep_id, max(restored_at, self.last_reported.get(member, 0))
         await self._leave(member)  # a rejoining member or restarted trial: its old slot is stale
         record = self.members[member] = _Member(sweep_id, trial_id, relay)
         if relay is not None:
