@@ -118,13 +118,22 @@ class Sweep:
         self.reader.start()
 
     def interrupt_when(self, ready, timeout: float = 300) -> tuple[str, str]:
-        """SIGINT (what Ctrl-C sends) once ``ready()``; (stdout, stderr) after it exited."""
+        """SIGINT (what Ctrl-C sends) once ``ready()``; (stdout, stderr) after it exited.
+
+        The driver is frozen (SIGSTOP) from the moment ``ready()`` holds until the SIGINT is
+        pending, so that it processes no more results in between: a pack finishes these small
+        members fast, and a near-the-end Ctrl-C once reached Tune only after the last member ended.
+        """
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self.process.poll() is None and not ready():
                 time.sleep(0.05)
-            assert self.process.poll() is None, "the sweep ended before it could be interrupted"
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signal.SIGSTOP)
+            try:
+                assert self.process.poll() is None, "the sweep ended before it could be interrupted"
+                self.process.send_signal(signal.SIGINT)
+            finally:
+                self.process.send_signal(signal.SIGCONT)
             stdout = self.process.stdout.read()
             self.process.wait(timeout=180)
         finally:
