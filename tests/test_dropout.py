@@ -410,3 +410,15 @@ def test_rnn_and_multihead_attention_rates_stay_module_settings() -> None:
         mb.ModelBatch([nn.GRU(4, 4, num_layers=2, dropout=p) for p in (0.1, 0.3)])
     with pytest.raises(ValueError, match=r"ModelBatch: model 1 has dropout = 0\.3"):
         mb.ModelBatch([nn.MultiheadAttention(4, 2, dropout=p) for p in (0.1, 0.3)])
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["eager", "sdpa"])
+def test_compiled_pack_applies_float_rates_per_member(sdpa: bool) -> None:
+    torch.manual_seed(0)
+    models = [FloatRate(p, sdpa) for p in FLOAT_RATES]
+    x = torch.randn(5, 6, 8)
+    compiled = mb.ModelBatch(models, backend="vmap", compile=True)
+    compiled.manual_seed([1, 2, 3])
+    eager = _pack(models, ("vmap", None), seeds=[1, 2, 3])
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)
