@@ -8,10 +8,11 @@ from its seed (:func:`member_seed`) as a plain script would.
 
 A pack runs every member through ONE copy of the modules (the first model's), with each
 member's own tensors. Plain settings stored on modules — ``LeakyReLU``'s slope,
-``BatchNorm``'s ``eps``/``momentum``, a float dropout rate a module passes to ``F.dropout``
-— are therefore shared by the whole pack, so models that differ in one of them must not share
-a pack. The rate ``p`` of a dropout module (``nn.Dropout`` and its kin) is the exception: a
-pack holds it per member (:mod:`modelbatch._dropout`), so it is not a setting here.
+``BatchNorm``'s ``eps``/``momentum`` — are therefore shared by the whole pack, so models that
+differ in one of them must not share a pack. Dropout rates are the exception: a pack holds the
+rate ``p`` of a dropout module (``nn.Dropout`` and its kin) and every float rate a module keeps
+for ``F.dropout`` / attention (Hugging Face's ``attention_dropout``; the rule is
+:func:`modelbatch._dropout.is_rate_attribute`) per member, so they are not settings here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from ._dropout import is_rate_attribute
 
 if TYPE_CHECKING:
     from ._recipe import Recipe
@@ -40,21 +43,27 @@ def module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{module path: {attribute: value}}`` of every submodule's plain public settings.
 
     Plain means ``bool``/``int``/``float``/``str``/``None`` or tuples and lists of them;
-    ``training`` is left out (``train()``/``eval()`` switch it for the whole pack), and so is a
-    dropout module's ``p`` (a per-member value in a pack).
+    ``training`` is left out (``train()``/``eval()`` switch it for the whole pack), and so are
+    dropout rates (per-member values in a pack: :func:`modelbatch._dropout.is_rate_attribute`).
 
     Example:
         >>> from torch import nn
         >>> module_settings(nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.25)))["1"]
         {'inplace': False}
+        >>> attention = nn.Module()
+        >>> attention.attention_dropout, attention.scaling = 0.1, 0.5
+        >>> module_settings(attention)[""]
+        {'scaling': 0.5}
     """
     settings = {}
     for path, module in model.named_modules():
-        per_member = ("p",) if isinstance(module, nn.modules.dropout._DropoutNd) else ()
         settings[path] = {
             key: value
             for key, value in sorted(vars(module).items())
-            if not key.startswith("_") and key not in ("training", *per_member) and _plain(value)
+            if not key.startswith("_")
+            and key != "training"
+            and _plain(value)
+            and not is_rate_attribute(module, key, value)
         }
     return settings
 
@@ -75,8 +84,8 @@ def architecture_signature(model: nn.Module) -> str:
     """A key equal for models that can share a pack: class, tensor names and shapes, module settings.
 
     Module settings (``eps``, a slope, ...) are part of it: a pack runs every member through one
-    copy of the modules, so configs that differ in one train in separate packs. A dropout
-    module's rate is not: a pack holds it per member.
+    copy of the modules, so configs that differ in one train in separate packs. Dropout rates
+    are not: a pack holds them per member.
     """
     shapes = [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
     settings = repr(sorted(module_settings(model).items()))

@@ -15,7 +15,14 @@ from torch.utils import _pytree as pytree
 from ._activation_checkpoint import running_pack
 from ._architecture import first_setting_difference
 from ._backends import Backends
-from ._dropout import MemberRandom, dropout_modules, install_member_rates, running_members
+from ._dropout import (
+    MemberRandom,
+    install_member_rates,
+    plain_rate,
+    rate_slots,
+    running_members,
+    set_member_rates,
+)
 from ._hparams import check_member_index
 from ._huggingface import adapt_skeleton
 from ._tied import retie, set_tensor, tied_names
@@ -181,6 +188,11 @@ def _check_tensor_outputs(out: Any) -> None:
             raise TypeError(_non_tensor_message(type(leaf).__name__))
 
 
+def _model_rates(api: str, model: nn.Module) -> dict[str, float]:
+    """A plain model's dropout rates by :func:`rate_slots` key."""
+    return {key: plain_rate(getattr(*slot), api) for key, slot in rate_slots(model).items()}
+
+
 def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from model.named_parameters()
     yield from model.named_buffers()
@@ -240,7 +252,7 @@ class ModelBatch(nn.Module):
         for name, value in buffers.items():
             set_tensor(stack, name, value, False)
         retie(stack, self._aliases)  # tied names: one stacked leaf in every alias's slot
-        install_member_rates(stack, models)  # every dropout module's p, per member
+        install_member_rates(stack, models)  # every dropout rate, per member
         prepare_for_vmap(stack, api="ModelBatch")
         self._inputs_require_grad = adapt_skeleton(stack)
         self.stack = stack
@@ -654,8 +666,9 @@ class ModelBatch(nn.Module):
             for name, buf in self.stacked_buffers().items():
                 set_tensor(model, name, buf[index].clone(), False)
         retie(model, self._aliases)
-        for path, layer in dropout_modules(model).items():
-            layer.p = self.stack.get_submodule(path).p.rates[index]
+        rates = self.dropout_rates
+        for key, (module, name) in rate_slots(model).items():
+            setattr(module, name, rates[key][index])
         model.train(self.training)
         return model
 
@@ -674,11 +687,11 @@ class ModelBatch(nn.Module):
                 )
             values = dict(_named_tensors(source))
             expected = dict(_named_tensors(self.stack))
-            rates = {path: float(layer.p) for path, layer in dropout_modules(source).items()}
+            rates = _model_rates(api, source)
         elif isinstance(source, Mapping):
             values = dict(source)
             expected = self.stack.state_dict(keep_vars=True)
-            rates = {}
+            rates = None  # a state holds no rates: the member's stay
         else:
             raise TypeError(f"{api}: expected an nn.Module or a state_dict, got {type(source).__name__}.")
         missing = sorted(expected.keys() - values.keys())
@@ -700,23 +713,36 @@ class ModelBatch(nn.Module):
                 target[index].copy_(value.to(target.device, target.dtype))
                 if isinstance(target, nn.Parameter) and target.grad is not None:
                     target.grad[index].zero_()
-        for path, rate in rates.items():
-            self.stack.get_submodule(path).p.rates[index] = rate
+        if rates is not None:
+            self._set_member_rates(api, index, rates)
 
     def load_member_rates(self, index: int, source: nn.Module) -> None:
         """Set member ``index``'s dropout rates to those of ``source`` (a model of the pack's architecture,
         on any device, the meta device too), leaving its weights as they are."""
-        index = check_member_index("ModelBatch.load_member_rates", index, self.n)
-        for path, layer in dropout_modules(source).items():
-            self.stack.get_submodule(path).p.rates[index] = float(layer.p)
+        api = "ModelBatch.load_member_rates"
+        index = check_member_index(api, index, self.n)
+        self._set_member_rates(api, index, _model_rates(api, source))
+
+    def _set_member_rates(self, api: str, index: int, rates: Mapping[str, float]) -> None:
+        current = self.dropout_rates
+        if rates.keys() != current.keys():
+            raise ValueError(
+                f"{api}: the model's dropout rates {sorted(rates)} are not the pack's "
+                f"{sorted(current)}; a float rate must be a float in [0, 1] in every model of a pack."
+            )
+        for key, rate in rates.items():
+            set_member_rates(self.stack, key, [*current[key][:index], rate, *current[key][index + 1 :]], api)
 
     # ------------------------------------------------------------------ dropout
     @property
     def dropout_rates(self) -> dict[str, list[float]]:
-        """Every dropout module's rate ``p`` per member, by module path.
+        """Every dropout rate per member: a dropout module's ``p`` by the module's path, a float rate
+        a module keeps for ``F.dropout`` / attention by the attribute's path.
 
         Models that differ only in these rates share a pack: member ``i`` drops with its own
-        ``p`` (``member(i)`` returns it, ``load_member`` sets it).
+        rates (``member(i)`` returns them, ``load_member`` sets them). Which float attributes are
+        rates: :func:`modelbatch._dropout.is_rate_attribute` (a float in ``[0, 1]`` named
+        ``*dropout*`` or ``*pdrop``, e.g. Hugging Face's ``attention_dropout``).
 
         Example:
             >>> import torch, modelbatch as mb
@@ -724,7 +750,7 @@ class ModelBatch(nn.Module):
             >>> mb.ModelBatch(nets).dropout_rates
             {'1': [0.1, 0.5]}
         """
-        return {path: list(layer.p.rates) for path, layer in dropout_modules(self.stack).items()}
+        return {key: list(getattr(*slot).rates) for key, slot in rate_slots(self.stack).items()}
 
     def manual_seed(self, seed: int | Sequence[int], *, member: int | None = None) -> None:
         """Seed the members' dropout streams: one seed per member, or ``member``'s alone.

@@ -10,11 +10,15 @@ from typing import Any
 import torch
 
 from ._batch import ModelBatch
+from ._dropout import rate_slots, set_member_rates
 from ._tied import retie, tied_names
 from .optim import Optimizer
 
 FORMAT = "modelbatch-checkpoint"
-VERSION = 3  # 2: non-persistent buffers are saved too; 3: each member's dropout rates and stream
+# 2: non-persistent buffers are saved too; 3: each member's dropout rates and stream; 4: float
+# dropout rates (Hugging Face's attention_dropout) per member too, keyed by the attribute's path
+# (a version-3 file holds the dropout modules' rates alone: its float rates were equal, in the template)
+VERSION = 4
 
 
 def _non_persistent_buffers(batch: ModelBatch) -> dict[str, torch.Tensor]:
@@ -126,7 +130,7 @@ def load(
     if saved_buffers is not None:
         _load_buffers(batch, saved_buffers)
     if payload.get("dropout") is not None:
-        _load_dropout(batch, payload["dropout"])
+        _load_dropout(batch, payload["dropout"], payload["template"])
     if cls is not None:
         if optimizer is None:
             optimizer = cls.from_state_dict(batch, saved_opt["state"])
@@ -153,9 +157,13 @@ def _load_buffers(batch: ModelBatch, saved: dict[str, torch.Tensor]) -> None:
             targets[name].copy_(value)
 
 
-def _load_dropout(batch: ModelBatch, saved: dict[str, Any]) -> None:
-    """Each member's dropout rates and random stream, as saved."""
-    for path, rates in saved["rates"].items():
-        batch.stack.get_submodule(path).p.rates[:] = rates
+def _load_dropout(batch: ModelBatch, saved: dict[str, Any], template: torch.nn.Module) -> None:
+    """Each member's dropout rates and random stream, as saved.
+
+    A rate the file does not hold (a float rate in a version-3 file) is the template's, for all.
+    """
+    for key, (module, name) in rate_slots(template).items():
+        rates = saved["rates"].get(key, [getattr(module, name)] * batch.n)
+        set_member_rates(batch.stack, key, rates, "mb.load")
     for i, state in enumerate(saved["rng"]):
         batch.set_rng_state(i, state)

@@ -14,11 +14,14 @@ name when called, as ``nn`` and Hugging Face do — draw each member's mask from
 * a rerun is bitwise identical, and a member's masks do not depend on its pack-mates or slot;
 * on the CPU a member seeded with ``torch.Generator`` state ``s`` draws exactly the masks the
   plain model draws after ``torch.set_rng_state(s)`` (dropout layers bitwise; SDPA to round-off);
-* the rate of every dropout *module* (``_DropoutNd.p``) is a per-member value
-  (:class:`MemberRate`): models that differ only in it share a pack.
-
-Rates a model keeps as plain floats for ``F.dropout`` (Hugging Face's ``attention_dropout``) stay
-module settings that must be equal in a pack.
+* every dropout rate is a per-member value (:class:`MemberRate`): the rate ``p`` of a dropout
+  *module* (``_DropoutNd``), and a float a module keeps for ``F.dropout`` / SDPA's ``dropout_p``
+  (Hugging Face's ``attention_dropout``, T5's ``dropout``; the rule: :func:`is_rate_attribute`).
+  Models that differ only in them share a pack. A forward that computes with a rate in Python
+  (``1 - self.attention_dropout``, ``if self.dropout > 0``) gets the plain float when the members'
+  rates are equal, and an error naming the rate when they differ — never member 0's rate for all.
+  Rates torch's kernels compute with (``nn.RNNBase``, ``nn.MultiheadAttention``) stay module
+  settings, equal in a pack.
 """
 
 from __future__ import annotations
@@ -39,41 +42,153 @@ from torch import nn
 _SELU_ALPHA = 1.7580993408473766  # torch's alpha_dropout constant (ATen/native/Dropout.cpp)
 
 
-class MemberRate(float):
-    """A dropout module's rate in a pack's skeleton: the value of model 0, plus every member's rate.
+_OPERATORS = {
+    "__add__": "+", "__radd__": "+", "__sub__": "-", "__rsub__": "-", "__mul__": "*", "__rmul__": "*",
+    "__truediv__": "/", "__rtruediv__": "/", "__floordiv__": "//", "__rfloordiv__": "//",
+    "__mod__": "%", "__rmod__": "%", "__divmod__": "divmod", "__rdivmod__": "divmod",
+    "__pow__": "**", "__rpow__": "**", "__neg__": "unary -", "__pos__": "unary +", "__abs__": "abs",
+    "__lt__": "<", "__le__": "<=", "__gt__": ">", "__ge__": ">=", "__eq__": "==", "__ne__": "!=",
+    "__bool__": "bool", "__float__": "float", "__int__": "int", "__round__": "round",
+    "__trunc__": "math.trunc", "__floor__": "math.floor", "__ceil__": "math.ceil",
+}  # fmt: skip
 
-    It is a ``float`` (model 0's rate), so code that reads ``module.p`` runs unchanged; a dropout
-    call that receives it applies member ``i``'s rate ``rates[i]`` to member ``i``.
+
+class MemberRate(float):
+    """A dropout rate in a pack's skeleton: every member's rate (``rates``), by member.
+
+    A dropout call that receives it (``F.dropout`` and its kin, ``scaled_dot_product_attention``'s
+    ``dropout_p``) applies member ``i``'s rate to member ``i``. Computing with it in Python —
+    arithmetic, comparisons, ``bool``, ``float`` — gives the ordinary result when all members'
+    rates are equal and raises when they differ: no member is silently given another's rate.
+    Its value as a C double (what a torch op reads) is the common rate, or NaN when they differ.
+
+    Example:
+        >>> rate = MemberRate([0.1, 0.1])
+        >>> 1 - rate, rate > 0
+        (0.9, True)
+        >>> try:
+        ...     1 - MemberRate([0.1, 0.3], "attention_dropout")
+        ... except RuntimeError as error:
+        ...     print(str(error)[:83])
+        ModelBatch: the dropout rate attention_dropout differs between members ([0.1, 0.3])
     """
 
     rates: list[float]
+    where: str
 
-    def __new__(cls, rates: Sequence[float]) -> MemberRate:
-        rate = super().__new__(cls, rates[0])
-        rate.rates = [float(r) for r in rates]
+    def __new__(cls, rates: Sequence[float], where: str = "") -> MemberRate:
+        rates = [float(r) for r in rates]
+        rate = super().__new__(cls, rates[0] if len(set(rates)) == 1 else math.nan)
+        rate.rates, rate.where = rates, where
         return rate
 
     def __reduce__(self) -> tuple:
-        return (MemberRate, (self.rates,))
+        return (MemberRate, (self.rates, self.where))
 
     def __deepcopy__(self, memo: dict) -> MemberRate:
-        return MemberRate(self.rates)
+        return MemberRate(self.rates, self.where)
+
+    def __repr__(self) -> str:
+        return f"MemberRate({self.rates})"
+
+    __hash__ = float.__hash__
+
+    def common(self, operation: str) -> float:
+        """The members' rate when they are all equal; else ``operation`` (needing one value) raises."""
+        if len(set(self.rates)) == 1:
+            return self.rates[0]
+        where = f" {self.where}" if self.where else ""
+        raise RuntimeError(
+            f"ModelBatch: the dropout rate{where} differs between members ({self.rates}), and the "
+            f"model computes with it ({operation}); a pack applies each member's own rate only where "
+            "the rate is passed to F.dropout (and its kin) or to F.scaled_dot_product_attention's "
+            "dropout_p. Give these members equal rates (they may then share a pack), or keep the rate "
+            "under a name that is not a dropout rate's (see modelbatch._dropout.is_rate_attribute): "
+            "models differing in it then train in separate packs."
+        )
 
 
-def dropout_modules(module: nn.Module) -> dict[str, nn.Module]:
-    """The dropout modules (``nn.modules.dropout._DropoutNd``) of ``module`` by path."""
-    return {
-        path: layer
-        for path, layer in module.named_modules()
-        if isinstance(layer, nn.modules.dropout._DropoutNd)
-    }
+def _guarded(name: str) -> Callable:
+    method = getattr(float, name)
+
+    def operator(self: MemberRate, *args: Any) -> Any:
+        return method(self.common(_OPERATORS[name]), *args)
+
+    operator.__name__ = name
+    return operator
+
+
+for _name in _OPERATORS:
+    setattr(MemberRate, _name, _guarded(_name))
+
+
+def is_rate_attribute(module: nn.Module, name: str, value: Any) -> bool:
+    """Whether ``module.name = value`` is a dropout rate a pack holds per member (:class:`MemberRate`).
+
+    The rule: a dropout module's ``p`` (``nn.modules.dropout._DropoutNd``); and any ``float``
+    attribute in ``[0, 1]`` whose name contains ``"dropout"`` or ends with ``"pdrop"`` (Hugging
+    Face's ``attention_dropout``, T5's ``dropout``, ViT's ``dropout_prob``, GPT-2-style
+    ``attn_pdrop``), except on ``nn.RNNBase`` and ``nn.MultiheadAttention``, whose rates torch's
+    kernels compute with (those stay module settings, equal in a pack). ``bool``/``int`` values
+    are not rates.
+
+    Example:
+        >>> from torch import nn
+        >>> [is_rate_attribute(nn.Module(), name, 0.1) for name in ("attention_dropout", "layerdrop")]
+        [True, False]
+    """
+    if not (isinstance(value, MemberRate) or (type(value) is float and 0.0 <= value <= 1.0)):
+        return False
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return name == "p"
+    lower = name.lower()
+    named = "dropout" in lower or lower.endswith("pdrop")
+    return named and not isinstance(module, (nn.RNNBase, nn.MultiheadAttention))
+
+
+def rate_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Every per-member dropout rate of ``model``: ``{key: (module, attribute)}``.
+
+    The key of a dropout module's ``p`` is the module's path (``"1"``, ``"encoder.drop"``); that
+    of a float rate the attribute's path (``"model.layers.0.self_attn.attention_dropout"``).
+    """
+    slots = {}
+    for path, module in model.named_modules():
+        for name, value in vars(module).items():
+            if is_rate_attribute(module, name, value):
+                module_p = isinstance(module, nn.modules.dropout._DropoutNd)
+                slots[path if module_p else f"{path}.{name}".lstrip(".")] = (module, name)
+    return slots
 
 
 def install_member_rates(skeleton: nn.Module, models: Sequence[nn.Module]) -> None:
-    """Give every dropout module of ``skeleton`` a :class:`MemberRate` holding each model's ``p``."""
-    per_model = [dropout_modules(m) for m in models]
-    for path, layer in dropout_modules(skeleton).items():
-        layer.p = MemberRate([float(layers[path].p) for layers in per_model])
+    """Give every dropout rate of ``skeleton`` a :class:`MemberRate` holding each model's value."""
+    per_model = [rate_slots(m) for m in models]
+    for key, (module, name) in rate_slots(skeleton).items():
+        rates = [plain_rate(getattr(*slots[key]), "ModelBatch") for slots in per_model]
+        setattr(module, name, MemberRate(rates, key))
+
+
+def plain_rate(rate: float, api: str) -> float:
+    """A model's rate as a plain float; a pack's :class:`MemberRate` (a skeleton passed for a
+    model) raises, ``api`` first."""
+    if isinstance(rate, MemberRate):
+        raise TypeError(
+            f"{api}: got a pack's skeleton (its rates are per member: {rate.where} = {rate.rates}); "
+            "pass a plain model, e.g. batch.member(i)."
+        )
+    return float(rate)
+
+
+def set_member_rates(skeleton: nn.Module, key: str, rates: Sequence[float], api: str) -> None:
+    """Put every member's rate ``rates`` at ``key`` of :func:`rate_slots` (a new :class:`MemberRate`)."""
+    slot = rate_slots(skeleton).get(key)
+    if slot is None:
+        raise KeyError(
+            f"{api}: {key!r} is not a dropout rate of the pack's models (they have "
+            f"{sorted(rate_slots(skeleton))}); pass a model or state of the pack's architecture."
+        )
+    setattr(slot[0], slot[1], MemberRate(rates, key))
 
 
 class MemberRandom:
@@ -287,7 +402,7 @@ def _dropout(
     x: torch.Tensor, p: float, training: bool, inplace: bool, feature: bool, alpha: bool
 ) -> torch.Tensor:
     """torch's ``_dropout_impl`` with each member's own mask and rate."""
-    if not 0.0 <= float(p) <= 1.0 or any(not 0.0 <= r <= 1.0 for r in _all_rates(p)):
+    if any(not 0.0 <= r <= 1.0 for r in _all_rates(p)):
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or x.numel() == 0 or all(r == 0.0 for r in _all_rates(p)):
         return x

@@ -28,20 +28,23 @@ def test_models_differing_in_a_module_setting_cannot_share_a_pack() -> None:
     mb.ModelBatch([net(0.1), net(0.5)])  # a dropout module's rate is per member: one pack
 
 
-def test_float_dropout_rates_a_module_keeps_for_f_dropout_still_split_packs() -> None:
-    """A rate read as a plain float (Hugging Face's attention_dropout) is one value for the pack."""
+def test_float_dropout_rates_a_module_keeps_for_f_dropout_share_a_pack() -> None:
+    """A rate kept as a plain float (Hugging Face's attention_dropout) is per member; other floats are not."""
 
     class Net(nn.Module):
-        def __init__(self, rate: float) -> None:
+        def __init__(self, rate: float, scale: float = 1.0) -> None:
             super().__init__()
-            self.lin, self.attention_dropout = nn.Linear(5, 3), rate
+            self.lin, self.attention_dropout, self.scale = nn.Linear(5, 3), rate, scale
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.dropout(self.lin(x), self.attention_dropout, self.training)
+            return F.dropout(self.lin(x), self.attention_dropout, self.training) * self.scale
 
-    with pytest.raises(ValueError, match=r"ModelBatch: model 1 has attention_dropout = 0\.3"):
-        mb.ModelBatch([Net(0.1), Net(0.3)])
-    assert architecture_signature(Net(0.1)) != architecture_signature(Net(0.3))
+    assert mb.ModelBatch([Net(0.1), Net(0.3)]).dropout_rates == {"attention_dropout": [0.1, 0.3]}
+    assert architecture_signature(Net(0.1)) == architecture_signature(Net(0.3))
+    with pytest.raises(ValueError, match=r"ModelBatch: model 1 has scale = 2\.0 \(model 0: 1\.0\)"):
+        mb.ModelBatch([Net(0.1), Net(0.1, scale=2.0)])
+    with pytest.raises(ValueError, match=r"ModelBatch: model 1 has attention_dropout = 1\.5"):
+        mb.ModelBatch([Net(0.1), Net(1.5)])  # not a rate in [0, 1]: a setting
 
 
 def test_signature_and_pack_label_ignore_dropout_rates_and_train_mode() -> None:

@@ -8,6 +8,7 @@ for reproducibility.
 from __future__ import annotations
 
 import copy
+import math
 
 import pandas as pd
 import pytest
@@ -248,5 +249,176 @@ def test_compiled_pack_draws_the_same_masks(backend: str) -> None:
     compiled = mb.ModelBatch(models, backend=backend, compile=True)
     compiled.manual_seed([1, 2])
     eager = _pack(models, (backend, None), seeds=[1, 2])
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- float rates
+FLOAT_RATES = [0.0, 0.1, 0.3]
+
+
+class FloatRate(nn.Module):
+    """A rate kept as a plain float, as Hugging Face's attention keeps ``attention_dropout``."""
+
+    def __init__(self, attention_dropout: float = 0.1, sdpa: bool = False) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, CLASSES)
+        self.attention_dropout, self.sdpa = attention_dropout, sdpa
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(x, p=self.attention_dropout, training=self.training)  # x: [..., S, 8]
+        q, k, v = (lin(h).unflatten(-1, (2, 4)).transpose(-3, -2) for lin in (self.q, self.k, self.v))
+        if self.sdpa:
+            drop = 0.0 if not self.training else self.attention_dropout
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        else:
+            weights = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+            out = F.dropout(weights, p=self.attention_dropout, training=self.training) @ v
+        return self.head(out.transpose(-3, -2).flatten(-2).mean(-2))
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["eager", "sdpa"])
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b[0])
+def test_float_rates_share_a_pack_and_each_member_draws_at_its_own_rate(backend, sdpa) -> None:
+    torch.manual_seed(0)
+    models = [FloatRate(p, sdpa).double() for p in FLOAT_RATES]
+    batch = _pack(models, backend, seeds=[3, 4, 5])
+    assert batch.dropout_rates == {"attention_dropout": FLOAT_RATES}
+    x = torch.randn(5, 6, 8, dtype=torch.float64)
+    packed = [batch(x) for _ in range(2)]
+    for i, model in enumerate(models):
+        for got, expected in zip(packed, _plain(model, 3 + i, x)):
+            torch.testing.assert_close(got[i], expected, rtol=1e-13, atol=1e-13)
+
+
+def _float_rate_net(cfg) -> nn.Module:
+    attention = FloatRate(cfg["attention_dropout"], cfg["sdpa"])
+    return nn.Sequential(nn.Linear(FEATURES, 16), nn.Unflatten(-1, (2, 8)), attention)
+
+
+FLOAT_CONFIGS = [{"attention_dropout": p, "lr": 1e-2, "seed": s} for s, p in enumerate(FLOAT_RATES)]
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["eager", "sdpa"])
+def test_fit_packs_configs_differing_only_in_a_float_rate_together_each_as_alone(sdpa: bool) -> None:
+    recipe = small_recipe(_float_rate_net, (X, Y), val_data=(X, Y), backend="vmap")
+    configs = [{**c, "sdpa": sdpa} for c in FLOAT_CONFIGS]
+    together = mb.fit(recipe, configs, reports=2, progress=False)
+    assert together["pack"].nunique() == 1
+    for member, config in enumerate(configs):
+        alone = mb.fit(recipe, [config], reports=2, progress=False)
+        got = together[together["member"] == member]
+        for column in ("loss", "val_loss"):
+            torch.testing.assert_close(
+                torch.tensor(got[column].to_numpy()),
+                torch.tensor(alone[column].to_numpy()),
+                rtol=1e-9,
+                atol=0,
+            )
+
+
+def test_member_save_and_load_keep_each_members_float_rate(tmp_path) -> None:
+    torch.manual_seed(0)
+    models = [FloatRate(p).double() for p in FLOAT_RATES]
+    batch = _pack(models, ("vmap", None), seeds=[1, 2, 3])
+    batch.load_member(0, FloatRate(0.2).double())
+    batch.load_member_rates(1, FloatRate(0.4).double())
+    batch.load_member(2, FloatRate(0.8).double().state_dict())  # a state: weights alone
+    assert batch.dropout_rates == {"attention_dropout": [0.2, 0.4, 0.3]}
+    for i, rate in enumerate([0.2, 0.4, 0.3]):
+        member = batch.member(i)
+        assert member.attention_dropout == rate and type(member.attention_dropout) is float
+    x = torch.randn(5, 6, 8, dtype=torch.float64)
+    batch(x)
+    mb.save(tmp_path / "pack.pt", batch)
+    loaded, _, _ = mb.load(tmp_path / "pack.pt")
+    into = _pack([FloatRate(0.9).double() for _ in range(3)], ("vmap", None), seeds=[7, 8, 9])
+    mb.load(tmp_path / "pack.pt", batch=into)
+    expected = batch(x)
+    for other in (loaded, into):
+        assert other.dropout_rates == batch.dropout_rates
+        assert torch.equal(other(x), expected)
+
+
+def test_a_version_3_checkpoint_still_loads(tmp_path) -> None:
+    """Version 3 saved the dropout modules' rates alone; its float rates were equal, in the template."""
+    batch = _pack([nn.Sequential(FloatRate(0.3), nn.Dropout(p)) for p in (0.1, 0.5)], ("vmap", None), [1, 2])
+    mb.save(tmp_path / "pack.pt", batch)
+    payload = torch.load(tmp_path / "pack.pt", weights_only=False)
+    payload["version"], payload["dropout"]["rates"] = 3, {"1": [0.1, 0.5]}
+    torch.save(payload, tmp_path / "v3.pt")
+    loaded, _, _ = mb.load(tmp_path / "v3.pt")
+    into = _pack([nn.Sequential(FloatRate(0.9), nn.Dropout(0.9)) for _ in range(2)], ("vmap", None), [5, 6])
+    mb.load(tmp_path / "v3.pt", batch=into)
+    x = torch.randn(5, 6, 8)
+    expected = batch(x)
+    for other in (loaded, into):
+        assert other.dropout_rates == {"0.attention_dropout": [0.3, 0.3], "1": [0.1, 0.5]}
+        assert torch.equal(other(x), expected)
+
+
+class ComputesWithItsRate(nn.Module):
+    """A forward that does arithmetic / comparisons with its float rate: one value for the pack."""
+
+    def __init__(self, dropout: float, use: str) -> None:
+        super().__init__()
+        self.lin, self.dropout, self.use = nn.Linear(4, 4), dropout, use
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use == "arithmetic":
+            return self.lin(x) * (1 - self.dropout)
+        if self.use == "comparison":
+            return F.dropout(self.lin(x), self.dropout) if self.dropout > 0 else self.lin(x)
+        return self.lin(x) if not self.dropout else F.dropout(self.lin(x), self.dropout)  # bool
+
+
+@pytest.mark.parametrize("use", ["arithmetic", "comparison", "bool"])
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_computing_with_a_rate_that_differs_between_members_raises(use: str, backend: str) -> None:
+    x = torch.randn(3, 4)
+    batch = mb.ModelBatch([ComputesWithItsRate(p, use) for p in (0.1, 0.3)], backend=backend)
+    with pytest.raises(
+        RuntimeError,
+        match=r"ModelBatch: the dropout rate dropout differs between members \(\[0\.1, 0\.3\]\), and the mod",
+    ):
+        batch(x)
+    torch.manual_seed(0)
+    models = [ComputesWithItsRate(0.2, use) for _ in range(2)]
+    equal = _pack(models, (backend, None), seeds=[1, 2])
+    out = equal(x)  # equal rates: the ordinary float
+    for i, model in enumerate(models):
+        torch.testing.assert_close(out[i], _plain(model, 1 + i, x, calls=1)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_member_rate_is_the_plain_float_only_when_the_rates_agree() -> None:
+    from modelbatch._dropout import MemberRate
+
+    same = MemberRate([0.25, 0.25], "drop")
+    assert (1 - same, same * 2, same > 0.2, bool(same), float(same)) == (0.75, 0.5, True, True, 0.25)
+    differ = MemberRate([0.25, 0.5], "drop")
+    for compute in (lambda r: r + 1, lambda r: r < 1, lambda r: r == 0.25, bool, float, round):
+        with pytest.raises(RuntimeError, match="ModelBatch: the dropout rate drop differs"):
+            compute(differ)
+    assert math.isnan(torch.tensor(1.0).mul(differ).item())  # a torch op reads NaN, never member 0's
+    assert copy.deepcopy(differ).rates == [0.25, 0.5] and repr(differ) == "MemberRate([0.25, 0.5])"
+
+
+def test_rnn_and_multihead_attention_rates_stay_module_settings() -> None:
+    """torch's kernels compute with these rates (not through F.dropout): equal in a pack."""
+    with pytest.raises(ValueError, match=r"ModelBatch: model 1 has dropout = 0\.3"):
+        mb.ModelBatch([nn.GRU(4, 4, num_layers=2, dropout=p) for p in (0.1, 0.3)])
+    with pytest.raises(ValueError, match=r"ModelBatch: model 1 has dropout = 0\.3"):
+        mb.ModelBatch([nn.MultiheadAttention(4, 2, dropout=p) for p in (0.1, 0.3)])
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["eager", "sdpa"])
+def test_compiled_pack_applies_float_rates_per_member(sdpa: bool) -> None:
+    torch.manual_seed(0)
+    models = [FloatRate(p, sdpa) for p in FLOAT_RATES]
+    x = torch.randn(5, 6, 8)
+    compiled = mb.ModelBatch(models, backend="vmap", compile=True)
+    compiled.manual_seed([1, 2, 3])
+    eager = _pack(models, ("vmap", None), seeds=[1, 2, 3])
     for _ in range(2):
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)

@@ -204,16 +204,19 @@ def test_pack_matches_models_trained_alone(
         assert tied[0] not in report.rel_diff and tied[1] in report.rel_diff
 
 
-# name: models with dropout on (train mode), member i at rate DROPOUT[i] where the model keeps the
-# rate in dropout modules (per member in a pack); Llama's and ViT's attention pass one float rate
-# (a module setting, equal in a pack) to F.dropout.
+# name: models with dropout on (train mode), member i at rate DROPOUT[i]: in dropout modules (BERT,
+# GPT-2) or as a float rate passed to F.dropout / SDPA (Llama's attention_dropout, ViT's); a pack
+# holds both per member.
 DROPOUT = [0.1, 0.3]
 DROPOUT_MODELS: dict[str, Callable[[float], nn.Module]] = {
     "bert": _bert,
     "gpt2": _gpt2,
-    "llama-untied": lambda p: _llama(False, dropout=0.2),
-    "vit": lambda p: _vit(p, attention_dropout=0.2),
+    "llama-untied": lambda p: _llama(False, dropout=p),
+    "llama-eager": lambda p: _llama(False, dropout=p, attn="eager"),
+    "vit": lambda p: _vit(p, attention_dropout=p),
+    "vit-eager": lambda p: _vit(p, attention_dropout=p, attn="eager"),
 }
+DATA = {"llama-eager": "llama-untied", "vit-eager": "vit"}  # their data and loss
 
 
 @pytest.mark.parametrize("backend", ["vmap", "loop"])
@@ -225,7 +228,7 @@ def test_dropout_on_pack_matches_models_trained_alone(name: str, backend: str) -
         torch.manual_seed(100 + i)
         return DROPOUT_MODELS[name](DROPOUT[i]).train().double()
 
-    _, data, loss_fn, _ = MODELS[name]
+    _, data, loss_fn, _ = MODELS[DATA.get(name, name)]
     report = mb.testing.assert_pack_matches_sequential(
         make, data(), optimizer="adam", hparams={"lr": [1e-2, 3e-2]}, loss_fn=loss_fn, n_members=2,
         steps=4, batch_size=4, rtol=1e-9, backend=backend,
@@ -312,14 +315,18 @@ def test_preflight_passes_on_correct_models(name: str) -> None:
 
 
 def test_preflight_passes_with_dropout_rates_kept_as_floats() -> None:
-    """Llama's attention dropout is a float rate passed to F.dropout, not a module: still switched off."""
+    """Llama's attention dropout is a float rate passed to SDPA, per member: switched off for the check."""
     config = _llama(False).config
-    config.attention_dropout = 0.3
     torch.manual_seed(0)
-    models = [transformers.LlamaForCausalLM(config).train() for _ in range(2)]
+    models = []
+    for rate in (0.1, 0.3):
+        config.attention_dropout = rate
+        models.append(transformers.LlamaForCausalLM(config).train())
     batch = mb.ModelBatch(models, preflight=True, backend="vmap")
     batch(_tokens(4))
-    assert batch.stack.model.layers[0].self_attn.attention_dropout == 0.3  # only the check's copies
+    attention = "model.layers.0.self_attn.attention_dropout"
+    assert batch.dropout_rates[attention] == [0.1, 0.3]  # only the check's copies were switched off
+    assert [batch.member(i).model.layers[0].self_attn.attention_dropout for i in range(2)] == [0.1, 0.3]
 
 
 class Constants(nn.Module):
