@@ -25,6 +25,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 from tune_recipes import assert_matches_fit, open_sweeps, recipe  # noqa: E402
 
+from tune_integration._server import SlotLost  # noqa: E402
 from tune_integration._service import IDLE_STOP_S, LEASE_S, NAMESPACE, SERVICE_NAME, server_name  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -315,52 +316,83 @@ tune.run(searcher.trainable(), config={{"lr": 0.01}}, search_alg=searcher, metri
     assert "the cluster's 1 CPUs all go to slot servers" in out.stderr, out.stderr[-3000:]
 
 
+def open_sweeps_as_drivers(service, tenants: dict[str, dict], options: dict) -> dict[str, str]:
+    """Open one sweep per tenant as its driver's searcher would: ``tenants[name]`` holds its
+    ``weight``, ``max_slots``, ``priority`` and ``slots``; returns each tenant's sweep id."""
+    from ray import cloudpickle
+
+    sweeps = {}
+    for tenant, settings in tenants.items():
+        spec = {"job_id": f"job-{tenant}", "tenant": tenant, "recipe": cloudpickle.dumps(recipe())}
+        spec |= {"weight": 1.0, "max_slots": None, "priority": 0, **settings, "options": options}
+        sweeps[tenant] = ray.get(service.open_sweep.remote(spec))["sweep"]
+    return sweeps
+
+
+def member_after_member(service, tenant: str, worker: int, stop: threading.Event, reports: int = 2) -> None:
+    """What relay trials of ``tenant`` do one after another: join, train ``reports`` reports (queueing
+    again when parked for another tenant), leave; until the service stops at the end of the test."""
+    for n in itertools.count():
+        trial = f"{tenant}-{worker}-{n}"
+        try:
+            config = {"lr": 0.01, "seed": n}
+            server, sweep, _ = ray.get(service.join.remote(f"job-{tenant}", trial, config, None, None))
+            results = 0
+            while results < reports:
+                try:
+                    reply = ray.get(server.next_result.remote(sweep, trial))
+                except SlotLost:  # evicted as it finished its last report: join again, as a relay does
+                    server, sweep, _ = ray.get(
+                        service.join.remote(f"job-{tenant}", trial, config, None, None)
+                    )
+                    continue
+                if "parked" in reply:  # preempted for the other tenant: queue again, as a relay does
+                    join = service.join.remote(f"job-{tenant}", trial, config, reply["parked"], None)
+                    server, sweep, _ = ray.get(join)
+                else:
+                    results += 1
+            ray.get(service.release.remote(sweep, trial))
+        except ray.exceptions.RayError:
+            if stop.is_set():  # the service stopped at the end of the test
+                return
+            raise
+
+
+class Members:
+    """Threads running :func:`member_after_member` for each tenant; stopped with the service."""
+
+    def __init__(self, service) -> None:
+        self.service, self.stop, self.threads = service, threading.Event(), []
+
+    def start(self, tenant: str, in_flight: int, reports: int = 2) -> None:
+        for worker in range(in_flight):
+            args = (self.service, tenant, worker, self.stop, reports)
+            thread = threading.Thread(target=member_after_member, args=args, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def close(self) -> None:
+        self.stop.set()
+        ray.get(self.service.stop.remote())
+        for thread in self.threads:  # their calls fail now that the service stopped; none may outlive Ray
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in self.threads)
+
+
 def test_weights_one_to_three_share_a_full_server_one_to_three(cluster):
     """Two sweeps (as two drivers' searchers open them) on a 4-slot service, each keeping more members
     waiting than its share: member after member joins as a relay does, trains 2 reports, and leaves."""
-    from ray import cloudpickle
-
     from tune_integration._service import connect
 
     stop_service()
     service = connect({"slots_per_gpu": 4, "idle_stop_s": None})  # as `modelbatch service start` does
     options = {"example_configs": [], "checkpoint_every": None, "reports": 2, "park_after_s": 30.0}
-    tenants = {"light": (1.0, 3), "heavy": (3.0, 7)}  # weight, members kept in flight
-    sweeps = {}
-    for tenant, (weight, slots) in tenants.items():
-        spec = {"job_id": f"job-{tenant}", "tenant": tenant, "weight": weight, "max_slots": None}
-        spec |= {"priority": 0, "recipe": cloudpickle.dumps(recipe()), "slots": slots, "options": options}
-        sweeps[tenant] = ray.get(service.open_sweep.remote(spec))["sweep"]
-    stop = threading.Event()
-
-    def member_after_member(tenant: str, worker: int) -> None:
-        for n in itertools.count():
-            trial = f"{tenant}-{worker}-{n}"
-            try:
-                config = {"lr": 0.01, "seed": n}
-                server, sweep, _ = ray.get(service.join.remote(f"job-{tenant}", trial, config, None, None))
-                results = 0
-                while results < 2:
-                    reply = ray.get(server.next_result.remote(sweep, trial))
-                    if "parked" in reply:  # preempted for the other tenant: queue again, as a relay does
-                        join = service.join.remote(f"job-{tenant}", trial, config, reply["parked"], None)
-                        server, sweep, _ = ray.get(join)
-                    else:
-                        results += 1
-                ray.get(service.release.remote(sweep, trial))
-            except ray.exceptions.RayError:
-                if stop.is_set():  # the service stopped at the end of the test
-                    return
-                raise
-
-    workers = [
-        threading.Thread(target=member_after_member, args=(t, w), daemon=True)
-        for t, (_, slots) in tenants.items()
-        for w in range(slots)
-    ]
+    tenants = {"light": {"weight": 1.0, "slots": 3}, "heavy": {"weight": 3.0, "slots": 7}}
+    open_sweeps_as_drivers(service, tenants, options)
+    members = Members(service)
     try:
-        for worker in workers:
-            worker.start()
+        for tenant, settings in tenants.items():
+            members.start(tenant, settings["slots"])  # members kept in flight
         wait_for(lambda: (service_status()["tenants"]["light"]["slot_seconds"] or 0) > 1, 120, "training")
         start = {t: v["slot_seconds"] for t, v in service_status()["tenants"].items()}
         time.sleep(20)
@@ -368,13 +400,47 @@ def test_weights_one_to_three_share_a_full_server_one_to_three(cluster):
         end = {t: v["slot_seconds"] for t, v in status["tenants"].items()}
         assert all(status["tenants"][t]["queued"] > 0 for t in tenants)  # both still kept members waiting
     finally:
-        stop.set()
-        ray.get(service.stop.remote())
-        for worker in workers:  # their calls fail now that the service stopped; none may outlive Ray
-            worker.join(timeout=120)
-    assert not any(worker.is_alive() for worker in workers)
+        members.close()
     used = {t: end[t] - start[t] for t in tenants}
     assert used["heavy"] / used["light"] == pytest.approx(3.0, rel=0.2)
+
+
+def test_max_slots_caps_a_tenant_and_a_higher_priority_takes_the_slots_it_asks_for(cluster):
+    """On a 4-slot service: a tenant with ``max_slots=1`` never holds more than 1 while the other
+    holds the rest; a tenant of ``priority=1`` that arrives then takes every slot it asks for, by
+    parking the others' members, which train on and never leave by themselves (they queue again and
+    would continue exactly: the late-tenant test)."""
+    from tune_integration._service import connect
+
+    stop_service()
+    service = connect({"slots_per_gpu": 4, "idle_stop_s": None})
+    options = {"example_configs": [], "checkpoint_every": None, "reports": None, "park_after_s": 30.0}
+    tenants = {"capped": {"max_slots": 1, "slots": 4}, "free": {"slots": 4}}
+    open_sweeps_as_drivers(service, tenants, options)
+    members = Members(service)
+    try:
+        members.start("capped", 4, reports=10**9)
+        members.start("free", 4, reports=10**9)
+
+        def live() -> dict[str, int]:
+            return {t: v["live"] for t, v in service_status()["tenants"].items()}
+
+        wait_for(lambda: live() == {"capped": 1, "free": 3}, 120, "capped at 1, the rest to the other")
+        for _ in range(20):  # capped keeps 3 more members waiting: the cap holds at every look
+            assert live() == {"capped": 1, "free": 3}
+            time.sleep(0.1)
+        open_sweeps_as_drivers(service, {"urgent": {"priority": 1, "slots": 4}}, options)
+        members.start("urgent", 4)
+        wait_for(lambda: live()["urgent"] == 4, 120, "the higher priority holding every slot")
+
+        def trained_on_the_server() -> dict[str, int]:  # evictions finish after the slots moved
+            return {t: n for t, n in service_status()["servers"][0]["tenants"].items() if n}
+
+        wait_for(lambda: trained_on_the_server() == {"urgent": 4}, 120, "only its members on the server")
+        evictions = service_status()["servers"][0]["evictions"]
+    finally:
+        members.close()
+    assert evictions >= 4  # every slot it took was a training member's
 
 
 def test_members_are_admitted_by_measured_memory_and_one_too_large_for_a_server_says_so(cluster):

@@ -399,6 +399,8 @@ class Service:
                 return self.servers[index].handle, sweep_id, self.last_reported.get(member, 0)
         finally:
             self.joining.discard(member)
+            if self.policy.queue:  # its slot may be preempted now (a joining member's is not)
+                await self._kick()
 
     async def release(self, sweep_id: str, trial_id: str) -> None:
         """Free the slot of a member that is done (idempotent)."""
