@@ -188,8 +188,13 @@ CONFIGS = [{"dropout": p, "lr": 1e-2, "seed": s} for s, p in enumerate([0.1, 0.5
 def test_configs_differing_only_in_dropout_share_one_pack_and_equal_their_runs_alone() -> None:
     together = mb.fit(_recipe(), CONFIGS, reports=3, progress=False)
     assert together["pack"].nunique() == 1 and together["pack"].iloc[0].startswith("Sequential 32-3 #")
-    for member, config in enumerate(CONFIGS):
-        alone = mb.fit(_recipe(), [config], reports=3, progress=False)
+    assert_each_as_alone(_recipe(), CONFIGS, together, reports=3)
+
+
+def assert_each_as_alone(recipe: mb.Recipe, configs: list[dict], together, reports: int) -> None:
+    """Each member's history in ``together`` (one mb.fit of all configs) equals its config fitted alone."""
+    for member, config in enumerate(configs):
+        alone = mb.fit(recipe, [config], reports=reports, progress=False)
         got = together[together["member"] == member]
         for column in ("loss", "val_loss"):
             torch.testing.assert_close(
@@ -306,16 +311,7 @@ def test_fit_packs_configs_differing_only_in_a_float_rate_together_each_as_alone
     configs = [{**c, "sdpa": sdpa} for c in FLOAT_CONFIGS]
     together = mb.fit(recipe, configs, reports=2, progress=False)
     assert together["pack"].nunique() == 1
-    for member, config in enumerate(configs):
-        alone = mb.fit(recipe, [config], reports=2, progress=False)
-        got = together[together["member"] == member]
-        for column in ("loss", "val_loss"):
-            torch.testing.assert_close(
-                torch.tensor(got[column].to_numpy()),
-                torch.tensor(alone[column].to_numpy()),
-                rtol=1e-9,
-                atol=0,
-            )
+    assert_each_as_alone(recipe, configs, together, reports=2)
 
 
 def test_member_save_and_load_keep_each_members_float_rate(tmp_path) -> None:

@@ -231,14 +231,19 @@ def test_with_long_members_a_late_tenant_gets_its_share_at_once_and_keeps_it():
     assert shares["bob"] / shares["alice"] == pytest.approx(3.0, rel=0.05)
 
 
-def test_members_are_admitted_by_their_measured_memory_within_the_servers_budget():
+def memory_bound(alice: tuple[int, int], bob: tuple[int, int]) -> FairShare:
+    """One 16-slot server with 100 bytes for packs; alice's and bob's sweeps with (member, data) bytes."""
     policy = FairShare(clock=Clock())
     policy.add_server(0, capacity=16)
     policy.set_memory(0, 100)
-    policy.add_sweep("a", "alice", caps={0: 16})
-    policy.add_sweep("b", "bob", caps={0: 16})
-    policy.set_cap("a", 0, 16, member_bytes=30, data_bytes=10)  # 10 + 3 * 30 = 100 fits, 4 do not
-    policy.set_cap("b", 0, 16, member_bytes=20, data_bytes=0)
+    for sweep, tenant, (member_bytes, data_bytes) in (("a", "alice", alice), ("b", "bob", bob)):
+        policy.add_sweep(sweep, tenant, caps={0: 16})
+        policy.set_cap(sweep, 0, 16, member_bytes=member_bytes, data_bytes=data_bytes)
+    return policy
+
+
+def test_members_are_admitted_by_their_measured_memory_within_the_servers_budget():
+    policy = memory_bound(alice=(30, 10), bob=(20, 0))  # 10 + 3 * 30 = 100 fits, 4 do not
     for i in range(5):
         policy.request(f"a/{i}", "a")
     policy.assign()
@@ -254,13 +259,7 @@ def test_members_are_admitted_by_their_measured_memory_within_the_servers_budget
 
 
 def test_a_member_that_needs_the_memory_of_two_parks_two_while_that_keeps_the_shares_even():
-    policy = FairShare(clock=Clock())
-    policy.add_server(0, capacity=16)
-    policy.set_memory(0, 100)
-    policy.add_sweep("a", "alice", caps={0: 16})
-    policy.add_sweep("b", "bob", caps={0: 16})
-    policy.set_cap("a", 0, 16, member_bytes=20)
-    policy.set_cap("b", 0, 16, member_bytes=50)
+    policy = memory_bound(alice=(20, 0), bob=(50, 0))
     for i in range(4):
         policy.request(f"a/{i}", "a")
     policy.assign()
