@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -117,23 +118,36 @@ class Sweep:
         )
         self.reader.start()
 
-    def interrupt_when(self, ready, timeout: float = 300) -> tuple[str, str]:
+    def interrupt_when(self, ready, timeout: float = 300, freeze_servers: bool = False) -> tuple[str, str]:
         """SIGINT (what Ctrl-C sends) once ``ready()``; (stdout, stderr) after it exited.
 
-        The driver is frozen (SIGSTOP) from the moment ``ready()`` holds until the SIGINT is
-        pending, so that it processes no more results in between: a pack finishes these small
-        members fast, and a near-the-end Ctrl-C once reached Tune only after the last member ended.
+        ``freeze_servers``: the sweep's slot servers are stopped (SIGSTOP) from the moment
+        ``ready()`` holds until Tune has taken the Ctrl-C, so that no member can finish in between:
+        a pack trains these small members fast, and a near-the-end Ctrl-C once reached Tune only
+        after the last member had ended (the sweep then completes, exit 0).
         """
+        frozen: list[int] = []
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self.process.poll() is None and not ready():
                 time.sleep(0.05)
-            self.process.send_signal(signal.SIGSTOP)
-            try:
-                assert self.process.poll() is None, "the sweep ended before it could be interrupted"
-                self.process.send_signal(signal.SIGINT)
-            finally:
-                self.process.send_signal(signal.SIGCONT)
+            if freeze_servers:
+                frozen = slot_servers(self.process.pid)
+                assert frozen, "no slot server process found under the sweep's driver"
+                for pid in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+            assert self.process.poll() is None, "the sweep ended before it could be interrupted"
+            self.process.send_signal(signal.SIGINT)
+            taken = time.monotonic() + 60
+            while frozen and self.process.poll() is None and time.monotonic() < taken:
+                if "Stop signal received" in "".join(self.errors):  # Tune logs it in its SIGINT handler
+                    break
+                time.sleep(0.05)
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        try:
             stdout = self.process.stdout.read()
             self.process.wait(timeout=180)
         finally:
@@ -141,6 +155,29 @@ class Sweep:
                 self.process.kill()
             self.reader.join(timeout=30)
         return stdout, "".join(self.errors)
+
+
+def slot_servers(driver: int) -> list[int]:
+    """The PIDs of the slot server actors (``ray::SlotServer``) among the processes under ``driver``
+    (its local Ray's raylet and workers), read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    under, found = {driver}, True
+    while found:
+        found = False
+        for pid, parent in parents.items():
+            if parent in under and pid not in under:
+                under.add(pid)
+                found = True
+    servers = []
+    for pid in under - {driver}:
+        with contextlib.suppress(OSError):
+            if (Path("/proc") / str(pid) / "cmdline").read_bytes().startswith(b"ray::SlotServer"):
+                servers.append(pid)
+    return servers
 
 
 def near_the_end(sweep: Sweep, experiment: Path, members: int):
@@ -206,7 +243,7 @@ def test_ctrl_c_while_ray_starts_and_near_the_end_then_continue_completes_the_sw
     assert "Interrupted while" in stdout and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
 
     near_end = Sweep(tmp_path, [], command=continue_command(stdout))
-    stdout, stderr = near_end.interrupt_when(near_the_end(near_end, experiment, 6))
+    stdout, stderr = near_end.interrupt_when(near_the_end(near_end, experiment, 6), freeze_servers=True)
     assert near_end.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
     assert "Tune saved the sweep" in stdout and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
 
@@ -250,7 +287,7 @@ def test_ctrl_c_mid_sweep_and_near_the_end_and_the_printed_command_resumes_that_
 
     experiment = tmp_path / "out" / "digits-sweep"
     near_end = Sweep(tmp_path, [], command=continue_command(stdout))
-    stdout, stderr = near_end.interrupt_when(near_the_end(near_end, experiment, 16))
+    stdout, stderr = near_end.interrupt_when(near_the_end(near_end, experiment, 16), freeze_servers=True)
     assert near_end.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
     assert "(resumed)" in stdout and "searcher optuna" in stdout, stdout[-3000:]
 
