@@ -509,6 +509,8 @@ def member_status(trial: Any, epochs: int, reached: int = 0) -> str:
 
 def history_frame(analysis: Any, epochs: int) -> pd.DataFrame:
     """One row per member per report: trial id, config, metrics (a resumed report counted once)."""
+    from tune_integration.mlflow import member_config
+
     frames = analysis.trial_dataframes
     rows = []
     for trial in analysis.trials:
@@ -525,7 +527,8 @@ def history_frame(analysis: Any, epochs: int) -> pd.DataFrame:
         return pd.DataFrame()
     history = pd.concat(rows, ignore_index=True)
     keep = ["trial_id", "training_iteration", "loss", "val_loss", "val_acc", "time_total_s", "status"]
-    keep += ["server", "pack", "slot", *sorted(c for c in history.columns if c.startswith("config/"))]
+    searched = {f"config/{k}" for trial in analysis.trials for k in member_config(trial)}
+    keep += ["server", "pack", "slot", *sorted(c for c in history.columns if c in searched)]
     return history[[c for c in keep if c in history.columns]].sort_values(["trial_id", "training_iteration"])
 
 
@@ -581,7 +584,9 @@ def summarize(analysis: Any, args: argparse.Namespace, seconds: float) -> int:
     rows = history[history["trial_id"] == best.trial_id]
     at = rows.loc[rows[METRIC].idxmin()]
     plot_curves(history, best.trial_id, args.out / "learning_curves.png")
-    config = {k: best.config[k] for k in sorted(best.config)}
+    from tune_integration.mlflow import member_config
+
+    config = dict(sorted(member_config(best).items()))
     summary = {
         "trial_id": best.trial_id,
         "config": config,

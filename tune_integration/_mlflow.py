@@ -77,7 +77,14 @@ def trial_name(trial: Any, limit: int = 60) -> str:
 
 
 def member_config(trial: Any) -> dict[str, Any]:
-    """The trial's config without the searcher's architecture key (``PACK_KEY``, for its relay)."""
+    """The trial's config as the user's space made it: without the key the searcher adds for the
+    member's relay (``modelbatch_pack``, its pack label).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> member_config(SimpleNamespace(config={"lr": 0.1, "modelbatch_pack": "MLP 8-3 #ab12cd"}))
+        {'lr': 0.1}
+    """
     return {k: v for k, v in (trial.config or {}).items() if k != PACK_KEY}
 
 

@@ -5,9 +5,9 @@ logs a spill file of :class:`MLflowCallback` (or ``mb.fit(..., mlflow=...)``) in
 
 from modelbatch.mlflow import main, replay
 
-from ._mlflow import MLflowCallback, split_result, trial_name, trial_number
+from ._mlflow import MLflowCallback, member_config, split_result, trial_name, trial_number
 
-__all__ = ["MLflowCallback", "main", "replay", "split_result", "trial_name", "trial_number"]
+__all__ = ["MLflowCallback", "main", "member_config", "replay", "split_result", "trial_name", "trial_number"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
