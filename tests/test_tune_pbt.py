@@ -187,13 +187,15 @@ def assert_pbt_exploited(analysis, scheduler, members=MEMBERS, mutated=True) -> 
 
 @pytest.mark.usefixtures("local_ray")
 def test_pbt_with_the_searcher_exploits_with_the_new_config_exactly(tmp_path):
-    """Synchronous PBT: every member waits at each perturbation for all the others, so the ranks,
-    checkpoints and exploits do not depend on the order Tune gets results in (asynchronously, with
-    8 members in one pack, the best members sometimes ended before the worst reached its
-    perturbation, and the worst found no donor with a checkpoint: no exploit)."""
+    """The pack waits up to 10 s for a member whose relay is away (an exploit restarts its trial),
+    so the 8 members report in step and PBT ranks them on near-current scores. Parked after 1 s,
+    members of a loaded run raced ahead while Tune was busy: the best ended before the worst
+    reached its perturbation, which then found no donor with a checkpoint (no exploit, 1 of 5
+    runs); synchronous PBT instead once ended an exploited member's trial after 3 of 6 iterations
+    (not understood yet)."""
     rec = recipe()
-    searcher = ModelBatchSearcher(rec, slots_per_gpu=MEMBERS, park_after_s=1.0)
-    scheduler = pbt(synch=True)
+    searcher = ModelBatchSearcher(rec, slots_per_gpu=MEMBERS, park_after_s=10.0)
+    scheduler = pbt()
     analysis, rows = run(searcher.trainable(), scheduler, tmp_path, search_alg=searcher)
     assert_pbt_exploited(analysis, scheduler)
 
