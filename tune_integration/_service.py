@@ -365,10 +365,10 @@ class Service:
                 "ended, or the service restarted); run the sweep again (tune.run(resume=True) continues it)."
             )
         member = f"{sweep_id}:{trial_id}"
+        await self._leave(member)  # a rejoining member or restarted trial: its old slot is stale
         last = self.sweeps[sweep_id].spec["options"].get("reports")
         if last is not None and restored_at >= last:
             return None, sweep_id, max(restored_at, self.last_reported.get(member, 0))
-        await self._leave(member)  # a rejoining member or restarted trial: its old slot is stale
         record = self.members[member] = _Member(sweep_id, trial_id, relay)
         if relay is not None:
             record.watch = asyncio.get_running_loop().create_task(self._watch(member))
