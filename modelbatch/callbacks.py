@@ -252,3 +252,66 @@ class TensorBoard(Callback):
         for writer in self.writers.values():
             writer.close()
         self.writers.clear()
+
+
+class WandB(Callback):
+    """One Weights & Biases run per member, grouped by the sweep, with its config and history.
+
+    Each member's run is named ``member-<id>``, holds the member's config, logs its numeric
+    report values at ``step=training_iteration`` and ends with ``summary["status"]`` (why the member
+    stopped: ``finished``, ``early stopped: ...``). ``group`` (default ``modelbatch-<start time>``) puts
+    the runs of one ``mb.fit`` together in W&B's UI. ``mode="offline"`` writes the runs under
+    ``dir`` without a network (``wandb sync DIR/wandb/offline-run-*`` uploads them later); other
+    ``wandb.init`` arguments pass through ``init_kwargs`` (W&B's own console output is off unless
+    ``settings=`` says otherwise). Runs start and log on a background thread, so training does
+    not wait for W&B. Needs ``pip install 'modelbatch[integrations]'`` (or ``wandb``).
+
+    Example:
+        >>> import modelbatch as mb
+        >>> wb = mb.callbacks.WandB(project="lr-sweep", mode="offline", dir="/tmp")  # doctest: +SKIP
+        >>> mb.fit(recipe, configs, reports=5, callbacks=[wb])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        project: str | None = None,
+        *,
+        group: str | None = None,
+        mode: str | None = None,
+        dir: str | Path | None = None,
+        **init_kwargs: Any,
+    ) -> None:
+        from ._wandb import WandBWriter
+
+        self.writer = WandBWriter("mb.callbacks.WandB")
+        init_kwargs.setdefault("settings", self.writer.wandb.Settings(silent=True))
+        self.init_kwargs = dict(
+            project=project,
+            group=group or time.strftime("modelbatch-%Y%m%d-%H%M%S"),
+            mode=mode,
+            dir=None if dir is None else str(dir),
+            **init_kwargs,
+        )
+        self.configs: Mapping[Any, Mapping[str, Any]] = {}
+        self.started: set[Any] = set()
+
+    def on_fit_start(self, configs: Mapping[Any, Mapping[str, Any]]) -> None:
+        self.configs = configs
+
+    def on_report(self, reports: Mapping[Any, Mapping[str, float]], control: Control) -> None:
+        from ._wandb import wandb_values
+
+        for member_id, report in reports.items():
+            if member_id not in self.started:
+                self.started.add(member_id)
+                config = dict(self.configs.get(member_id, {}))
+                self.writer.start(member_id, name=f"member-{member_id}", config=config, **self.init_kwargs)
+            step = int(report.get("training_iteration", 0))
+            self.writer.log(member_id, wandb_values(report, {"training_iteration"}), step=step)
+
+    def on_member_stop(self, member_id: Any, reason: str, last_report: Mapping[str, float] | None) -> None:
+        self.writer.end(member_id, {"status": reason})
+
+    def on_fit_end(self, history: Any) -> None:
+        self.writer.close()
+        self.started.clear()

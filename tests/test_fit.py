@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from recipes import small_recipe
@@ -322,3 +323,41 @@ def test_restore_member_with_a_new_config_equals_torch_changing_param_groups() -
     assert pack.slots[pack.slot_of("d")].config == new and pack.slots[pack.slot_of("d")].iteration == 4
     want = plain_torch_val_losses(cfg, reports=4, change_at=2, new=new)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-10, atol=0)
+
+
+def test_wandb_writes_one_offline_run_per_member_grouped_with_config_and_history(tmp_path) -> None:
+    from wandb_files import read_runs
+
+    wb = mb.callbacks.WandB(project="test", group="sweep-1", mode="offline", dir=tmp_path)
+    early = mb.callbacks.EarlyStopping("val_loss", patience=1, min_delta=10.0)  # member 2 stops at report 2
+    configs = CONFIGS[:3]
+
+    class OnlyTheThird(mb.callbacks.Callback):
+        def on_report(self, reports, control):
+            early.on_report({m: r for m, r in reports.items() if m == 2}, control)
+
+    history = mb.fit(recipe(), configs, reports=3, callbacks=[wb, OnlyTheThird()], progress=False)
+    runs = {run.name: run for run in read_runs(tmp_path).values()}
+    assert sorted(runs) == ["member-0", "member-1", "member-2"]
+    for member, rows in _by_member(history).items():
+        run = runs[f"member-{member}"]
+        assert (run.project, run.group, run.files) == ("test", "sweep-1", 1)
+        assert run.config == configs[member]
+        assert run.steps("val_loss") == list(zip(rows["training_iteration"], rows["val_loss"], strict=True))
+        assert "training_iteration" not in run.history[0]
+        assert run.summary["status"] == rows["status"].iloc[-1]
+    assert runs["member-0"].summary["status"] == "finished" and len(runs["member-0"].history) == 3
+    assert (
+        runs["member-2"].summary["status"].startswith("early stopped") and len(runs["member-2"].history) == 2
+    )
+
+
+def test_wandb_refusing_a_run_warns_and_training_goes_on(tmp_path) -> None:
+    wb = mb.callbacks.WandB(project="test", mode="no-such-mode", dir=tmp_path)
+    with pytest.warns(UserWarning) as warned:
+        history = mb.fit(recipe(), CONFIGS[:2], reports=2, callbacks=[wb], progress=False)
+    assert [str(w.message)[:52] for w in warned] == [
+        "mb.callbacks.WandB: W&B start of run 0 failed, not l",
+        "mb.callbacks.WandB: 2 W&B runs were not logged (the ",
+    ]
+    assert list(history.groupby("member")["status"].last()) == ["finished", "finished"]

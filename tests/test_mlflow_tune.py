@@ -1,5 +1,6 @@
 """MLflowCallback on real Tune sweeps (ASHA, 16 trials), a real sqlite store and a real `mlflow server`,
-which one test stops mid-sweep and restarts: no metric point may be lost."""
+which one test stops mid-sweep and restarts: no metric point may be lost. WandBCallback logs the first
+sweep too, in W&B's offline mode: the same runs, histories and statuses."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
+from tune_integration import WandBCallback  # noqa: E402
 from tune_integration.mlflow import MLflowCallback  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -162,6 +164,7 @@ def member(config):
 def _sweep(tmp_path, callbacks, samples=16, sleep=0.0):
     return tune.run(
         member,
+        name="member_sweep",
         config={"i": tune.grid_search(list(range(samples))), "sleep": sleep, "net": {"width": 32}},
         scheduler=ASHAScheduler(metric="loss", mode="min", max_t=MAX_T, grace_period=1, reduction_factor=2),
         resources_per_trial={"cpu": 0.1},
@@ -222,6 +225,39 @@ def _check_store(uri: str, experiment: str, rec: Recorder, artifacts: bool = Fal
     assert statuses.count("stopped early") >= 4 and statuses.count("finished") >= 1  # ASHA did stop some
 
 
+def _check_wandb(root: Path, rec: Recorder, sqlite: str) -> None:
+    """W&B's runs say what MLflow's do: names, config, every point, member tags, statuses."""
+    from wandb_files import read_runs
+
+    client = MlflowClient(sqlite)
+    exp = client.get_experiment_by_name("sweep")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
+    runs = {run.summary["trial_id"]: run for run in read_runs(root).values()}
+    assert sorted(runs) == sorted(rec.results)
+    assert {run.group for run in runs.values()} == {"member_sweep"} and {
+        r.project for r in runs.values()
+    } == {"p"}
+    for tid, points in rec.results.items():
+        run, ml = runs[tid], children[tid]
+        tags = ml.data.tags
+        reopened = tags["status_reason"].startswith("reached")  # re-opened at the end to say "finished"
+        assert run.name == ml.info.run_name and run.files == 1 + reopened
+        assert run.config == rec.configs[tid]
+        assert run.steps("loss") == [(it, v) for it, v, _, _ in points]
+        assert run.steps("val/acc") == [(it, a) for it, _, a, _ in points]
+        assert all("step" not in row and "done" not in row for row in run.history)
+        assert (run.summary["status"], run.summary["status_reason"]) == (
+            tags["status"],
+            tags["status_reason"],
+        )
+        assert (run.summary["pack"], str(run.summary["slot"]), run.summary["node"]) == (
+            tags["pack"],
+            tags["slot"],
+            tags["node"],
+        )
+
+
 def test_asha_sweep_logs_nested_runs_to_sqlite_and_a_server(tmp_path, mlflow_server, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     sqlite = f"sqlite:///{tmp_path}/mlflow.db"
@@ -232,13 +268,15 @@ def test_asha_sweep_logs_nested_runs_to_sqlite_and_a_server(tmp_path, mlflow_ser
             sqlite, "sweep", metric="loss", log_artifacts=True, artifact_location=str(tmp_path / "a")
         ),
         MLflowCallback(mlflow_server.uri, "sweep", metric="loss", flush_interval=0.3),
+        WandBCallback("p", mode="offline", dir=tmp_path / "wb"),
     ]
     start = time.perf_counter()
     _sweep(tmp_path, callbacks)
-    print(f"16-trial ASHA sweep with two MLflowCallbacks: {time.perf_counter() - start:.1f} s")
+    print(f"16-trial ASHA sweep, two MLflowCallbacks, a WandBCallback: {time.perf_counter() - start:.1f} s")
     assert len(rec.results) == 16
     _check_store(sqlite, "sweep", rec, artifacts=True)
     _check_store(mlflow_server.uri, "sweep", rec)
+    _check_wandb(tmp_path / "wb", rec, sqlite)
 
 
 def test_server_stopped_mid_sweep_and_restarted_loses_no_point(

@@ -27,9 +27,10 @@ from tune_recipes import (  # noqa: E402
     open_sweeps,
     recipe,
 )
+from wandb_files import read_runs  # noqa: E402
 
 import modelbatch as mb  # noqa: E402
-from tune_integration import ModelBatchSearcher  # noqa: E402
+from tune_integration import ModelBatchSearcher, WandBCallback  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SPACE = {
@@ -209,13 +210,30 @@ class _Interrupt(tune.Callback):
 def test_resume_after_interruption_completes_every_member_exactly(tmp_path):
     rec = recipe()
     first = ModelBatchSearcher(rec, slots_per_gpu=3, reports=4, random_state=1)
-    interrupted = run(first, tmp_path, name="resume", num_samples=6, callbacks=[_Interrupt(after=5)])
+    wandb = tmp_path / "wandb-runs"  # each member's W&B run, continued by the resumed sweep
+    callbacks = [WandBCallback("resume", mode="offline", dir=wandb), _Interrupt(after=5)]
+    interrupted = run(first, tmp_path, name="resume", num_samples=6, callbacks=callbacks)
     done = [t.last_result.get("training_iteration", 0) for t in interrupted.trials]
     assert len(done) < 6 or min(done) < 4  # interrupted before the end
 
     second = ModelBatchSearcher(rec, slots_per_gpu=3, reports=4)
-    analysis = run(second, tmp_path, name="resume", num_samples=6, resume=True)
+    callbacks = [WandBCallback("resume", mode="offline", dir=wandb)]
+    analysis = run(second, tmp_path, name="resume", num_samples=6, resume=True, callbacks=callbacks)
     assert len(analysis.trials) == 6
+    runs = {r.summary["trial_id"]: r for r in read_runs(wandb).values()}
+    assert sorted(runs) == sorted(t.trial_id for t in analysis.trials)
+    assert {r.group for r in runs.values()} == {"resume"}
+    assert max(r.files for r in runs.values()) == 2  # a member's run continued after the resume
+    for trial in analysis.trials:
+        logged = runs[trial.trial_id]
+        assert logged.config == {k: v for k, v in trial.config.items() if k != "modelbatch_pack"}
+        assert [step for step, _ in logged.steps("val_loss")] == [1, 2, 3, 4]  # each step once
+        frame = analysis.trial_dataframes[trial.trial_id].drop_duplicates("training_iteration", keep="last")
+        assert [v for _, v in logged.steps("val_loss")] == pytest.approx(list(frame["val_loss"]), rel=1e-6)
+        assert (logged.summary["status"], logged.summary["status_reason"]) == (
+            "finished",
+            "the trainable returned",
+        )
     assert {t.trial_id for t in interrupted.trials} <= {t.trial_id for t in analysis.trials}
     frames = analysis.trial_dataframes
     for trial in analysis.trials:

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._mlflow import MLflowCallback
     from ._searcher import ModelBatchSearcher
+    from ._wandb import WandBCallback
 
-__all__ = ["MLflowCallback", "ModelBatchSearcher"]
+__all__ = ["MLflowCallback", "ModelBatchSearcher", "WandBCallback"]
 
 
 def __getattr__(name: str) -> Any:
@@ -31,4 +32,8 @@ def __getattr__(name: str) -> Any:
         from ._mlflow import MLflowCallback
 
         return MLflowCallback
+    if name == "WandBCallback":
+        from ._wandb import WandBCallback
+
+        return WandBCallback
     raise AttributeError(f"module 'tune_integration' has no attribute {name!r}")

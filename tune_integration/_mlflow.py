@@ -25,9 +25,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from modelbatch.callbacks import NaNGuard
 from modelbatch.mlflow import MEMBER_TAG_KEYS, MLflowLogger, flatten, is_number
 
+from ._outcome import TrialOutcomes
 from ._relay import PACK_KEY
 
 TUNE_TAG_KEYS = ("server", "server_node")  # what a slot server adds to its members' results: tags
@@ -195,13 +195,9 @@ class MLflowCallback(Callback):
         self.logger_kwargs["tag_keys"] = extra if isinstance(extra, str) else tag_keys
         self.sweep_key = self.logger_kwargs.pop("sweep_key", None)
         MLflowLogger(**self.logger_kwargs)  # check the arguments now, not when the sweep starts
-        self.max_iterations = max_iterations
         self.member_name = member_name
         self.logger: MLflowLogger | None = None
-        self._stopped_by_tune: dict[str, bool] = {}
-        self._stopped_by_callback: set[str] = set()  # by a mb.callbacks callback on a slot server
-        self._iterations: dict[str, int] = {}
-        self._status: dict[str, str] = {}
+        self.outcomes = TrialOutcomes(max_iterations)
         self._best: dict[str, tuple[float, int]] = {}  # of members ended, or known from a resumed state
         self._restored: dict[str, Any] | None = None
 
@@ -221,17 +217,10 @@ class MLflowCallback(Callback):
         if self.logger is None:
             return None
         best = {**self._best}
-        for tid in self._iterations:
+        for tid in self.outcomes.iterations:
             if self.logger.best(tid) is not None:
                 best[tid] = self.logger.best(tid)
-        return {
-            "sweep_key": self.logger.sweep_key,
-            "iterations": dict(self._iterations),
-            "status": dict(self._status),
-            "stopped_by_tune": dict(self._stopped_by_tune),
-            "stopped_by_callback": sorted(self._stopped_by_callback),
-            "best": best,
-        }
+        return {"sweep_key": self.logger.sweep_key, **self.outcomes.get_state(), "best": best}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Called by Tune on resume, before :meth:`setup`."""
@@ -249,10 +238,7 @@ class MLflowCallback(Callback):
         self.logger = MLflowLogger(
             **{**self.logger_kwargs, "sweep_key": state.get("sweep_key", self.sweep_key)}
         )
-        self._iterations = dict(state.get("iterations", {}))
-        self._status = dict(state.get("status", {}))
-        self._stopped_by_tune = dict(state.get("stopped_by_tune", {}))
-        self._stopped_by_callback = set(state.get("stopped_by_callback", ()))
+        self.outcomes.set_state(state)
         self._best = dict(state.get("best", {}))
         self._started: set[str] = set()
         tags = {"num_samples": num_samples, "total_num_samples": total_num_samples}
@@ -264,7 +250,7 @@ class MLflowCallback(Callback):
         tid = trial.trial_id
         if tid not in self._started:  # new, or started before a resume: the same child run either way
             self._started.add(tid)
-            self._iterations.setdefault(tid, 0)
+            self.outcomes.start(trial)
             self.logger.start_member(
                 tid,
                 member_config(trial),
@@ -277,33 +263,24 @@ class MLflowCallback(Callback):
         self._start(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        tid = trial.trial_id
         self._start(trial)
-        step = result.get("training_iteration") or 0
-        done = bool(result.get("done"))  # Tune sets done when it decides to stop the trial
-        if step and step <= self._iterations[tid]:
-            # made again after a restore from an earlier checkpoint: that step is logged already,
-            # and a stop decided on it before (e.g. ASHA's, just before a Ctrl-C) still stands
-            self._stopped_by_tune[tid] = self._stopped_by_tune.get(tid, False) or done
-            return
-        self._stopped_by_tune[tid] = done
-        metrics, tags = split_result(result, self.logger.tag_keys)
-        self.logger.log_member(tid, metrics, step=step, tags=tags)
-        self._iterations[tid] = step
+        step = self.outcomes.report(trial, result)
+        if step is not None:
+            metrics, tags = split_result(result, self.logger.tag_keys)
+            self.logger.log_member(trial.trial_id, metrics, step=step, tags=tags)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._start(trial)
-        status, reason = self._completion(trial)
+        status, reason = self.outcomes.complete(trial)
         self._log_checkpoint(trial)
         self._end(trial.trial_id, status, reason)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._start(trial)
         self._log_checkpoint(trial)
-        self._end(trial.trial_id, "errored", _error_reason(trial))
+        self._end(trial.trial_id, *self.outcomes.error(trial))
 
     def _end(self, tid: str, status: str, reason: str) -> None:
-        self._status[tid] = status
         self.logger.end_member(tid, status, reason)
         if self.logger.best(tid) is not None:
             self._best[tid] = self.logger.best(tid)
@@ -311,38 +288,24 @@ class MLflowCallback(Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.logger is None:
             return
-        interrupted = [t for t in trials if t.trial_id in self._iterations and t.trial_id not in self._status]
+        interrupted = self.outcomes.interrupted(trials)
         for trial in interrupted:
             self._start(trial)  # a member started before a resume and not since: its run ends too
             self.logger.end_member(
                 trial.trial_id, "interrupted", f"sweep ended with the trial {trial.status}"
             )
-        statuses = self._final_statuses()
+        statuses = self.outcomes.final_statuses()
         for tid, status in statuses.items():
-            if status != self._status[tid] and tid in self._started:
-                self.logger.retag_member(tid, status, f"reached {self._iterations[tid]} reports, the most")
+            if status != self.outcomes.status[tid] and tid in self._started:
+                reason = f"reached {self.outcomes.iterations[tid]} reports, the most"
+                self.logger.retag_member(tid, status, reason)
         summary = self._summary([*statuses.values()])
         self.logger.close(status="interrupted" if interrupted else "finished", summary=summary)
-
-    def _final_statuses(self) -> dict[str, str]:
-        """Ended members' statuses; without ``max_iterations``, a scheduler's stop at the sweep's most
-        iterations (e.g. ASHA's ``max_t``) counts as finished (a callback's stop stays one)."""
-        if self.max_iterations is not None or not self._iterations:
-            return dict(self._status)
-        most = max(self._iterations.values())
-        return {
-            tid: "finished"
-            if status == "stopped early"
-            and self._iterations[tid] >= most
-            and tid not in self._stopped_by_callback
-            else status
-            for tid, status in self._status.items()
-        }
 
     def _summary(self, counts: list[str]) -> dict[str, Any]:
         """The parent run's metrics over every member of the sweep (those of earlier sessions too)."""
         summary: dict[str, Any] = {
-            "members": len(self._iterations),
+            "members": len(self.outcomes.iterations),
             "members_finished": counts.count("finished"),
             "members_stopped_early": counts.count("stopped early"),
             "members_errored": counts.count("errored"),
@@ -354,27 +317,6 @@ class MLflowCallback(Callback):
             summary[f"best_{metric}"] = self._best[tid][0]
             summary["best_member"] = tid
         return summary
-
-    def _completion(self, trial: Any) -> tuple[str, str]:
-        tid = trial.trial_id
-        it = self._iterations.get(tid, 0)
-        last = trial.last_result or {}
-        # a diverged member, in mb.fit's words (a ModelBatch member's last result says it in "error")
-        diverged = last.get("error") if isinstance(last.get("error"), str) else NaNGuard.reason(last)
-        if diverged is not None:
-            return "errored", diverged
-        if isinstance(last.get("stopped"), str):  # a ModelBatch member stopped by a mb.callbacks.Callback
-            self._stopped_by_callback.add(tid)
-            return "stopped early", last["stopped"]
-        if not self._stopped_by_tune.get(tid, False):
-            return "finished", "the trainable returned"
-        for criterion, value in (getattr(trial, "stopping_criterion", None) or {}).items():
-            reached = last.get(criterion)
-            if is_number(reached) and reached >= value:
-                return "finished", f"stop criterion {criterion} >= {value}"
-        if self.max_iterations is not None and it >= self.max_iterations:
-            return "finished", f"reached max_iterations={self.max_iterations}"
-        return "stopped early", f"stopped by the scheduler at report {it}"
 
     def _log_checkpoint(self, trial: Any) -> None:
         checkpoint = trial.checkpoint if self.logger.log_artifacts else None
@@ -388,22 +330,3 @@ class MLflowCallback(Callback):
             self.logger.log_member_artifact(
                 trial.trial_id, checkpoint.to_directory(), "checkpoint", delete=True
             )
-
-
-def _error_reason(trial: Any) -> str:
-    """``"ValueError: ..."`` of the trial's last error (from its local error files), else ``"errored"``."""
-    try:
-        from ray import cloudpickle
-
-        with open(trial.pickled_error_file, "rb") as f:
-            error = cloudpickle.load(f)
-        error = getattr(error, "cause", None) or error  # RayTaskError wraps the trainable's exception
-        return f"{type(error).__name__}: {error}".strip()[:1000]
-    except Exception:
-        pass
-    try:
-        with open(trial.error_file) as f:
-            lines = [line for line in f.read().splitlines() if line.strip()]
-        return lines[-1][:1000]
-    except Exception:
-        return "errored"
