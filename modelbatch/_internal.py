@@ -15,10 +15,12 @@ from ._architecture import (
 )
 from ._hparams import check_positive_int
 from ._recipe import OPTIMIZER_KEYS
+from ._wandb import WandBWriter
 from .data._source import example_batch
 
 __all__ = [
     "OPTIMIZER_KEYS",
+    "WandBWriter",
     "architecture_key",
     "architecture_signature",
     "build_model",

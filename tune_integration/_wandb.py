@@ -26,7 +26,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from modelbatch._wandb import WandBWriter
+from modelbatch._internal import WandBWriter
 from modelbatch.mlflow import MEMBER_TAG_KEYS
 
 from ._mlflow import TUNE_TAG_KEYS, member_config, split_result, trial_name
