@@ -44,7 +44,7 @@ SEARCHED = ["lr", "weight_decay", "width", "dropout"]  # the MLflow view's paral
 BATCH_SIZE = 64
 VAL_FRACTION = 0.2
 ARGS_FILE = "sweep_args.json"  # in the Tune experiment folder: the arguments a --resume reuses
-SWEEP_FLAGS = ("num_samples", "epochs", "searcher", "seed", "slots", "tracking_uri")  # what makes the sweep
+SWEEP_FLAGS = ("num_samples", "epochs", "searcher", "seed", "slots", "tracking_uri", "wandb")  # the sweep
 PLACE_FLAGS = ("cpus", "gpus", "address")  # where it runs: may differ on resume
 DEFAULTS = {
     "num_samples": 64,
@@ -53,6 +53,7 @@ DEFAULTS = {
     "seed": 0,
     "slots": "auto",
     "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+    "wandb": None,
 }
 
 
@@ -85,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="continue the interrupted sweep in --out/--name with the arguments it started with",
     )
     parser.add_argument("--seed", type=int, help="seed of the config sampling (default 0)")
+    parser.add_argument(
+        "--wandb",
+        choices=["offline", "online"],
+        help="also log every member to W&B (project modelbatch-digits, group --name; offline: into "
+        "--out/wandb, upload later with wandb sync)",
+    )
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     folder = args.out / args.name
@@ -452,6 +459,19 @@ def run_sweep(args: argparse.Namespace, stage: dict[str, str]) -> tuple[Any, boo
         JsonLoggerCallback(),
         keep_scheduler_state(scheduler),
     ]
+    if args.wandb:
+        from tune_integration import WandBCallback
+
+        callbacks.append(
+            WandBCallback(
+                EXPERIMENT,
+                group=args.name,
+                mode=args.wandb,
+                dir=args.out,
+                max_iterations=args.epochs,
+                member_name=member_name,
+            )
+        )
     experiment = args.out / args.name
     resume = any(experiment.glob("experiment_state-*.json"))  # none yet: interrupted before Tune saved one
     print(

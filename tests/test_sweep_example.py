@@ -227,6 +227,21 @@ def check_asha(experiment: Path, history: pd.DataFrame, epochs: int) -> None:
             earlier.append(reward)
 
 
+def check_wandb(out: Path, history: pd.DataFrame) -> None:
+    """One W&B run per member in the sweep's group, every report once, the member's status at the end."""
+    from wandb_files import read_runs
+
+    runs = {run.summary["trial_id"]: run for run in read_runs(out).values()}
+    assert set(runs) == set(history["trial_id"])
+    for trial_id, rows in history.groupby("trial_id"):
+        run = runs[trial_id]
+        assert (run.project, run.group) == ("modelbatch-digits", "digits-sweep")
+        assert re.fullmatch(r"m\d{3} lr=\d\.\de-0\d wd=\de-0\d w=(64|128) p=0\.[02]", run.name)
+        assert run.config["lr"] == rows["config/lr"].iloc[0]
+        assert run.steps("val_loss") == list(zip(rows["training_iteration"], rows["val_loss"]))
+        assert run.summary["status"] == rows["status"].iloc[0]
+
+
 def run_continue_command(stdout: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run the printed ``Continue with:`` command as a user would paste it."""
     return subprocess.run(
@@ -235,8 +250,8 @@ def run_continue_command(stdout: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_ctrl_c_while_ray_starts_and_near_the_end_then_continue_completes_the_sweep(tmp_path) -> None:
-    """Random searcher: Ctrl-C before anything ran, then again near the end."""
-    args = ["--num-samples", "6", "--epochs", "4", "--out", "out"]
+    """Random searcher, W&B offline too: Ctrl-C before anything ran, then again near the end."""
+    args = ["--num-samples", "6", "--epochs", "4", "--out", "out", "--wandb", "offline"]
     experiment = tmp_path / "out" / "digits-sweep"
     state = experiment / "sweep_args.json"  # written just before Ray starts
     stdout, stderr = Sweep(tmp_path, args).interrupt_when(state.exists)
@@ -258,6 +273,7 @@ def test_ctrl_c_while_ray_starts_and_near_the_end_then_continue_completes_the_sw
     check_raw_logs(experiment, history, members=6)
     check_asha(experiment, history, epochs=4)
     view_url = check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", history, "random")
+    check_wandb(tmp_path / "out", history)
     assert f"parallel coordinates of lr, weight_decay, width, dropout): {view_url}" in result.stdout
 
 
