@@ -301,12 +301,15 @@ def test_multi_process_strategy_raises_a_clear_error() -> None:
     x, y = regression()
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     module = PackModule(mb.ModelBatch([mlp(0), mlp(1)]), lambda b: mb.optim.SGD(b, lr=0.1), loss=F.mse_loss)
+    environ = dict(os.environ)  # DDP sets MASTER_PORT, WORLD_SIZE, ...: later subprocesses must not see them
     try:
         with pytest.raises(RuntimeError, match=r"PackModule: strategy DDPStrategy .*devices=1"):
             trainer(max_epochs=1, strategy="ddp").fit(module, loader)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def test_bad_arguments_raise_with_the_api_name() -> None:
