@@ -267,9 +267,15 @@ class WandB(Callback):
     not wait for W&B. Needs ``pip install 'modelbatch[integrations]'`` (or ``wandb``).
 
     Example:
-        >>> import modelbatch as mb
-        >>> wb = mb.callbacks.WandB(project="lr-sweep", mode="offline", dir="/tmp")  # doctest: +SKIP
-        >>> mb.fit(recipe, configs, reports=5, callbacks=[wb])  # doctest: +SKIP
+        >>> import glob, tempfile, torch, modelbatch as mb
+        >>> X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> recipe = mb.Recipe(model=lambda cfg: torch.nn.Linear(4, 3), optimizer="sgd",
+        ...     loss=torch.nn.functional.cross_entropy, train_data=(X, y), batch_size=8, steps_per_report=2)
+        >>> folder = tempfile.mkdtemp()
+        >>> wb = mb.callbacks.WandB(project="lr-sweep", mode="offline", dir=folder)
+        >>> _ = mb.fit(recipe, [{"lr": 0.1}, {"lr": 0.01}], reports=2, callbacks=[wb], progress=False)
+        >>> len(glob.glob(f"{folder}/wandb/offline-run-*"))  # one run per member
+        2
     """
 
     def __init__(
