@@ -40,11 +40,15 @@ class WandBWriter:
     """Queue W&B calls per member key; a daemon thread makes them in order.
 
     Example:
-        >>> writer = WandBWriter("mb.callbacks.WandB")  # doctest: +SKIP
-        >>> writer.start("m0", project="p", name="member-0", mode="offline")  # doctest: +SKIP
-        >>> writer.log("m0", {"loss": 0.5}, step=1)  # doctest: +SKIP
-        >>> writer.end("m0", {"status": "finished"})  # doctest: +SKIP
-        >>> writer.close()  # doctest: +SKIP
+        >>> import glob, tempfile
+        >>> writer, folder = WandBWriter("mb.callbacks.WandB"), tempfile.mkdtemp()
+        >>> quiet = writer.wandb.Settings(silent=True)
+        >>> writer.start("m0", project="p", name="member-0", mode="offline", dir=folder, settings=quiet)
+        >>> writer.log("m0", {"loss": 0.5}, step=1)
+        >>> writer.end("m0", {"status": "finished"})
+        >>> writer.close()
+        >>> len(glob.glob(f"{folder}/wandb/offline-run-*"))
+        1
     """
 
     def __init__(self, api: str) -> None:
