@@ -629,6 +629,10 @@ def summarize(analysis: Any, args: argparse.Namespace, seconds: float) -> int:
         print(f"  start the UI: mlflow ui --backend-store-uri {args.tracking_uri}")
     if args.view_url:  # None if MLflow was unreachable all along
         print(f"  open (members best first, parallel coordinates of {', '.join(SEARCHED)}): {args.view_url}")
+    if args.wandb:
+        print(f"W&B ({args.wandb}): project {EXPERIMENT!r}, group {args.name!r}, one run per member")
+        if args.wandb == "offline":
+            print(f"  upload them: wandb sync {args.out / 'wandb'}/offline-run-*")
     print(f"history: {args.out / 'history.parquet'} ({len(history)} rows, one per member per report)")
     print(f"learning curves: {args.out / 'learning_curves.png'}; best: {args.out / 'best.json'}")
     print(f"Tune experiment: {args.out / args.name}")

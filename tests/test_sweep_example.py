@@ -274,6 +274,8 @@ def test_ctrl_c_while_ray_starts_and_near_the_end_then_continue_completes_the_sw
     check_asha(experiment, history, epochs=4)
     view_url = check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", history, "random")
     check_wandb(tmp_path / "out", history)
+    assert "W&B (offline): project 'modelbatch-digits', group 'digits-sweep'" in result.stdout
+    assert "/wandb/offline-run-*" in result.stdout.split("upload them: wandb sync ", 1)[-1]
     assert f"parallel coordinates of lr, weight_decay, width, dropout): {view_url}" in result.stdout
 
 
