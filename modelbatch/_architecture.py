@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ._dropout import is_rate_attribute
+from ._dropout import is_rate_attribute, rate_slots
 
 if TYPE_CHECKING:
     from ._recipe import Recipe
@@ -85,11 +85,14 @@ def architecture_signature(model: nn.Module) -> str:
 
     Module settings (``eps``, a slope, ...) are part of it: a pack runs every member through one
     copy of the modules, so configs that differ in one train in separate packs. Dropout rates
-    are not: a pack holds them per member.
+    are not (a pack holds them per member), only where they are: a rate that is a float in one
+    config and ``None`` in another (BERT's ``classifier_dropout``) splits the pack.
     """
     shapes = [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
     settings = repr(sorted(module_settings(model).items()))
-    return f"{type(model).__module__}.{type(model).__qualname__}|" + ";".join(shapes) + "|" + settings
+    rates = ",".join(sorted(rate_slots(model)))  # where the per-member rates are, not their values
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    return f"{name}|" + ";".join(shapes) + "|" + settings + "|" + rates
 
 
 def pack_label(signature: str) -> str:

@@ -146,6 +146,19 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
                 "modules, so module settings must be equal: build one ModelBatch per setting (mb.fit "
                 "and ModelBatchSearcher group configs this way), or hold per-member values in buffers."
             )
+        _check_same_rates(model, i, first)  # a config's rates (not module settings) too
+
+
+def _check_same_rates(model: nn.Module, i: int, first: nn.Module) -> None:
+    """Model ``i`` must have a float dropout rate wherever model 0 has one (and only there)."""
+    ref, got = rate_slots(first), rate_slots(model)
+    for key in sorted(ref.keys() ^ got.keys()):
+        has, lacks = (f"model {i}", "model 0") if key in got else ("model 0", f"model {i}")
+        raise ValueError(
+            f"ModelBatch: {has} has the dropout rate {key} = {getattr(*(got | ref)[key])!r} but "
+            f"{lacks} has no float there (None or absent). A pack holds a rate per member only where "
+            "every model has a float: give it a float in every model (e.g. 0.0), or in none."
+        )
 
 
 def _check_same_ties(model: nn.Module, i: int, first: nn.Module) -> None:

@@ -17,8 +17,9 @@ from .optim import Optimizer
 FORMAT = "modelbatch-checkpoint"
 # 2: non-persistent buffers are saved too; 3: each member's dropout rates and stream; 4: float
 # dropout rates (Hugging Face's attention_dropout) per member too, keyed by the attribute's path
-# (a version-3 file holds the dropout modules' rates alone: its float rates were equal, in the template)
-VERSION = 4
+# (a version-3 file holds the dropout modules' rates alone: its float rates were equal, in the template);
+# 5: a Hugging Face config's float rates per member too (a version-4 file: model 0's in every member's config)
+VERSION = 5
 
 
 def _non_persistent_buffers(batch: ModelBatch) -> dict[str, torch.Tensor]:

@@ -146,18 +146,32 @@ def is_rate_attribute(module: nn.Module, name: str, value: Any) -> bool:
     return named and not isinstance(module, (nn.RNNBase, nn.MultiheadAttention))
 
 
-def rate_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """Every per-member dropout rate of ``model``: ``{key: (module, attribute)}``.
+def _is_config(value: Any) -> bool:
+    """A model configuration a module keeps (Hugging Face's ``PretrainedConfig``: ``to_dict``)."""
+    return not isinstance(value, nn.Module) and callable(getattr(value, "to_dict", None))
+
+
+def rate_slots(model: nn.Module) -> dict[str, tuple[Any, str]]:
+    """Every per-member dropout rate of ``model``: ``{key: (owner, attribute)}``.
 
     The key of a dropout module's ``p`` is the module's path (``"1"``, ``"encoder.drop"``); that
-    of a float rate the attribute's path (``"model.layers.0.self_attn.attention_dropout"``).
+    of a float rate the attribute's path (``"model.layers.0.self_attn.attention_dropout"``). A
+    configuration the modules keep (Hugging Face's ``model.config``, shared by its submodules) has
+    its float rates here too (``"config.hidden_dropout_prob"``), so that ``member(i).config`` and
+    its ``save_pretrained`` hold member ``i``'s rates, not model 0's.
     """
-    slots = {}
+    slots: dict[str, tuple[Any, str]] = {}
+    configs: set[int] = set()
     for path, module in model.named_modules():
         for name, value in vars(module).items():
             if is_rate_attribute(module, name, value):
                 module_p = isinstance(module, nn.modules.dropout._DropoutNd)
                 slots[path if module_p else f"{path}.{name}".lstrip(".")] = (module, name)
+            elif _is_config(value) and id(value) not in configs:
+                configs.add(id(value))
+                for field, rate in vars(value).items():
+                    if not field.startswith("_") and is_rate_attribute(module, field, rate):
+                        slots[f"{path}.{name}.{field}".lstrip(".")] = (value, field)
     return slots
 
 

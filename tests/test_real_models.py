@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import modelbatch as mb
+from modelbatch import _architecture as mb_architecture
 
 transformers.logging.set_verbosity_error()
 pytestmark = [
@@ -327,6 +328,42 @@ def test_preflight_passes_with_dropout_rates_kept_as_floats() -> None:
     attention = "model.layers.0.self_attn.attention_dropout"
     assert batch.dropout_rates[attention] == [0.1, 0.3]  # only the check's copies were switched off
     assert [batch.member(i).model.layers[0].self_attn.attention_dropout for i in range(2)] == [0.1, 0.3]
+
+
+def test_member_config_holds_its_own_dropout_rates_through_save_pretrained_and_checkpoints(tmp_path) -> None:
+    """A member's Hugging Face config says its own rates (not model 0's): after member(i),
+    save_pretrained/from_pretrained, mb.save/mb.load and load_member of a model with other rates."""
+    rates = [0.1, 0.3, 0.2]
+    torch.manual_seed(0)
+    batch = mb.ModelBatch([_bert(rate) for rate in rates], backend="loop")
+    assert batch.dropout_rates["config.hidden_dropout_prob"] == rates
+    for i, rate in enumerate(rates):
+        member = batch.member(i)
+        assert member.config.hidden_dropout_prob == member.bert.embeddings.dropout.p == rate
+        member.save_pretrained(tmp_path / f"member-{i}")
+        again = transformers.BertForSequenceClassification.from_pretrained(tmp_path / f"member-{i}")
+        assert again.config.attention_probs_dropout_prob == rate
+        assert again.bert.encoder.layer[0].attention.self.dropout.p == rate
+    mb.save(tmp_path / "pack.pt", batch)
+    loaded, _, _ = mb.load(tmp_path / "pack.pt")
+    assert [loaded.member(i).config.hidden_dropout_prob for i in range(3)] == rates
+    batch.load_member(1, _bert(0.45))
+    assert batch.member(1).config.hidden_dropout_prob == 0.45
+    assert batch.dropout_rates["config.hidden_dropout_prob"] == [0.1, 0.45, 0.2]
+
+
+def test_a_rate_float_in_one_config_and_none_in_another_is_refused_and_splits_packs() -> None:
+    """BERT's classifier_dropout=None (use hidden_dropout_prob) against 0.3: no per-member value to
+    hold, so ModelBatch names the rate and the fix, and the architecture signatures differ."""
+    models = []
+    for rate in (None, 0.3):
+        config = copy.deepcopy(_bert().config)
+        config.classifier_dropout = rate
+        models.append(transformers.BertForSequenceClassification(config))
+    with pytest.raises(ValueError, match=r"model 1 has the dropout rate config.classifier_dropout = 0.3"):
+        mb.ModelBatch(models)
+    signature = mb_architecture.architecture_signature
+    assert signature(models[0]) != signature(models[1])
 
 
 class Constants(nn.Module):
