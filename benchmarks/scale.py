@@ -8,8 +8,8 @@ report of the pack (``Packs.train``: training, metrics, each member's result and
 ``--checkpoint-every 1``, its checkpoint bytes), that time per member, and the server's own part
 outside training (``Packs.train`` minus the pack's ``train_report``: results and checkpoints).
 
-Not measured yet (issue 18): the driver's cost per result with ModelBatchSearcher vs plain Tune,
-the driver's memory per trial over 2,000+ members, a relay process's cost.
+The Tune driver's side (cost per result and memory per trial vs plain Tune, a relay's cost, when
+it saturates) is measured by ``benchmarks/driver_scale.py``.
 
 The JSON records ``os.getloadavg()`` before and after: figures from a loaded machine say little.
 
