@@ -23,6 +23,7 @@ from ._dropout import (
     running_members,
     set_member_rates,
 )
+from ._host import device_tensor, host_list, member_flags
 from ._hparams import check_member_index
 from ._huggingface import adapt_skeleton
 from ._tied import retie, set_tensor, tied_names
@@ -102,13 +103,13 @@ def select_output(outputs: Any, output: str | int | None, api: str) -> Any:
     return outputs
 
 
-def _scatter_members(out: Any, ids: torch.Tensor, n: int) -> Any:
-    """Outputs of the members ``ids`` (``[k, ...]`` leaves) placed in ``[n, ...]`` zeros, differentiably."""
+def _scatter_members(out: Any, ids: Callable[[torch.Tensor], torch.Tensor], k: int, n: int) -> Any:
+    """Outputs of ``k`` members (``[k, ...]`` leaves) placed in ``[n, ...]`` zeros at rows ``ids(t)``."""
 
     def place(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != len(ids):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != k:
             return t
-        return t.new_zeros((n, *t.shape[1:])).index_copy(0, ids.to(t.device), t)
+        return t.new_zeros((n, *t.shape[1:])).index_copy(0, ids(t), t)
 
     return pytree.tree_map(place, out)
 
@@ -409,17 +410,16 @@ class ModelBatch(nn.Module):
             kwargs = {key: value for key, value in kwargs.items() if key not in names}
         params = self.stacked_parameters()
         buffers = self.stacked_buffers()
-        updating = self.active
-        if participating is not None:
-            updating = updating & participating.to(updating.device, torch.bool).reshape(-1)
-            computed = int(updating.sum())
-            if params and 0 < computed < self.n:
-                return self._forward_members(
-                    updating.nonzero().squeeze(1), params, buffers, args, dims, kwargs, names
-                )
+        # Which members run is decided on the host (no sync): `active` is read only when it changes.
+        updating = host_list(self.active)
+        if participating is not None:  # a host mask costs nothing; one on the device is read (a sync)
+            updating = member_flags("ModelBatch.forward: participating", participating, updating)
+            rows = [i for i, u in enumerate(updating) if u]
+            if params and 0 < len(rows) < self.n:
+                return self._forward_members(rows, params, buffers, args, dims, kwargs, names)
         # With frozen members, train-mode layers (BatchNorm) update copies of the buffers and only the
         # updating members' rows are written back: restoring in place would break autograd's saved tensors.
-        frozen = self.training and bool(buffers) and not bool(updating.all())
+        frozen = self.training and bool(buffers) and not all(updating)
         run_buffers = {name: b.clone() for name, b in buffers.items()} if frozen else buffers
         trial = self.training and torch.is_grad_enabled()  # "auto" chooses for training or inference
         out = self._run(range(self.n), params, run_buffers, args, dims, kwargs, trial, names)
@@ -465,7 +465,7 @@ class ModelBatch(nn.Module):
 
     def _forward_members(
         self,
-        ids: torch.Tensor,
+        rows: list[int],
         params: dict,
         buffers: dict,
         args: tuple,
@@ -478,16 +478,20 @@ class ModelBatch(nn.Module):
         Their slices of the stacked tensors are gathered (``index_select``: the backward adds the
         gradients into the stacked parameters' rows), their buffers are written back after the call.
         """
-        pick = {k: v.index_select(0, ids.to(v.device)) for k, v in params.items()}
-        run_buffers = {k: b.index_select(0, ids.to(b.device)) for k, b in buffers.items()}
-        sub_args = tuple(a.index_select(0, ids.to(a.device)) if d == 0 else a for a, d in zip(args, dims))
+
+        def ids(t: torch.Tensor) -> torch.Tensor:  # the rows as an index on t's device, uploaded once
+            return device_tensor(rows, torch.long, t.device)
+
+        pick = {k: v.index_select(0, ids(v)) for k, v in params.items()}
+        run_buffers = {k: b.index_select(0, ids(b)) for k, b in buffers.items()}
+        sub_args = tuple(a.index_select(0, ids(a)) if d == 0 else a for a, d in zip(args, dims))
         trial = self.training and torch.is_grad_enabled()
-        out = self._run(ids.tolist(), pick, run_buffers, sub_args, dims, kwargs, trial, names)
+        out = self._run(rows, pick, run_buffers, sub_args, dims, kwargs, trial, names)
         if self.training and buffers:
             with torch.no_grad():
                 for name, buf in buffers.items():
-                    buf.index_copy_(0, ids.to(buf.device), run_buffers[name])
-        return _scatter_members(out, ids, self.n)
+                    buf.index_copy_(0, ids(buf), run_buffers[name])
+        return _scatter_members(out, ids, len(rows), self.n)
 
     def _input_dims(self, args: tuple, in_dims: int | Sequence[int | None] | None) -> tuple:
         if in_dims is None or isinstance(in_dims, int):
@@ -549,12 +553,12 @@ class ModelBatch(nn.Module):
 
     @staticmethod
     def _write_back(
-        buffers: dict[str, torch.Tensor], updated: dict[str, torch.Tensor], rows: torch.Tensor
+        buffers: dict[str, torch.Tensor], updated: dict[str, torch.Tensor], rows: list[bool]
     ) -> None:
         with torch.no_grad():
             for name, buf in buffers.items():
-                rows = rows.to(buf.device).view(-1, *([1] * (buf.dim() - 1)))
-                buf.copy_(torch.where(rows, updated[name], buf))
+                keep = device_tensor(rows, torch.bool, buf.device).view(-1, *([1] * (buf.dim() - 1)))
+                buf.copy_(torch.where(keep, updated[name], buf))
 
     # ------------------------------------------------------------------ loss
     def compute_loss(

@@ -7,24 +7,27 @@ import math
 import torch
 
 from ._batch import ModelBatch
+from ._host import device_tensor, mark_device_data, to_host
 from ._hparams import MemberValue, member_values
 
 _API = "mb.clip_grad_norm_"
 
 
-def _max_norms(value: MemberValue, n: int) -> torch.Tensor:
-    """``max_norm`` as a float64 ``[n]`` tensor; ``+inf`` is allowed (compute the norms, clip nothing)."""
+def _max_norms(value: MemberValue, n: int) -> list[float]:
+    """``max_norm`` as ``n`` floats, checked on the host; ``+inf`` is allowed (measure, clip nothing)."""
     if isinstance(value, bool):
-        return member_values(_API, "max_norm", value, n, low=0.0)
+        return member_values(_API, "max_norm", value, n, low=0.0).tolist()
+    if isinstance(value, torch.Tensor):  # a tensor on the device is read here: a host sync
+        values = to_host(value)
+        value = values[0] if value.dim() == 0 else values
     try:
-        raw = torch.as_tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        return member_values(_API, "max_norm", value, n, low=0.0)
-    unbounded = raw == math.inf
-    if not bool(unbounded.any()):
-        return member_values(_API, "max_norm", value, n, low=0.0)
-    values = member_values(_API, "max_norm", raw.masked_fill(unbounded, 0.0), n, low=0.0)
-    return values.masked_fill_(unbounded.reshape(-1).expand(n), math.inf)
+        values = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
+    except (TypeError, ValueError):
+        return member_values(_API, "max_norm", value, n, low=0.0).tolist()
+    unbounded = [v == math.inf for v in values]
+    finite = [0.0 if u else v for u, v in zip(unbounded, values)]
+    checked = member_values(_API, "max_norm", finite, n, low=0.0).tolist()
+    return [math.inf if u else v for u, v in zip(unbounded, checked)]
 
 
 @torch.no_grad()
@@ -74,8 +77,9 @@ def clip_grad_norm_(
     device = grads[0].device
     norms = [torch.linalg.vector_norm(g.reshape(n, -1), norm_type, dim=1).to(device) for g in grads]
     total_norm = torch.linalg.vector_norm(torch.stack(norms), norm_type, dim=0)
-    if error_if_nonfinite:
-        bad = (~torch.isfinite(total_norm)).nonzero().squeeze(1).tolist()
+    if error_if_nonfinite:  # raising needs the norms on the host: one sync, as in torch
+        flags = to_host(mark_device_data(~torch.isfinite(total_norm)))
+        bad = [i for i, f in enumerate(flags) if f]
         if bad:
             raise RuntimeError(
                 f"{_API}: the total norm of order {norm_type} of the gradients of members {bad} is "
@@ -83,7 +87,7 @@ def clip_grad_norm_(
                 "losses, or pass error_if_nonfinite=False to scale their gradients by the non-finite norm."
             )
     # torch computes `max_norm / (total_norm + 1e-6)` as `reciprocal(total_norm + 1e-6) * max_norm`.
-    coef = (total_norm + 1e-6).reciprocal() * limits.to(device, total_norm.dtype)
+    coef = (total_norm + 1e-6).reciprocal() * device_tensor(limits, total_norm.dtype, device)
     coef = torch.clamp(coef, max=1.0)
     for g in grads:
         g.mul_(coef.to(g.device).view(n, *([1] * (g.dim() - 1))))

@@ -23,6 +23,7 @@ from ._architecture import (
 )
 from ._batch import ModelBatch
 from ._clip import clip_grad_norm_
+from ._host import host_list, mark_device_data, to_host, upload
 from ._hparams import check_positive_int
 from ._oom import shrink_on_oom
 from ._recipe import Recipe
@@ -276,7 +277,7 @@ class PackTrainer:
             sums += torch.where(participating, losses.detach().to(torch.float64), 0.0)
             counts += participating.to(torch.float64)
         self.step_time += time.perf_counter() - start
-        train_loss = (sums / counts.clamp_min(1)).tolist()
+        train_loss = to_host(mark_device_data(sums / counts.clamp_min(1)))  # the report's one read
         val = shrink_on_oom("mb.PackTrainer", self.batch, self.evaluate) if self.val is not None else {}
         reports = {}
         for member_id, slot in live.items():
@@ -292,13 +293,15 @@ class PackTrainer:
         self, step: MemberStep, xs: torch.Tensor, ys: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step of every participating member on its own batch ``xs[i], ys[i]``."""
-        participating = step.participating.to(self.device) & self.batch.active
-        mask = None if step.mask is None else step.mask.to(self.device)
-        losses = shrink_on_oom("mb.PackTrainer", self.batch, self._gradients, xs, ys, participating, mask)
-        self.optimizer.step(mask=participating)
+        # Who trains is decided on the host (the sampler's mask, the pack's cached active flags): the
+        # forward, the optimizer and the schedule then read no device values; the device gets a copy.
+        live = step.participating.to(torch.bool) & torch.tensor(host_list(self.batch.active))
+        mask = None if step.mask is None else upload(step.mask, self.device)
+        losses = shrink_on_oom("mb.PackTrainer", self.batch, self._gradients, xs, ys, live, mask)
+        self.optimizer.step(mask=live)
         if self.schedule is not None:
-            self.schedule.step(mask=participating)
-        return losses, participating
+            self.schedule.step(mask=live)
+        return losses, upload(live, self.device)
 
     def _gradients(
         self, xs: torch.Tensor, ys: torch.Tensor, participating: torch.Tensor, mask: torch.Tensor | None

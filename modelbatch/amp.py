@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ._batch import MemberLosses, ModelBatch
+from ._host import mark_device_data, upload
 from ._hparams import MemberValue, check_member_index, check_positive_int, member_values
 from .optim import Optimizer
 
@@ -162,8 +163,10 @@ class GradScaler:
         mask = ~state["found_inf"]
         user_mask = kwargs.pop("mask", None)
         if user_mask is not None:
-            mask = mask & user_mask.to(mask.device, torch.bool).reshape(-1)
-        result = optimizer.step(mask=mask, **kwargs)
+            mask = mask & upload(user_mask.detach().to(torch.bool), mask.device).reshape(-1)
+        # Which members skip is known on the device only: the optimizer reads it (one host sync, as
+        # torch.amp.GradScaler's found_inf.item()) to keep every member's step count exact.
+        result = optimizer.step(mask=mark_device_data(mask), **kwargs)
         state["stage"] = _STEPPED
         return result
 

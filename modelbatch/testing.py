@@ -31,6 +31,7 @@ from torch import nn
 from . import optim as mb_optim
 from ._batch import ModelBatch, select_output
 from ._recipe import OPTIMIZERS as RECIPE_OPTIMIZERS
+from ._sync_probe import HostSyncCounter as HostSyncCounter
 
 #: Each optimizer name of :class:`~modelbatch.Recipe`: its packed class and the ``torch.optim``
 #: class of the same name it must match.

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from .._host import upload
 from ._sampler import MemberStep
 from ._stream import StreamingGather, check_loader_kwargs
 
@@ -133,7 +134,7 @@ class PackData:
             return
         X, y = self.tensors
         for step in steps:
-            idx = step.indices.to(self.device)
+            idx = upload(step.indices, torch.device(self.device))  # pinned, non-blocking: no host wait
             yield step, (X[idx], y[idx])
 
     def chunks(self, size: int) -> Iterator[Batch]:

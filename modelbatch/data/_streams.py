@@ -87,6 +87,7 @@ class MemberStreams:
         b = self.batch_size
         indices = torch.zeros(self.n_slots, b, dtype=torch.int64)
         valid = torch.zeros(self.n_slots, b, dtype=torch.bool)
+        full = True  # every participating slot has a whole batch (kept in Python: no tensor read)
         for slot, stream in enumerate(self._streams):
             if stream is None:
                 continue
@@ -97,8 +98,8 @@ class MemberStreams:
             indices[slot, :take] = stream.order[stream.position : stream.position + take]
             valid[slot, :take] = True
             stream.position += take
+            full = full and (take == b or take == 0)
         participating = valid.any(dim=1)
-        full = bool(valid[participating].all())
         return MemberStep(indices, None if full else valid, participating, epoch=-1, step=-1)
 
     def member_state_dict(self, slot: int) -> dict[str, Any] | None:

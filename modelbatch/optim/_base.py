@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._batch import ModelBatch
+from .._host import device_tensor, host_list, member_flags, upload
 from .._hparams import MemberValue, check_member_index, member_values
 
 
@@ -67,7 +68,7 @@ class StepValues:
             source = torch.tensor(
                 self.lists[name], dtype=torch.float64 if dtype != torch.bool else torch.bool
             )
-            flat = self._cache[key] = source.to(like.device, dtype)
+            flat = self._cache[key] = upload(source.to(dtype), like.device)
         return flat.view(-1, *([1] * (like.dim() - 1)))
 
 
@@ -117,36 +118,40 @@ class Optimizer(abc.ABC):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, mask: torch.Tensor | None = None) -> Any:
-        """Update every active member (``batch.active``, and ``mask`` when given) by its own rule."""
+        """Update every active member (``batch.active``, and ``mask`` when given) by its own rule.
+
+        The step makes the host wait for no device, except to read a ``mask`` that lives on the
+        device (a GradScaler's overflow mask: one read); pass a host (CPU) mask to avoid it.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        updating = self.batch.active.detach().to("cpu")
-        if mask is not None:
-            updating = updating & mask.detach().to("cpu", torch.bool).reshape(-1)
-        full = bool(updating.all())
-        if full:  # the common case: no indexing (advanced indexing costs ~20 µs a call on CPU)
+        updating = self._updating(mask)
+        if all(updating):  # the common case: no indexing (advanced indexing costs ~20 µs a call on CPU)
             self.steps += 1
             values = StepValues(
                 {k: self._hparam_list(k, v) for k, v in self.hparams.items()}, self.steps.tolist()
             )
+            rows = None
         else:
-            rows = updating.nonzero().squeeze(1)
-            if rows.numel() == 0:
+            rows = [i for i, u in enumerate(updating) if u]
+            if not rows:
                 return loss
             self.steps[rows] += 1
+            steps = self.steps.tolist()
             values = StepValues(
-                {k: v[rows].tolist() for k, v in self.hparams.items()}, self.steps[rows].tolist()
+                {k: [self._hparam_list(k, v)[i] for i in rows] for k, v in self.hparams.items()},
+                [steps[i] for i in rows],
             )
         self._prepare(values)
         named = [(name, p) for name, p in self.batch.stacked_parameters().items() if p.grad is not None]
         states = [self._param_state(name, p) for name, p in named]
         params = [p for _, p in named]
-        if full:
+        if rows is None:
             self._update_all(params, [p.grad for p in params], states, values)
             return loss
-        idx = [rows.to(p.device) for p in params]
+        idx = [device_tensor(rows, torch.long, p.device) for p in params]
         sub_params = [p.index_select(0, i) for p, i in zip(params, idx)]
         sub_states = [{k: t.index_select(0, i) for k, t in st.items()} for st, i in zip(states, idx)]
         sub_grads = [p.grad.index_select(0, i) for p, i in zip(params, idx)]
@@ -156,6 +161,17 @@ class Optimizer(abc.ABC):
             for k, t in st.items():
                 t.index_copy_(0, i, sub_st[k])
         return loss
+
+    def _updating(self, mask: torch.Tensor | None) -> list[bool]:
+        """Which members update: ``batch.active`` (read again only when it changes) and ``mask``.
+
+        Reading ``mask`` is a host sync when it lives on the device (a GradScaler's overflow mask);
+        a mask on the host (the trainer's, a user's CPU tensor) costs none.
+        """
+        active = host_list(self.batch.active)
+        if mask is None:
+            return active
+        return member_flags(f"mb.optim.{type(self).__name__}.step", mask, active)
 
     def _hparam_list(self, name: str, values: torch.Tensor) -> list[float]:
         """``values.tolist()``, cached until the tensor is replaced or changed in place (``_version``)."""

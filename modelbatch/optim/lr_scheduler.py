@@ -200,10 +200,8 @@ class PerMember:
         )
 
     def _stepping_rows(self, mask: torch.Tensor | None) -> list[int]:
-        active = self.optimizer.batch.active.detach().to("cpu", torch.bool).reshape(-1)
-        if mask is not None:
-            active = active & mask.detach().to("cpu", torch.bool).reshape(-1)
-        return active.nonzero().squeeze(1).tolist()
+        """The active members (and ``mask``'s), read on the host as the optimizer reads them."""
+        return [i for i, u in enumerate(self.optimizer._updating(mask)) if u]
 
     def _metrics(self, metrics: Sequence[float] | torch.Tensor | None) -> list[float] | None:
         if metrics is None:
