@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -247,15 +249,35 @@ def test_fit_alone_equals_plain_torch_training_with_its_seed() -> None:
     )
 
 
-@pytest.mark.parametrize("backend", ["vmap", "loop"])
+COMPILED = """
+import sys, torch, modelbatch as mb
+from torch import nn
+backend = sys.argv[1]
+models = [nn.Sequential(nn.Linear(4, 8), nn.Dropout(p)) for p in (0.2, 0.5)]
+x = torch.randn(3, 4)
+compiled = mb.ModelBatch(models, backend=backend, compile=True)
+compiled.manual_seed([1, 2])
+eager = mb.ModelBatch(models, backend=backend)
+eager.manual_seed([1, 2])
+for _ in range(2):
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)
+"""
+
+
+LOOP_COMPILED_BUG = (
+    "issue 15: compile=True on the loop backend with differing rates raises in a fresh process "
+    "(dynamo wraps the MemberRate p as a float constant: float() raises where rates differ); it passed "
+    "before only after earlier tests in the same process"
+)
+
+
+@pytest.mark.parametrize(
+    "backend", ["vmap", pytest.param("loop", marks=pytest.mark.xfail(strict=True, reason=LOOP_COMPILED_BUG))]
+)
 def test_compiled_pack_draws_the_same_masks(backend: str) -> None:
-    models = [nn.Sequential(nn.Linear(4, 8), nn.Dropout(p)) for p in (0.2, 0.5)]
-    x = torch.randn(3, 4)
-    compiled = mb.ModelBatch(models, backend=backend, compile=True)
-    compiled.manual_seed([1, 2])
-    eager = _pack(models, (backend, None), seeds=[1, 2])
-    for _ in range(2):
-        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)
+    """In a fresh interpreter, so that the result does not depend on what ran before in the worker."""
+    done = subprocess.run([sys.executable, "-c", COMPILED, backend], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------- float rates
