@@ -631,27 +631,6 @@ def saturation(rows: dict[str, Any], scale: dict[str, list[dict[str, Any]]]) -> 
 
 
 # ---------------------------------------------------------------------- main
-def machine() -> dict[str, Any]:
-    """Where it ran."""
-    import ray
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-    }
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(
@@ -703,6 +682,8 @@ def child(sides: list[str], args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every side in its own process, then the import measures; write and return the report."""
+    from sweep import machine as sweep_machine  # benchmarks/ is on the path when run as a script
+
     args = parse(argv)
     if args.one:
         print(json.dumps(run_sides(args.one, args)))
@@ -726,7 +707,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report: dict[str, Any] = {
         "benchmark": "driver_scale",
-        "machine": machine(),
+        "machine": sweep_machine(),
         "command": ["benchmarks/driver_scale.py", *(argv if argv is not None else sys.argv[1:])],
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "one"},
         "loadavg_start": load_start,
