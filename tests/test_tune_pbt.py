@@ -224,8 +224,10 @@ def test_the_replay_is_what_plain_tune_pbt_gives(tmp_path):
 
 @pytest.mark.usefixtures("local_ray")
 def test_pb2_with_the_searcher_exploits_with_the_new_config_exactly(tmp_path):
+    """As the PBT test: the pack waits up to 10 s for a member whose relay is away. Parked after 1 s,
+    a loaded run (two xdist workers) once had no exploit: the members raced ahead of Tune."""
     rec = recipe()
-    searcher = ModelBatchSearcher(rec, slots_per_gpu=4, park_after_s=1.0)
+    searcher = ModelBatchSearcher(rec, slots_per_gpu=4, park_after_s=10.0)
     scheduler = pbt(RecordedPB2)
     analysis, rows = run(searcher.trainable(), scheduler, tmp_path, search_alg=searcher, members=4)
     assert_pbt_exploited(analysis, scheduler, members=4, mutated=False)
