@@ -3,12 +3,11 @@ against what can be computed by hand."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_runs import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -17,14 +16,7 @@ import cluster_sim  # noqa: E402
 
 def test_cluster_sim_quick_runs_every_policy_to_the_end(tmp_path):
     out = tmp_path / "sim.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "cluster_sim.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, _ = run_benchmark("cluster_sim.py", out, "--quick")
     assert out.with_suffix(".png").stat().st_size > 0
     assert len(report["loadavg_start"]) == 3
     (result,) = report["results"]
@@ -126,14 +118,7 @@ def test_equal_shares_give_a_jain_index_of_one():
 
 def test_scale_quick_measures_a_slot_server_pack(tmp_path):
     out = tmp_path / "scale.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, _ = run_benchmark("scale.py", out, "--quick")
     assert len(report["loadavg_start"]) == 3 and len(report["loadavg_end"]) == 3
     rows = report["slot_server"]
     assert [r["members"] for r in rows] == [1, 8]
@@ -146,16 +131,8 @@ def test_mlflow_logging_quick_counts_the_loggers_points(tmp_path):
     """The MLflowLogger part of benchmarks/mlflow_logging.py (no Ray): it runs, and the store holds
     every point it logged; its time per report is printed and kept in the JSON, not asserted."""
     out = tmp_path / "mlflow.json"
-    script = ROOT / "benchmarks" / "mlflow_logging.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--logger-only", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    report, done = run_benchmark("mlflow_logging.py", out, "--logger-only", "--quick")
     assert "us of the caller's time per member report" in done.stdout
-    report = json.loads(out.read_text())
     logger = report["logger"]
     assert (logger["members"], logger["reports"]) == (4, 10)
     assert logger["points_in_store"] == logger["points_expected"] == 4 * 10 * 6

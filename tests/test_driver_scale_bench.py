@@ -3,13 +3,12 @@ each of a sane kind (counts that match the sweep, non-negative CPU and memory); 
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_runs import run_benchmark
 
 pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,15 +21,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("driver_scale") / "driver_scale.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "driver_scale.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    report, done = run_benchmark("driver_scale.py", out, "--quick", timeout=600)
     assert "ms driver CPU per result" in done.stdout
-    return json.loads(out.read_text())
+    return report
 
 
 def test_the_report_says_where_and_how_it_ran(report):

@@ -5,14 +5,13 @@ No timing is asserted: the figures of a smoke run on a shared CPU mean nothing; 
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_runs import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -22,14 +21,7 @@ import gpu_suite  # noqa: E402
 @pytest.mark.slow
 def test_smoke_run_writes_every_section_and_every_engine_cell(tmp_path):
     out = tmp_path / "suite.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, _ = run_benchmark("gpu_suite.py", out, "--smoke")
     assert report["smoke"] is True and "perf_counter" in report["timing"]
     sections = report["sections"]
     assert set(sections) == set(gpu_suite.SECTIONS)
