@@ -296,17 +296,21 @@ def test_server_stopped_mid_sweep_and_restarted_loses_no_point(
         def on_trial_result(self, iteration, trials, trial, result, **info):
             Outage.count += 1
             if Outage.count == 12:  # some points have reached the server by now
-                threading.Thread(target=stop_and_restart, daemon=True).start()
+                # Down before the driver goes on (every trial reports at least once: 16 results or more, so
+                # at least three come after this one whatever the machine's load).
+                mlflow_server.stop()
+                outage["down"] = time.monotonic()
+                down_at.append(Outage.count)
+                restarter.start()
             if down_at and Outage.count >= down_at[0] + 3:
                 back.set()
 
-    def stop_and_restart():
-        mlflow_server.stop()
-        outage["down"] = time.monotonic()
-        down_at.append(Outage.count)
+    def restart():
         back.wait()  # results keep coming in while the server is away
         mlflow_server.start()  # same port, same database
         outage["up"] = time.monotonic()
+
+    restarter = threading.Thread(target=restart, daemon=True)
 
     rec = Recorder()
     cb = MLflowCallback(mlflow_server.uri, "outage", metric="loss", flush_interval=0.2, close_timeout=120)
@@ -314,11 +318,13 @@ def test_server_stopped_mid_sweep_and_restarted_loses_no_point(
     with caplog.at_level("WARNING", logger="modelbatch.mlflow"):
         _sweep(tmp_path, [rec, Outage(), cb], sleep=0.2)
     back.set()  # (the sweep ended with fewer results after the outage: the count below fails)
+    if restarter.is_alive():
+        restarter.join(120)
+    assert outage["down"] is not None and outage["up"] is not None
     print(
         f"outage {outage['down'] - start:.1f} s to {outage['up'] - start:.1f} s; sweep and final flush "
         f"{time.monotonic() - start:.1f} s; last result at {rec.times[-1] - start:.1f} s"
     )
-    assert outage["down"] is not None and outage["up"] is not None
     assert any("will retry" in r.message for r in caplog.records)  # the outage was seen
     results_while_down = [t for t in rec.times if outage["down"] < t < outage["up"]]
     print(f"{len(results_while_down)} of {len(rec.times)} results came while the server was down")
