@@ -13,9 +13,11 @@ schedule resumes from that point when they are unfrozen.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.optim import lr_scheduler as torch_sched
@@ -194,10 +196,7 @@ class PerMember:
         return sched
 
     def _cycles_momentum(self, index: int) -> bool:
-        return (
-            bool(getattr(self.schedulers[index], "cycle_momentum", False))
-            and self._momentum_key() is not None
-        )
+        return bool(getattr(self.schedulers[index], "cycle_momentum", False))
 
     def _stepping_rows(self, mask: torch.Tensor | None) -> list[int]:
         """The active members (and ``mask``'s), read on the host as the optimizer reads them."""
@@ -224,7 +223,7 @@ class PerMember:
         key = self._momentum_key()
         moms = hp[key].tolist() if key is not None else None
         for i in rows:
-            group = self.schedulers[i].optimizer.param_groups[0]
+            group = self._group(i)
             group["lr"] = lrs[i]
             if moms is not None and self._cycles_momentum(i):
                 _set_group_momentum(group, moms[i])
@@ -261,6 +260,16 @@ def _set_group_momentum(group: dict[str, Any], value: float) -> None:
 
 
 # -------------------------------------------------------------------- per-member arguments
+def _pack_size(api: str, optimizer: Optimizer) -> int:
+    """The number of members of ``optimizer``'s pack, or a ``TypeError`` if it is no pack optimizer."""
+    if not isinstance(optimizer, Optimizer) or "lr" not in optimizer.hparams:
+        raise TypeError(
+            f"{api}: expected a modelbatch optimizer with an 'lr' hyperparameter, got "
+            f"{type(optimizer).__name__}. Pass e.g. mb.optim.SGD(batch, lr=...)."
+        )
+    return optimizer.n
+
+
 def _length_error(api: str, name: str, got: int, n: int) -> ValueError:
     return ValueError(
         f"{api}: {name} has {got} values but the pack has {n} members; "
@@ -301,17 +310,55 @@ def _callables(api: str, name: str, value: Callable | Sequence[Callable], n: int
     return values
 
 
-def _milestone_lists(api: str, value: Sequence[int] | Sequence[Sequence[int]], n: int) -> list[list[int]]:
+def _milestone_lists(
+    api: str, name: str, value: Sequence[int] | Sequence[Sequence[int]], n: int
+) -> list[list[int]]:
     """One list of milestones shared by every member, or one list per member."""
     if not isinstance(value, Sequence) or any(not (_is_int(v) or isinstance(v, Sequence)) for v in value):
         raise TypeError(
-            f"{api}: milestones must be a list of ints or one list of ints per member, got {value!r}."
+            f"{api}: {name} must be a list of ints or one list of ints per member, got {value!r}."
         )
     if all(_is_int(v) for v in value):
-        return [_integers(api, "milestones", list(value), len(value), low=0)] * n
+        return [_integers(api, name, list(value), len(value), low=0)] * n
     if len(value) != n:
-        raise _length_error(api, "milestones", len(value), n)
-    return [_integers(api, f"milestones[{i}]", list(v), len(v), low=0) for i, v in enumerate(value)]
+        raise _length_error(api, name, len(value), n)
+    return [_integers(api, f"{name}[{i}]", list(v), len(v), low=0) for i, v in enumerate(value)]
+
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
+_non_negative = functools.partial(_numbers, low=0.0)
+_int_from_0 = functools.partial(_integers, low=0)
+_int_from_1 = functools.partial(_integers, low=1)
+
+
+def _per_member(
+    schedule: Callable[..., torch_sched.LRScheduler], **kinds: Callable[..., list[Any]]
+) -> Callable[[_Init], _Init]:
+    """Turn a wrapper's ``__init__`` stub, which only declares the signature, into one building ``schedule``.
+
+    Member ``i`` gets ``schedule(torch_optimizer, **arguments)``, every argument but ``optimizer``
+    as given, except one named in ``kinds``: ``kind(api, name, value, n)`` checks it (one value
+    shared by all or one per member) and returns ``n`` values, and member ``i`` gets the ``i``-th.
+    """
+
+    def decorate(stub: _Init) -> _Init:
+        @functools.wraps(stub)
+        def __init__(self: PerMember, *args: Any, **kwargs: Any) -> None:
+            stub(self, *args, **kwargs)  # a wrong call fails with Python's own message
+            bound = inspect.signature(stub).bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+            del arguments["self"]
+            optimizer = arguments.pop("optimizer")
+            api = self._api()
+            n = _pack_size(api, optimizer)
+            columns = {k: kinds[k](api, k, v, n) if k in kinds else [v] * n for k, v in arguments.items()}
+            members = [{k: column[i] for k, column in columns.items()} for i in range(n)]
+            PerMember.__init__(self, optimizer, lambda i, o: schedule(o, **members[i]))
+
+        return __init__  # type: ignore[return-value]
+
+    return decorate
 
 
 # -------------------------------------------------------------------- convenience schedules
@@ -327,12 +374,8 @@ class StepLR(PerMember):
         [0.25, 0.5]
     """
 
-    def __init__(self, optimizer: Optimizer, step_size: IntValue, gamma: MemberValue = 0.1) -> None:
-        api = self._api()
-        n = _pack_size(api, optimizer)
-        sizes = _integers(api, "step_size", step_size, n, low=1)
-        gammas = _numbers(api, "gamma", gamma, n)
-        super().__init__(optimizer, lambda i, o: torch_sched.StepLR(o, sizes[i], gamma=gammas[i]))
+    @_per_member(torch_sched.StepLR, step_size=_int_from_1, gamma=_numbers)
+    def __init__(self, optimizer: Optimizer, step_size: IntValue, gamma: MemberValue = 0.1) -> None: ...
 
 
 class MultiStepLR(PerMember):
@@ -349,17 +392,13 @@ class MultiStepLR(PerMember):
         [0.5, 1.0]
     """
 
+    @_per_member(torch_sched.MultiStepLR, milestones=_milestone_lists, gamma=_numbers)
     def __init__(
         self,
         optimizer: Optimizer,
         milestones: Sequence[int] | Sequence[Sequence[int]],
         gamma: MemberValue = 0.1,
-    ) -> None:
-        api = self._api()
-        n = _pack_size(api, optimizer)
-        lists = _milestone_lists(api, milestones, n)
-        gammas = _numbers(api, "gamma", gamma, n)
-        super().__init__(optimizer, lambda i, o: torch_sched.MultiStepLR(o, lists[i], gamma=gammas[i]))
+    ) -> None: ...
 
 
 class ExponentialLR(PerMember):
@@ -374,9 +413,8 @@ class ExponentialLR(PerMember):
         [0.5, 0.25]
     """
 
-    def __init__(self, optimizer: Optimizer, gamma: MemberValue) -> None:
-        gammas = _numbers(self._api(), "gamma", gamma, _pack_size(self._api(), optimizer))
-        super().__init__(optimizer, lambda i, o: torch_sched.ExponentialLR(o, gammas[i]))
+    @_per_member(torch_sched.ExponentialLR, gamma=_numbers)
+    def __init__(self, optimizer: Optimizer, gamma: MemberValue) -> None: ...
 
 
 class CosineAnnealingLR(PerMember):
@@ -392,12 +430,8 @@ class CosineAnnealingLR(PerMember):
         [0.0, 0.5]
     """
 
-    def __init__(self, optimizer: Optimizer, T_max: IntValue, eta_min: MemberValue = 0.0) -> None:
-        api = self._api()
-        n = _pack_size(api, optimizer)
-        t_max = _integers(api, "T_max", T_max, n, low=1)
-        mins = _numbers(api, "eta_min", eta_min, n, low=0.0)
-        super().__init__(optimizer, lambda i, o: torch_sched.CosineAnnealingLR(o, t_max[i], eta_min=mins[i]))
+    @_per_member(torch_sched.CosineAnnealingLR, T_max=_int_from_1, eta_min=_non_negative)
+    def __init__(self, optimizer: Optimizer, T_max: IntValue, eta_min: MemberValue = 0.0) -> None: ...
 
 
 class LinearLR(PerMember):
@@ -417,22 +451,14 @@ class LinearLR(PerMember):
         [1.0, 1.0]
     """
 
+    @_per_member(torch_sched.LinearLR, start_factor=_numbers, end_factor=_numbers, total_iters=_int_from_0)
     def __init__(
         self,
         optimizer: Optimizer,
         start_factor: MemberValue = 1.0 / 3,
         end_factor: MemberValue = 1.0,
         total_iters: IntValue = 5,
-    ) -> None:
-        api = self._api()
-        n = _pack_size(api, optimizer)
-        starts = _numbers(api, "start_factor", start_factor, n)
-        ends = _numbers(api, "end_factor", end_factor, n)
-        iters = _integers(api, "total_iters", total_iters, n, low=0)
-        super().__init__(
-            optimizer,
-            lambda i, o: torch_sched.LinearLR(o, starts[i], ends[i], total_iters=iters[i]),
-        )
+    ) -> None: ...
 
 
 class LambdaLR(PerMember):
@@ -449,11 +475,10 @@ class LambdaLR(PerMember):
         [0.3333333333333333, 0.25]
     """
 
+    @_per_member(torch_sched.LambdaLR, lr_lambda=_callables)
     def __init__(
         self, optimizer: Optimizer, lr_lambda: Callable[[int], float] | Sequence[Callable[[int], float]]
-    ) -> None:
-        fns = _callables(self._api(), "lr_lambda", lr_lambda, _pack_size(self._api(), optimizer))
-        super().__init__(optimizer, lambda i, o: torch_sched.LambdaLR(o, fns[i]))
+    ) -> None: ...
 
 
 class OneCycleLR(PerMember):
@@ -471,6 +496,16 @@ class OneCycleLR(PerMember):
         ([0.04, 0.02], [0.95, 0.95])
     """
 
+    @_per_member(
+        torch_sched.OneCycleLR,
+        max_lr=_non_negative,
+        total_steps=_int_from_1,
+        pct_start=_non_negative,
+        base_momentum=_numbers,
+        max_momentum=_numbers,
+        div_factor=_numbers,
+        final_div_factor=_numbers,
+    )
     def __init__(
         self,
         optimizer: Optimizer,
@@ -484,33 +519,17 @@ class OneCycleLR(PerMember):
         div_factor: MemberValue = 25.0,
         final_div_factor: MemberValue = 1e4,
         three_phase: bool = False,
-    ) -> None:
-        api = self._api()
-        n = _pack_size(api, optimizer)
-        peak = _numbers(api, "max_lr", max_lr, n, low=0.0)
-        steps = _integers(api, "total_steps", total_steps, n, low=1)
-        pct = _numbers(api, "pct_start", pct_start, n, low=0.0)
-        low_m = _numbers(api, "base_momentum", base_momentum, n)
-        high_m = _numbers(api, "max_momentum", max_momentum, n)
-        div = _numbers(api, "div_factor", div_factor, n)
-        final = _numbers(api, "final_div_factor", final_div_factor, n)
+    ) -> None: ...
 
-        def factory(i: int, o: torch.optim.Optimizer) -> torch_sched.LRScheduler:
-            return torch_sched.OneCycleLR(
-                o,
-                peak[i],
-                total_steps=steps[i],
-                pct_start=pct[i],
-                anneal_strategy=anneal_strategy,
-                cycle_momentum=cycle_momentum,
-                base_momentum=low_m[i],
-                max_momentum=high_m[i],
-                div_factor=div[i],
-                final_div_factor=final[i],
-                three_phase=three_phase,
-            )
 
-        super().__init__(optimizer, factory)
+def _warmup_cosine(
+    o: torch.optim.Optimizer, warmup_steps: int, T_max: int, eta_min: float, start_factor: float
+) -> torch_sched.LRScheduler:
+    if warmup_steps == 0:
+        return torch_sched.CosineAnnealingLR(o, T_max, eta_min=eta_min)
+    linear = torch_sched.LinearLR(o, start_factor, 1.0, total_iters=warmup_steps)
+    cosine = torch_sched.CosineAnnealingLR(o, T_max, eta_min=eta_min)
+    return torch_sched.SequentialLR(o, [linear, cosine], milestones=[warmup_steps])
 
 
 class WarmupCosine(PerMember):
@@ -531,6 +550,13 @@ class WarmupCosine(PerMember):
         [1.0, 0.0]
     """
 
+    @_per_member(
+        _warmup_cosine,
+        warmup_steps=_int_from_0,
+        T_max=_int_from_1,
+        eta_min=_non_negative,
+        start_factor=_numbers,
+    )
     def __init__(
         self,
         optimizer: Optimizer,
@@ -539,29 +565,4 @@ class WarmupCosine(PerMember):
         eta_min: MemberValue = 0.0,
         *,
         start_factor: MemberValue = 1.0 / 3,
-    ) -> None:
-        api = self._api()
-        n = _pack_size(api, optimizer)
-        warmup = _integers(api, "warmup_steps", warmup_steps, n, low=0)
-        t_max = _integers(api, "T_max", T_max, n, low=1)
-        mins = _numbers(api, "eta_min", eta_min, n, low=0.0)
-        starts = _numbers(api, "start_factor", start_factor, n)
-
-        def factory(i: int, o: torch.optim.Optimizer) -> torch_sched.LRScheduler:
-            if warmup[i] == 0:
-                return torch_sched.CosineAnnealingLR(o, t_max[i], eta_min=mins[i])
-            linear = torch_sched.LinearLR(o, starts[i], 1.0, total_iters=warmup[i])
-            cosine = torch_sched.CosineAnnealingLR(o, t_max[i], eta_min=mins[i])
-            return torch_sched.SequentialLR(o, [linear, cosine], milestones=[warmup[i]])
-
-        super().__init__(optimizer, factory)
-
-
-def _pack_size(api: str, optimizer: Optimizer) -> int:
-    """The number of members of ``optimizer``'s pack, or a ``TypeError`` if it is no pack optimizer."""
-    if not isinstance(optimizer, Optimizer) or "lr" not in optimizer.hparams:
-        raise TypeError(
-            f"{api}: expected a modelbatch optimizer with an 'lr' hyperparameter, got "
-            f"{type(optimizer).__name__}. Pass e.g. mb.optim.SGD(batch, lr=...)."
-        )
-    return optimizer.n
+    ) -> None: ...
