@@ -66,7 +66,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
-from ._dropout import at_position, snapshot
+from ._dropout import at_position, member_own_rates, rate_slots, snapshot
 from ._hparams import check_positive_int
 from ._tied import tied_names
 
@@ -232,6 +232,7 @@ class Executor:
         self._slots: dict[str, tuple[dict, str]] = {}
         params, buffers = tied_names(module)
         self._aliases = {**params, **buffers}  # a tied tensor is swapped into every alias's slot too
+        self._rate_slots = list(rate_slots(module).values())  # (owner, name): set_member_rates keeps them
         # Layers whose class the preparation pass swapped for a vmap-safe subclass: the loop runs no
         # vmap, so it runs them as their own class again (torch's fused kernels, e.g. aten::lstm).
         originals = dict(template.named_modules()) if template is not None else {}
@@ -321,7 +322,7 @@ class Executor:
             fn = self._fn("member", (), names)
             outputs = []
             for i in range(n):
-                with at_position(i):
+                with at_position(i), member_own_rates(self._rate_slots, i):
                     p, b = {k: members[k][i] for k in params}, {k: members[k][i] for k in buffers}
                     outputs.append(fn(p, b, inputs(i), kwargs))
         else:
@@ -499,7 +500,7 @@ class Backends:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self.failed[choice.label] = reason
             warnings.warn(
-                f"ModelBatch: backend {choice.label!r} failed on this model ({reason}); backend='auto' "
+                f"mb.ModelBatch: backend {choice.label!r} failed on this model ({reason}); backend='auto' "
                 "runs 'loop' instead. Pass backend='loop' to choose it without this warning.",
                 RuntimeWarning,
                 stacklevel=4,

@@ -69,8 +69,8 @@ class MemberRate(float):
         >>> try:
         ...     1 - MemberRate([0.1, 0.3], "attention_dropout")
         ... except RuntimeError as error:
-        ...     print(str(error)[:83])
-        ModelBatch: the dropout rate attention_dropout differs between members ([0.1, 0.3])
+        ...     print(str(error)[:86])
+        mb.ModelBatch: the dropout rate attention_dropout differs between members ([0.1, 0.3])
     """
 
     rates: list[float]
@@ -99,7 +99,7 @@ class MemberRate(float):
             return self.rates[0]
         where = f" {self.where}" if self.where else ""
         raise RuntimeError(
-            f"ModelBatch: the dropout rate{where} differs between members ({self.rates}), and the "
+            f"mb.ModelBatch: the dropout rate{where} differs between members ({self.rates}), and the "
             f"model computes with it ({operation}); a pack applies each member's own rate only where "
             "the rate is passed to F.dropout (and its kin) or to F.scaled_dot_product_attention's "
             "dropout_p. Give these members equal rates (they may then share a pack), or keep the rate "
@@ -179,7 +179,7 @@ def install_member_rates(skeleton: nn.Module, models: Sequence[nn.Module]) -> No
     """Give every dropout rate of ``skeleton`` a :class:`MemberRate` holding each model's value."""
     per_model = [rate_slots(m) for m in models]
     for key, (module, name) in rate_slots(skeleton).items():
-        rates = [plain_rate(getattr(*slots[key]), "ModelBatch") for slots in per_model]
+        rates = [plain_rate(getattr(*slots[key]), "mb.ModelBatch") for slots in per_model]
         setattr(module, name, MemberRate(rates, key))
 
 
@@ -287,6 +287,27 @@ def running_members(random: MemberRandom, slots: Sequence[int]) -> Iterator[None
         yield
     finally:
         _CALL.reset(token)
+
+
+@contextlib.contextmanager
+def member_own_rates(slots: Sequence[tuple[Any, str]], position: int) -> Iterator[None]:
+    """While one member runs alone (the compiled loop), each rate that differs between members is
+    that member's plain float: ``torch.compile`` reads a module's float as a constant, which a
+    :class:`MemberRate` cannot be where rates differ (one graph per distinct rate instead).
+    ``slots``: the skeleton's ``rate_slots(...).values()``."""
+    call = _CALL.get()
+    slot = position if call is None else call.slots[position]
+    swapped = []
+    for owner, name in slots:
+        rate = getattr(owner, name)
+        if isinstance(rate, MemberRate) and len(set(rate.rates)) > 1:
+            swapped.append((owner, name, rate))
+            setattr(owner, name, rate.rates[slot])
+    try:
+        yield
+    finally:
+        for owner, name, rate in swapped:
+            setattr(owner, name, rate)
 
 
 @contextlib.contextmanager

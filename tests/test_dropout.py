@@ -264,16 +264,7 @@ for _ in range(2):
 """
 
 
-LOOP_COMPILED_BUG = (
-    "issue 15: compile=True on the loop backend with differing rates raises in a fresh process "
-    "(dynamo wraps the MemberRate p as a float constant: float() raises where rates differ); it passed "
-    "before only after earlier tests in the same process"
-)
-
-
-@pytest.mark.parametrize(
-    "backend", ["vmap", pytest.param("loop", marks=pytest.mark.xfail(strict=True, reason=LOOP_COMPILED_BUG))]
-)
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
 def test_compiled_pack_draws_the_same_masks(backend: str) -> None:
     """In a fresh interpreter, so that the result does not depend on what ran before in the worker."""
     done = subprocess.run([sys.executable, "-c", COMPILED, backend], capture_output=True, text=True)
