@@ -46,7 +46,7 @@ from ._clip import clip_grad_norm_
 from ._recipe import Recipe
 from ._trainer import PackTrainer
 from .amp import GradScaler
-from .data._sampler import _draw_epoch
+from .data._streams import _draw_epoch
 from .optim import Optimizer
 from .optim.lr_scheduler import PerMember
 

@@ -143,6 +143,83 @@ def test_state_dict_resume_after_reset_member():
     assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def _same(a, b) -> bool:
+    """Equal nested states (dicts, lists, tensors compared with torch.equal)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _steps_equal(a, b) -> bool:
+    return _same([a.indices, a.mask, a.participating], [b.indices, b.mask, b.participating])
+
+
+def _other_state(order):
+    """A valid state of another sampler with the same settings (seeds and a subset differ)."""
+    seeds = 8 if order == "shared" else [8, 9, 10]
+    other = mbd.MemberSampler(N_SAMPLES, 3, B, seeds=seeds, order=order, subsets=[*SUBSETS[:2], [1, 2]])
+    next(iter(other.epoch(2)))
+    return other.state_dict()
+
+
+def _without(state, key):
+    return {k: v for k, v in state.items() if k != key}
+
+
+REFUSED_SAMPLER_CALLS = {  # id: (order, call, error)
+    "shared: reset_member with seed=": (
+        "shared",
+        lambda s: s.reset_member(1, seed=5, subset=[0, 1, 2]),
+        ValueError,
+    ),
+    "member: reset_member with a seed torch cannot take": (
+        "member",
+        lambda s: s.reset_member(1, seed=2**70, subset=[0, 1, 2]),
+        ValueError,
+    ),
+    "load_state_dict: a generator state that is not one": (
+        "member",
+        lambda s: s.load_state_dict({**_other_state("member"), "generator_states": [torch.zeros(3)] * 3}),
+        ValueError,
+    ),
+    "load_state_dict: a key missing": (
+        "shared",
+        lambda s: s.load_state_dict(_without(_other_state("shared"), "generator_states")),
+        ValueError,
+    ),
+    "load_state_dict: subsets of another pack": (
+        "member",
+        lambda s: s.load_state_dict({**_other_state("member"), "subsets": [None, None]}),
+        ValueError,
+    ),
+    "load_state_dict: epoch_steps too few for its subsets": (
+        "member",
+        lambda s: s.load_state_dict({**_other_state("member"), "epoch_steps": 1}),
+        RuntimeError,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "order, call, error", REFUSED_SAMPLER_CALLS.values(), ids=REFUSED_SAMPLER_CALLS.keys()
+)
+def test_a_refused_call_leaves_the_sampler_as_it_was(order, call, error):
+    seeds = 3 if order == "shared" else [3, 5, 9]
+    sampler = mbd.MemberSampler(N_SAMPLES, 3, B, seeds=seeds, order=order, subsets=SUBSETS)
+    next(iter(sampler.epoch(0)))
+    untouched, before = copy.deepcopy(sampler), sampler.state_dict()
+    with pytest.raises(error):
+        call(sampler)
+    assert _same(sampler.state_dict(), before)
+    got = [s for e in range(3) for s in sampler.epoch(e)]
+    expected = [s for e in range(3) for s in untouched.epoch(e)]
+    assert len(got) == len(expected) and all(map(_steps_equal, got, expected))
+
+
 def test_errors_name_the_api_and_the_fix():
     with pytest.raises(
         ValueError, match=r"^mb.data.MemberSampler: seeds has 3 values but there are 4 members"
@@ -344,3 +421,42 @@ def test_member_streams_state_moves_a_member_to_another_slot() -> None:
         sa, sb = a.next_step(), b.next_step()
         assert torch.equal(sa.indices[1], sb.indices[2])
     assert b.next_step().participating.tolist() == [False, False, True]
+
+
+REFUSED_STREAMS_CALLS = {  # id: (call, error)
+    "reset_member with a seed torch cannot take": (
+        lambda s, saved: s.reset_member(0, seed=2**70),
+        ValueError,
+    ),
+    "remove a slot out of range": (lambda s, saved: s.remove(3), IndexError),
+    "load_member_state_dict: a generator state that is not one": (
+        lambda s, saved: s.load_member_state_dict(
+            0, {**saved, "epoch_start": torch.zeros(3, dtype=torch.uint8)}
+        ),
+        ValueError,
+    ),
+    "load_member_state_dict: a key missing": (
+        lambda s, saved: s.load_member_state_dict(0, _without(saved, "epoch")),
+        ValueError,
+    ),
+    "load_member_state_dict: a position past the epoch": (
+        lambda s, saved: s.load_member_state_dict(0, {**saved, "position": 99}),
+        ValueError,
+    ),
+}
+
+
+@pytest.mark.parametrize("call, error", REFUSED_STREAMS_CALLS.values(), ids=REFUSED_STREAMS_CALLS.keys())
+def test_a_refused_call_leaves_the_member_streams_as_they_were(call, error) -> None:
+    streams = mb.data.MemberStreams(17, n_slots=2, batch_size=4)
+    streams.reset_member(0, seed=3, subset=torch.arange(2, 15))
+    streams.reset_member(1, seed=11)
+    for _ in range(3):
+        streams.next_step()
+    saved = streams.member_state_dict(1)
+    untouched = copy.deepcopy(streams)
+    before = [streams.member_state_dict(slot) for slot in range(2)]
+    with pytest.raises(error):
+        call(streams, saved)
+    assert _same([streams.member_state_dict(slot) for slot in range(2)], before)
+    assert all(_steps_equal(streams.next_step(), untouched.next_step()) for _ in range(10))

@@ -27,9 +27,9 @@ Example:
     torch.Size([3])
 """
 
-from ._sampler import MemberSampler, MemberStep
+from ._sampler import MemberSampler
 from ._stream import StreamingGather, gather
-from ._streams import MemberStreams
+from ._streams import MemberStep, MemberStreams
 from ._subsets import KFoldMembers, bootstrap, class_subset, filter_subset, kfold, kfold_members, stratified
 
 __all__ = [

@@ -1,58 +1,20 @@
-"""MemberSampler: every member of a pack gets its own batches, as its own shuffled DataLoader would."""
+"""MemberSampler: each member's ``_Stream`` driven in pack epochs, steps read from a table of the epoch."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from .._hparams import check_member_index, check_positive_int
+from ._streams import _FROM_STATE_DICT, MemberStep, _check_keys, _check_size, _Stream
 from ._subsets import IndexLike, Seeds, as_index, member_seeds
 
 _API = "mb.data.MemberSampler"
-
-
-@dataclass(frozen=True)
-class MemberStep:
-    """One step of a pack: the per-member sample indices and which entries are real.
-
-    ``indices`` ``[N, B]`` int64: member ``i`` trains on samples ``indices[i]`` this step.
-    ``mask`` ``[N, B]`` bool marks the real entries (padding points at sample 0), or is ``None``
-    when every member has a full batch. ``participating`` ``[N]`` bool: the member has at least
-    one real sample. Feed them to ``batch(x, in_dims=0, participating=...)``,
-    ``batch.compute_loss(..., target_in_dims=0, mask=...)`` and ``opt.step(mask=participating)``.
-    """
-
-    indices: torch.Tensor
-    mask: torch.Tensor | None
-    participating: torch.Tensor
-    epoch: int
-    step: int
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> MemberStep:
-        """The same step with its tensors on ``device``."""
-
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        return MemberStep(
-            move(self.indices), move(self.mask), move(self.participating), self.epoch, self.step
-        )
-
-
-def _draw_epoch(generator: torch.Generator, n: int) -> torch.Tensor:
-    """The draws of one epoch of ``DataLoader(shuffle=True, generator=generator)`` over ``n`` samples.
-
-    A new DataLoader iterator first draws its workers' base seed from the generator; the
-    RandomSampler then draws ``randperm(n)`` and, once the epoch is exhausted, one more
-    ``randperm(n)`` that it slices to nothing (``num_samples % n == 0``).
-    """
-    torch.empty((), dtype=torch.int64).random_(generator=generator)
-    perm = torch.randperm(n, generator=generator)
-    torch.randperm(n, generator=generator)
-    return perm
+_CONFIG = ("n_samples", "n_members", "batch_size", "order", "drop_last")
+_STATE = (*_CONFIG, "seeds", "subsets", "epoch", "position", "epoch_steps", "waiting", "generator_states")
 
 
 class MemberSampler:
@@ -104,9 +66,8 @@ class MemberSampler:
         self._seeds = self._check_seeds(seeds)
         self._subsets = self._check_subsets(subsets)
         for i in range(n_members):
-            self._check_member_size(i, self._subsets[i])
-        self._generators = [torch.Generator().manual_seed(s) for s in self._generator_seeds()]
-        self._start_states = [g.get_state() for g in self._generators]
+            _check_size(_API, f"member {i}", self._size(i), batch_size, self.drop_last)
+        self._streams = self._new_streams()
         self._epoch, self._position, self._epoch_steps = -1, 0, 0
         self._waiting = torch.zeros(n_members, dtype=torch.bool)
         self._table = torch.zeros(n_members, 0, dtype=torch.int64)
@@ -122,8 +83,11 @@ class MemberSampler:
             )
         return values
 
-    def _generator_seeds(self) -> list[int]:
-        return [self._seeds[0]] if self.order == "shared" else list(self._seeds)
+    def _new_streams(self) -> list[_Stream]:
+        """Every member's fresh stream; with ``order="shared"``, the one stream of all samples."""
+        if self.order == "shared":
+            return [_Stream(self._seeds[0], None, self.n_samples)]
+        return [_Stream(seed, subset, self.n_samples) for seed, subset in zip(self._seeds, self._subsets)]
 
     def _check_subsets(self, subsets: Sequence[IndexLike] | None) -> list[torch.Tensor | None]:
         if subsets is None:
@@ -135,16 +99,6 @@ class MemberSampler:
                 f"{self.n_members} members. Pass e.g. mb.data.bootstrap(n, {self.n_members})."
             )
         return [as_index(_API, f"subset {i}", s, self.n_samples) for i, s in enumerate(subsets)]
-
-    def _check_member_size(self, i: int, subset: torch.Tensor | None) -> None:
-        size = self.n_samples if subset is None else subset.numel()
-        if size == 0:
-            raise ValueError(f"{_API}: subset {i} is empty; every member needs at least one sample.")
-        if self.drop_last and size < self.batch_size:
-            raise ValueError(
-                f"{_API}: member {i} has {size} samples < batch_size={self.batch_size} with "
-                "drop_last=True, so it would never train; use a smaller batch_size or drop_last=False."
-            )
 
     # ------------------------------------------------------------------ sizes
     def _size(self, i: int) -> int:
@@ -169,10 +123,9 @@ class MemberSampler:
 
     # ------------------------------------------------------------------ epochs
     def epoch(self, e: int) -> Iterator[MemberStep]:
-        """The steps of pack epoch ``e``; epochs go in order, and the current one resumes where it stopped.
+        """The steps of pack epoch ``e``; the epoch in progress resumes after the last step handed out.
 
-        Calling ``epoch(e)`` for the epoch in progress (e.g. after :meth:`load_state_dict`)
-        continues after the last step handed out; a later ``e`` starts it (epochs skipped are
+        That holds after :meth:`load_state_dict` too. A later ``e`` starts it (epochs skipped are
         drawn as if iterated); an earlier one raises. An epoch's draws are made when it starts, so
         leaving an epoch early and starting the next one continues as if it had been finished
         (a DataLoader loop left early skips RandomSampler's final draw).
@@ -193,7 +146,6 @@ class MemberSampler:
         self._epoch += 1
         self._position = 0
         self._waiting.zero_()
-        self._start_states = [g.get_state() for g in self._generators]
         self._epoch_steps = len(self)
         self._draw_table()
 
@@ -211,19 +163,17 @@ class MemberSampler:
             self._lengths[i] = used
 
     def _draw_orders(self) -> list[torch.Tensor | None]:
+        """Start every member's next epoch (members waiting for the next pack epoch draw nothing)."""
         if self.order == "shared":
-            perm = _draw_epoch(self._generators[0], self.n_samples)
+            self._streams[0].draw()
+            perm = self._streams[0].order
             rank = torch.empty_like(perm)
             rank[perm] = torch.arange(self.n_samples)
             return [None if w else self._shared_order(perm, rank, i) for i, w in enumerate(self._waiting)]
-        return [
-            None if self._waiting[i] else self._member_order(i, _draw_epoch(gen, self._size(i)))
-            for i, gen in enumerate(self._generators)
-        ]
-
-    def _member_order(self, i: int, perm: torch.Tensor) -> torch.Tensor:
-        subset = self._subsets[i]
-        return perm if subset is None else subset[perm]
+        for stream, waiting in zip(self._streams, self._waiting):
+            if not waiting:
+                stream.draw()
+        return [None if w else stream.order for stream, w in zip(self._streams, self._waiting)]
 
     def _shared_order(self, perm: torch.Tensor, rank: torch.Tensor, i: int) -> torch.Tensor:
         subset = self._subsets[i]
@@ -269,17 +219,15 @@ class MemberSampler:
         """
         api = f"{_API}.reset_member"
         i = check_member_index(api, i, self.n_members)
-        if subset is not None:
-            new_subset = as_index(api, "subset", subset, self.n_samples)
-            self._check_member_size(i, new_subset)
-            self._subsets[i] = new_subset
-        if seed is not None:
-            if self.order == "shared":
-                raise ValueError(f"{api}: order='shared' has one generator for all members; drop seed=.")
-            self._seeds[i] = int(seed)
+        if seed is not None and self.order == "shared":
+            raise ValueError(f"{api}: order='shared' has one generator for all members; drop seed=.")
+        new_subset = self._subsets[i] if subset is None else as_index(api, "subset", subset, self.n_samples)
+        stream = _Stream(self._seeds[i] if seed is None else int(seed), new_subset, self.n_samples)
+        _check_size(api, f"member {i}", stream.size, self.batch_size, self.drop_last)
+        # Every argument is checked (the stream is built): only now does the slot change.
+        self._seeds[i], self._subsets[i] = stream.seed, new_subset
         if self.order == "member":
-            self._generators[i] = torch.Generator().manual_seed(self._seeds[i])
-            self._start_states[i] = self._generators[i].get_state()
+            self._streams[i] = stream
         if self._epoch >= 0:
             self._waiting[i] = True
             self._lengths[i] = 0
@@ -300,7 +248,7 @@ class MemberSampler:
             "position": self._position,
             "epoch_steps": self._epoch_steps,
             "waiting": self._waiting.clone(),
-            "generator_states": [s.clone() for s in self._start_states],
+            "generator_states": [s.epoch_start.clone() for s in self._streams],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -316,18 +264,34 @@ class MemberSampler:
             True
         """
         api = f"{_API}.load_state_dict"
-        for key in ("n_samples", "n_members", "batch_size", "order", "drop_last"):
+        _check_keys(api, state, _STATE)
+        for key in _CONFIG:
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"{api}: the state has {key}={state[key]!r} but this sampler has "
                     f"{getattr(self, key)!r}; build the sampler with the settings it was saved with."
                 )
-        self._seeds = list(state["seeds"])
-        self._subsets = [None if s is None else s.clone() for s in state["subsets"]]
+        counts = {key: len(state[key]) for key in ("subsets", "waiting", "generator_states")}
+        n = self.n_members
+        expected = {"subsets": n, "waiting": n, "generator_states": len(self._streams)}
+        if counts != expected:
+            raise ValueError(f"{api}: the state holds {counts} entries, not {expected}; {_FROM_STATE_DICT}")
+        # Loaded into a copy that replaces this sampler once whole: a state that does not fit changes nothing.
+        loaded = copy.copy(self)
+        loaded._load(api, state)
+        vars(self).update(vars(loaded))
+
+    def _load(self, api: str, state: dict[str, Any]) -> None:
+        self._seeds = member_seeds(api, state["seeds"], self.n_members)
+        self._subsets = [
+            None if s is None else as_index(api, f"subset {i}", s, self.n_samples)
+            for i, s in enumerate(state["subsets"])
+        ]
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
         self._epoch_steps = int(state["epoch_steps"])
-        self._waiting = state["waiting"].clone()
-        self._start_states = [s.clone() for s in state["generator_states"]]
-        self._generators = [torch.Generator().set_state(s) for s in self._start_states]
+        self._waiting = torch.as_tensor(state["waiting"], dtype=torch.bool).clone()
+        self._streams = self._new_streams()
+        for stream, epoch_start in zip(self._streams, state["generator_states"]):
+            stream.rewind(api, epoch_start)
         if self._epoch >= 0:
             self._draw_table()

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from .._host import upload
-from ._sampler import MemberStep
 from ._stream import StreamingGather, check_loader_kwargs
+from ._streams import MemberStep
 
 Data = tuple[torch.Tensor, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
-from ._sampler import MemberSampler, MemberStep
+from ._sampler import MemberSampler
+from ._streams import MemberStep
 
 _API = "mb.data.StreamingGather"
 

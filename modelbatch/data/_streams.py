@@ -1,4 +1,8 @@
-"""MemberStreams: each slot of a pack walks its own epochs, so members can join at any step."""
+"""Per-member streams: each member walks its own shuffled epochs, as its own DataLoader would.
+
+``MemberStreams`` drives one ``_Stream`` per slot, members joining and leaving at any step;
+:class:`MemberSampler <modelbatch.data.MemberSampler>` drives them in pack epochs.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,110 @@ from typing import Any
 import torch
 
 from .._hparams import check_member_index, check_positive_int
-from ._sampler import MemberStep, _draw_epoch
 from ._subsets import IndexLike, as_index
 
 _API = "mb.data.MemberStreams"
+_FROM_STATE_DICT = "pass the saved state unchanged."
 
 
-@dataclass
+def _check_keys(api: str, state: dict[str, Any], keys: tuple[str, ...]) -> None:
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise ValueError(f"{api}: the state lacks {missing}; {_FROM_STATE_DICT}")
+
+
+def _check_size(api: str, member: str, size: int, batch_size: int, drop_last: bool) -> None:
+    """Refuse a member that would never train: no samples, or with ``drop_last`` not one whole batch."""
+    if size == 0:
+        raise ValueError(f"{api}: {member} has no samples; every member needs at least one.")
+    if drop_last and size < batch_size:
+        raise ValueError(
+            f"{api}: {member} has {size} samples < batch_size={batch_size} with drop_last=True, so it "
+            "would never train; use a smaller batch_size or drop_last=False."
+        )
+
+
+@dataclass(frozen=True)
+class MemberStep:
+    """One step of a pack: the per-member sample indices and which entries are real.
+
+    ``indices`` ``[N, B]`` int64: member ``i`` trains on samples ``indices[i]`` this step.
+    ``mask`` ``[N, B]`` bool marks the real entries (padding points at sample 0), or is ``None``
+    when every member has a full batch. ``participating`` ``[N]`` bool: the member has at least
+    one real sample. Feed them to ``batch(x, in_dims=0, participating=...)``,
+    ``batch.compute_loss(..., target_in_dims=0, mask=...)`` and ``opt.step(mask=participating)``.
+    """
+
+    indices: torch.Tensor
+    mask: torch.Tensor | None
+    participating: torch.Tensor
+    epoch: int
+    step: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MemberStep:
+        """The same step with its tensors on ``device``."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return MemberStep(
+            move(self.indices), move(self.mask), move(self.participating), self.epoch, self.step
+        )
+
+
+def _draw_epoch(generator: torch.Generator, n: int) -> torch.Tensor:
+    """The draws of one epoch of ``DataLoader(shuffle=True, generator=generator)`` over ``n`` samples.
+
+    A new DataLoader iterator first draws its workers' base seed from the generator; the
+    RandomSampler then draws ``randperm(n)`` and, once the epoch is exhausted, one more
+    ``randperm(n)`` that it slices to nothing (``num_samples % n == 0``).
+    """
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    perm = torch.randperm(n, generator=generator)
+    torch.randperm(n, generator=generator)
+    return perm
+
+
 class _Stream:
-    seed: int
-    subset: torch.Tensor | None
-    generator: torch.Generator
-    epoch_start: torch.Tensor  # generator state when the current epoch was drawn
-    order: torch.Tensor
-    position: int = 0
-    epoch: int = 0
+    """One member's epochs, one drawn at a time: the current epoch's ``order`` and ``position`` in it.
+
+    ``epoch_start`` is the generator state the current epoch was drawn from (the fresh state
+    before the first :meth:`draw`): with ``seed`` and ``subset`` it is all a checkpoint needs.
+    """
+
+    def __init__(self, seed: int, subset: torch.Tensor | None, n_samples: int) -> None:
+        self.seed, self.subset = seed, subset
+        self.size = n_samples if subset is None else subset.numel()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_start = self.generator.get_state()
+        self.order = torch.empty(0, dtype=torch.int64)
+        self.epoch, self.position = -1, 0
+
+    def rewind(self, api: str, epoch_start: torch.Tensor) -> None:
+        """Put the generator back to ``epoch_start``; the next :meth:`draw` redraws that epoch."""
+        try:
+            self.generator.set_state(epoch_start)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"{api}: not a generator state ({err}); {_FROM_STATE_DICT}") from err
+        self.epoch_start = epoch_start.clone()
+
+    def draw(self) -> None:
+        """Start the next epoch: draw its order from the generator, at position 0."""
+        self.epoch_start = self.generator.get_state()
+        perm = _draw_epoch(self.generator, self.size)
+        self.order = perm if self.subset is None else self.subset[perm]
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def remaining(self, batch_size: int, drop_last: bool) -> int:
+        """How many samples of this epoch are still to train on (drop_last: whole batches only)."""
+        left = self.order.numel() - self.position
+        return left - left % batch_size if drop_last else left
+
+    def take(self, batch_size: int, drop_last: bool) -> torch.Tensor:
+        """The next batch of this epoch (short at its end; empty once it is over)."""
+        start = self.position
+        self.position += min(batch_size, self.remaining(batch_size, drop_last))
+        return self.order[start : self.position]
 
 
 class MemberStreams:
@@ -59,24 +152,15 @@ class MemberStreams:
         """Start a new member in ``slot``: its own generator from ``seed``, its ``subset`` (None: all)."""
         api = f"{_API}.reset_member"
         slot = check_member_index(api, slot, self.n_slots)
+        stream = self._new_stream(api, seed, subset)
+        stream.draw()
+        self._streams[slot] = stream
+
+    def _new_stream(self, api: str, seed: int, subset: IndexLike | None) -> _Stream:
         index = None if subset is None else as_index(api, "subset", subset, self.n_samples)
         size = self.n_samples if index is None else index.numel()
-        if size == 0 or (self.drop_last and size < self.batch_size):
-            raise ValueError(
-                f"{api}: the member has {size} samples; it needs at least one"
-                + (
-                    f" and, with drop_last=True, at least batch_size={self.batch_size}."
-                    if self.drop_last
-                    else "."
-                )
-            )
-        generator = torch.Generator().manual_seed(int(seed))
-        stream = _Stream(
-            int(seed), index, generator, generator.get_state(), torch.empty(0, dtype=torch.int64)
-        )
-        self._streams[slot] = stream
-        self._draw(stream)
-        stream.epoch = 0
+        _check_size(api, "the member", size, self.batch_size, self.drop_last)
+        return _Stream(int(seed), index, self.n_samples)
 
     def remove(self, slot: int) -> None:
         """Empty ``slot``: it no longer participates."""
@@ -91,14 +175,12 @@ class MemberStreams:
         for slot, stream in enumerate(self._streams):
             if stream is None:
                 continue
-            if self._remaining(stream) == 0:
-                self._draw(stream)
-                stream.epoch += 1
-            take = min(b, self._remaining(stream))
-            indices[slot, :take] = stream.order[stream.position : stream.position + take]
-            valid[slot, :take] = True
-            stream.position += take
-            full = full and (take == b or take == 0)
+            if stream.remaining(b, self.drop_last) == 0:
+                stream.draw()
+            batch = stream.take(b, self.drop_last)
+            indices[slot, : batch.numel()] = batch
+            valid[slot, : batch.numel()] = True
+            full = full and batch.numel() in (0, b)
         participating = valid.any(dim=1)
         return MemberStep(indices, None if full else valid, participating, epoch=-1, step=-1)
 
@@ -117,25 +199,19 @@ class MemberStreams:
 
     def load_member_state_dict(self, slot: int, state: dict[str, Any] | None) -> None:
         """Continue a stream saved by :meth:`member_state_dict` in ``slot``."""
-        slot = check_member_index(f"{_API}.load_member_state_dict", slot, self.n_slots)
-        if state is None:
-            self._streams[slot] = None
-            return
-        self.reset_member(slot, seed=state["seed"], subset=state["subset"])
-        stream = self._streams[slot]
-        stream.generator.set_state(state["epoch_start"])
-        self._draw(stream)
-        stream.epoch, stream.position = int(state["epoch"]), int(state["position"])
+        api = f"{_API}.load_member_state_dict"
+        slot = check_member_index(api, slot, self.n_slots)
+        self._streams[slot] = None if state is None else self._restored(api, state)
 
-    def _size(self, stream: _Stream) -> int:
-        return self.n_samples if stream.subset is None else stream.subset.numel()
-
-    def _remaining(self, stream: _Stream) -> int:
-        left = stream.order.numel() - stream.position
-        return left - left % self.batch_size if self.drop_last else left
-
-    def _draw(self, stream: _Stream) -> None:
-        stream.epoch_start = stream.generator.get_state()
-        perm = _draw_epoch(stream.generator, self._size(stream))
-        stream.order = perm if stream.subset is None else stream.subset[perm]
-        stream.position = 0
+    def _restored(self, api: str, state: dict[str, Any]) -> _Stream:
+        _check_keys(api, state, ("seed", "subset", "epoch_start", "epoch", "position"))
+        stream = self._new_stream(api, state["seed"], state["subset"])
+        stream.rewind(api, state["epoch_start"])
+        stream.draw()
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= stream.size:
+            raise ValueError(
+                f"{api}: epoch {epoch}, position {position} is past {stream.size} samples; {_FROM_STATE_DICT}"
+            )
+        stream.epoch, stream.position = epoch, position
+        return stream
