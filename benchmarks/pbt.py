@@ -121,7 +121,7 @@ def plain_member(config: dict) -> None:
     while True:
         result = trainer.train_report()["m"]
         buffer = io.BytesIO()
-        torch.save(trainer.member_state("m"), buffer)
+        torch.save(trainer.member_state_dict("m"), buffer)
         with tempfile.TemporaryDirectory() as directory:
             with open(os.path.join(directory, "m.pt"), "wb") as f:
                 f.write(buffer.getvalue())

@@ -73,7 +73,7 @@ def _install() -> None:
         missing = [n for n in (*names, "_checkpoint_hook") if not hasattr(torch_checkpoint, n)]
         if missing:
             raise RuntimeError(
-                f"ModelBatch: gradient checkpointing inside a pack needs torch.utils.checkpoint's "
+                f"mb.ModelBatch: gradient checkpointing inside a pack needs torch.utils.checkpoint's "
                 f"{missing}, which this torch {torch.__version__} lacks; train without checkpointing "
                 "(e.g. skip gradient_checkpointing_enable()) or use torch 2.4-2.13."
             )
@@ -125,7 +125,8 @@ def _non_reentrant_generator(
         return
     if debug:
         raise ValueError(
-            "ModelBatch: torch.utils.checkpoint(debug=True) is not supported inside a pack; drop debug=True."
+            "mb.ModelBatch: torch.utils.checkpoint(debug=True) is not supported inside a pack; "
+            "drop debug=True."
         )
     metadata_fn = torch_checkpoint._allowed_determinism_checks_to_fns[determinism_check]
     forward_context, recompute_context = context_fn()
@@ -142,7 +143,7 @@ def _physical(t: torch.Tensor, level: int | None) -> tuple[torch.Tensor, int | N
         return t, None
     if _functorch.maybe_get_level(t) != level:
         raise RuntimeError(
-            "ModelBatch: a checkpointed region reads a tensor batched by a vmap other than the "
+            "mb.ModelBatch: a checkpointed region reads a tensor batched by a vmap other than the "
             "pack's (a vmap inside the model); checkpoint outside that vmap, or drop checkpointing."
         )
     return _functorch._unwrap_batched(t, level)

@@ -115,8 +115,12 @@ def pack_label(signature: str) -> str:
     return " ".join(w for w in (name.rsplit(".", 1)[-1], "-".join(sizes), f"#{digest}") if w)
 
 
-def member_seed(config: Mapping[str, Any], default: int, api: str = "mb.fit") -> int:
-    """The member's seed: ``config["seed"]`` when given, else ``default`` (no int: raises, ``api`` first)."""
+def member_seed(config: Mapping[str, Any], default: int, api: str) -> int:
+    """The member's seed: ``config["seed"]`` when given, else ``default``.
+
+    A seed that is no int raises, its message starting with ``api``: the public name the user
+    called (``"mb.fit"``, ``"mb.PackTrainer.add"``, ``"ModelBatchSearcher"``, ...).
+    """
     seed = config.get("seed", default)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"{api}: config seed must be an int, got {seed!r}.")
@@ -173,24 +177,29 @@ def model_shapes(recipe: Recipe, config: Mapping[str, Any], seed: int) -> nn.Mod
         return build_model(recipe, config, seed)
 
 
-def config_signature(recipe: Recipe, config: Mapping[str, Any], seed: int | None = None) -> str:
-    """The :func:`architecture_signature` of the config's model, built on the meta device where it can be."""
-    seed = member_seed(config, 0) if seed is None else seed
+def config_signature(recipe: Recipe, config: Mapping[str, Any], seed: int | None = None, *, api: str) -> str:
+    """The :func:`architecture_signature` of the config's model, built on the meta device where it can be.
+
+    ``api``: the public name the user called, first in the message of a bad seed.
+    """
+    seed = member_seed(config, 0, api) if seed is None else seed
     return architecture_signature(model_shapes(recipe, config, seed))
 
 
-def architecture_key(recipe: Recipe, config: Mapping[str, Any]) -> str:
+def architecture_key(recipe: Recipe, config: Mapping[str, Any], *, api: str) -> str:
     """The :func:`pack_label` of the config's model: configs of one key train in one pack.
 
-    Built once, on the meta device where it can be; a factory that rejects the config raises.
+    Built once, on the meta device where it can be; a factory that rejects the config raises
+    (a bad seed with ``api`` first: the public name the user called).
 
     Example:
         >>> import torch, modelbatch as mb
         >>> recipe = mb.Recipe(model=lambda cfg: torch.nn.Linear(4, cfg["out"]), optimizer="sgd",
         ...     loss=torch.nn.functional.mse_loss, train_data=(torch.randn(8, 4), torch.randn(8, 2)))
-        >>> architecture_key(recipe, {"out": 2, "lr": 0.1})[:-8]
+        >>> architecture_key(recipe, {"out": 2, "lr": 0.1}, api="mb.fit")[:-8]
         'Linear 2'
-        >>> architecture_key(recipe, {"out": 2, "lr": 0.1}) == architecture_key(recipe, {"out": 2, "lr": 1.0})
+        >>> key = architecture_key(recipe, {"out": 2, "lr": 0.1}, api="mb.fit")
+        >>> key == architecture_key(recipe, {"out": 2, "lr": 1.0}, api="mb.fit")
         True
     """
-    return pack_label(config_signature(recipe, config))
+    return pack_label(config_signature(recipe, config, api=api))

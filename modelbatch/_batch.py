@@ -42,7 +42,7 @@ class MemberLosses(torch.Tensor):
     def backward(self, gradient: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> None:
         if gradient is None and self.numel() > 1:
             raise RuntimeError(
-                "ModelBatch.compute_loss: the losses hold one value per member "
+                "mb.ModelBatch.compute_loss: the losses hold one value per member "
                 f"(shape {list(self.shape)}); call losses.sum().backward() so that each member "
                 "gets exactly its own gradient. Do not use .mean(): it divides every gradient by N."
             )
@@ -120,7 +120,7 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
     for i, model in enumerate(models[1:], start=1):
         if type(model) is not type(first):
             raise TypeError(
-                f"ModelBatch: all models must be of the same class; model 0 is "
+                f"mb.ModelBatch: all models must be of the same class; model 0 is "
                 f"{type(first).__name__} but model {i} is {type(model).__name__}. "
                 "Build one ModelBatch per architecture."
             )
@@ -129,13 +129,13 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
         if got.keys() != ref.keys():
             diff = sorted(got.keys() ^ ref.keys())
             raise ValueError(
-                f"ModelBatch: model {i} has different parameters/buffers than model 0 "
+                f"mb.ModelBatch: model {i} has different parameters/buffers than model 0 "
                 f"(differing names: {diff[:5]}). Build one ModelBatch per architecture."
             )
         for name, (shape, dtype) in got.items():
             if (shape, dtype) != ref[name]:
                 raise ValueError(
-                    f"ModelBatch: model {i} has {name} of shape {list(shape)} ({dtype}) but model 0 "
+                    f"mb.ModelBatch: model {i} has {name} of shape {list(shape)} ({dtype}) but model 0 "
                     f"has {list(ref[name][0])} ({ref[name][1]}). Models of one pack must have "
                     "identical parameter shapes: group configs by architecture, one ModelBatch each."
                 )
@@ -143,7 +143,7 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
         difference = first_setting_difference(first, model)
         if difference is not None:
             raise ValueError(
-                f"ModelBatch: model {i} has {difference}. A pack runs every member through model 0's "
+                f"mb.ModelBatch: model {i} has {difference}. A pack runs every member through model 0's "
                 "modules, so module settings must be equal: build one ModelBatch per setting (mb.fit "
                 "and ModelBatchSearcher group configs this way), or hold per-member values in buffers."
             )
@@ -156,7 +156,7 @@ def _check_same_rates(model: nn.Module, i: int, first: nn.Module) -> None:
     for key in sorted(ref.keys() ^ got.keys()):
         has, lacks = (f"model {i}", "model 0") if key in got else ("model 0", f"model {i}")
         raise ValueError(
-            f"ModelBatch: {has} has the dropout rate {key} = {getattr(*(got | ref)[key])!r} but "
+            f"mb.ModelBatch: {has} has the dropout rate {key} = {getattr(*(got | ref)[key])!r} but "
             f"{lacks} has no float there (None or absent). A pack holds a rate per member only where "
             "every model has a float: give it a float in every model (e.g. 0.0), or in none."
         )
@@ -167,7 +167,7 @@ def _check_same_ties(model: nn.Module, i: int, first: nn.Module) -> None:
     ties, ref_ties = tied_names(model), tied_names(first)
     if ties != ref_ties:
         raise ValueError(
-            f"ModelBatch: model {i} shares (ties) parameters/buffers {ties} but model 0 shares "
+            f"mb.ModelBatch: model {i} shares (ties) parameters/buffers {ties} but model 0 shares "
             f"{ref_ties}. A pack keeps one tensor per tie for every member: build every model with "
             "the same ties (e.g. the same tie_word_embeddings), one ModelBatch per variant."
         )
@@ -179,7 +179,7 @@ def _check_same_training(model: nn.Module, i: int, first: nn.Module) -> None:
     for name, param in model.named_parameters():
         if param.requires_grad != ref[name].requires_grad:
             raise ValueError(
-                f"ModelBatch: parameter {name!r} has requires_grad={param.requires_grad} in model {i} "
+                f"mb.ModelBatch: parameter {name!r} has requires_grad={param.requires_grad} in model {i} "
                 f"but {ref[name].requires_grad} in model 0. A pack stacks each parameter of all members "
                 "into one tensor, which trains or not as a whole: freeze the same parameters in every "
                 "model (p.requires_grad_(False) on each), or freeze whole members with batch.freeze(i)."
@@ -188,7 +188,7 @@ def _check_same_training(model: nn.Module, i: int, first: nn.Module) -> None:
 
 def _non_tensor_message(what: str) -> str:
     return (
-        f"ModelBatch.forward: the model returned {what}; a pack stacks tensor outputs only (one "
+        f"mb.ModelBatch.forward: the model returned {what}; a pack stacks tensor outputs only (one "
         "per member). For a Hugging Face model pass use_cache=False (the pack turns config.use_cache "
         "off; an explicit use_cache=True cannot be packed), or return tensors, tuples or dicts of "
         "tensors from forward."
@@ -248,14 +248,14 @@ class ModelBatch(nn.Module):
         super().__init__()
         if isinstance(models, nn.Module) or not isinstance(models, Sequence):
             raise TypeError(
-                "ModelBatch: expected a list of nn.Module (one per member), got "
+                "mb.ModelBatch: expected a list of nn.Module (one per member), got "
                 f"{type(models).__name__}. Pass e.g. [MyNet() for _ in range(8)]."
             )
         if len(models) == 0:
-            raise ValueError("ModelBatch: got an empty list of models; pass at least one model.")
+            raise ValueError("mb.ModelBatch: got an empty list of models; pass at least one model.")
         for i, model in enumerate(models):
             if not isinstance(model, nn.Module):
-                raise TypeError(f"ModelBatch: model {i} is a {type(model).__name__}, not an nn.Module.")
+                raise TypeError(f"mb.ModelBatch: model {i} is a {type(model).__name__}, not an nn.Module.")
         _check_same_architecture(models)
         self._aliases = tied_names(models[0])
         params, buffers = stack_module_state(list(models))
@@ -267,7 +267,7 @@ class ModelBatch(nn.Module):
             set_tensor(stack, name, value, False)
         retie(stack, self._aliases)  # tied names: one stacked leaf in every alias's slot
         install_member_rates(stack, models)  # every dropout rate, per member
-        prepare_for_vmap(stack, api="ModelBatch")
+        prepare_for_vmap(stack, api="mb.ModelBatch")
         self._inputs_require_grad = adapt_skeleton(stack)
         self.stack = stack
         self.stack.train(models[0].training)
@@ -276,7 +276,7 @@ class ModelBatch(nn.Module):
         self.register_buffer("active", torch.ones(len(models), dtype=torch.bool))
         self._random = MemberRandom(len(models))
         self._backends = Backends(self.stack, len(models), compile=compile, template=template)
-        self._backends.set("ModelBatch", backend, chunk_size)
+        self._backends.set("mb.ModelBatch", backend, chunk_size)
         if preflight:
             install_preflight(self)
 
@@ -378,7 +378,7 @@ class ModelBatch(nn.Module):
             >>> batch(torch.randn(5, 3)).shape
             torch.Size([10, 5, 2])
         """
-        self._backends.set("ModelBatch.set_backend", backend, chunk_size)
+        self._backends.set("mb.ModelBatch.set_backend", backend, chunk_size)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -413,7 +413,7 @@ class ModelBatch(nn.Module):
         # Which members run is decided on the host (no sync): `active` is read only when it changes.
         updating = host_list(self.active)
         if participating is not None:  # a host mask costs nothing; one on the device is read (a sync)
-            updating = member_flags("ModelBatch.forward: participating", participating, updating)
+            updating = member_flags("mb.ModelBatch.forward: participating", participating, updating)
             rows = [i for i, u in enumerate(updating) if u]
             if params and 0 < len(rows) < self.n:
                 return self._forward_members(rows, params, buffers, args, dims, kwargs, names)
@@ -449,7 +449,7 @@ class ModelBatch(nn.Module):
             if "data-dependent control flow" not in str(exc):
                 raise
             raise RuntimeError(
-                "ModelBatch.forward: the model branches on a tensor's values, which torch.vmap cannot "
+                "mb.ModelBatch.forward: the model branches on a tensor's values, which torch.vmap cannot "
                 "batch (vmap and chunked backends). Hugging Face models do so with a 2-D attention_mask "
                 "(padding_mask.all()): pass the 4-D additive mask [N, B, 1, S, S] instead, or use "
                 f"backend='loop' (backend='auto' falls back to it by itself).\n{exc}"
@@ -500,18 +500,18 @@ class ModelBatch(nn.Module):
             dims = tuple(in_dims)
             if len(dims) != len(args):
                 raise ValueError(
-                    f"ModelBatch.forward: in_dims has {len(dims)} entries for {len(args)} inputs; "
+                    f"mb.ModelBatch.forward: in_dims has {len(dims)} entries for {len(args)} inputs; "
                     "give one entry (None or 0) per positional input."
                 )
         for k, (arg, dim) in enumerate(zip(args, dims)):
             if dim is None:
                 continue
             if dim != 0:
-                raise ValueError(f"ModelBatch.forward: in_dims must be None or 0, got {dim}.")
+                raise ValueError(f"mb.ModelBatch.forward: in_dims must be None or 0, got {dim}.")
             if not isinstance(arg, torch.Tensor) or arg.dim() == 0 or arg.shape[0] != self.n:
                 shape = list(arg.shape) if isinstance(arg, torch.Tensor) else type(arg).__name__
                 raise ValueError(
-                    f"ModelBatch.forward: per-member input {k} (in_dims=0) must have the pack size "
+                    f"mb.ModelBatch.forward: per-member input {k} (in_dims=0) must have the pack size "
                     f"N={self.n} on dim 0, got {shape}. Stack one batch per member, or pass a shared "
                     "batch [B, ...] with in_dims=None."
                 )
@@ -521,7 +521,7 @@ class ModelBatch(nn.Module):
         self, kwargs: dict, kwarg_in_dims: Mapping[str, int | None] | None
     ) -> tuple[str, ...]:
         """The names of the per-member keyword inputs (``kwarg_in_dims`` 0), checked."""
-        api = "ModelBatch.forward"
+        api = "mb.ModelBatch.forward"
         if kwarg_in_dims is None:
             return ()
         if not isinstance(kwarg_in_dims, Mapping):
@@ -586,11 +586,11 @@ class ModelBatch(nn.Module):
         (its ``"logits"`` by default, or the field named by ``output``) or a tuple (element
         ``output``, default 0). See :func:`select_output`.
         """
-        outputs = select_output(outputs, output, "ModelBatch.compute_loss")
+        outputs = select_output(outputs, output, "mb.ModelBatch.compute_loss")
         if not isinstance(outputs, torch.Tensor) or outputs.dim() < 1 or outputs.shape[0] != self.n:
             shape = list(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
             raise ValueError(
-                f"ModelBatch.compute_loss: outputs must be [N={self.n}, B, ...] as returned by the "
+                f"mb.ModelBatch.compute_loss: outputs must be [N={self.n}, B, ...] as returned by the "
                 f"pack, got {shape}."
             )
         dim = self._target_dim(outputs, targets, target_in_dims)
@@ -602,7 +602,7 @@ class ModelBatch(nn.Module):
             losses = vmap(loss_fn, in_dims=(0, dim))(outputs, targets)
         if not isinstance(losses, torch.Tensor) or losses.shape != (self.n,):
             raise ValueError(
-                "ModelBatch.compute_loss: loss_fn must return one scalar per member (a mean or sum "
+                "mb.ModelBatch.compute_loss: loss_fn must return one scalar per member (a mean or sum "
                 f"over the batch); it returned shape {list(getattr(losses, 'shape', []))} for the "
                 "pack. Use reduction='mean' (the default) or 'sum'."
             )
@@ -616,7 +616,7 @@ class ModelBatch(nn.Module):
         dim: int | None,
         mask: torch.Tensor,
     ) -> MemberLosses:
-        api = "ModelBatch.compute_loss"
+        api = "mb.ModelBatch.compute_loss"
         if mask.shape != outputs.shape[:2]:
             raise ValueError(
                 f"{api}: mask must be [N, B] = {list(outputs.shape[:2])}, got {list(mask.shape)}."
@@ -639,7 +639,8 @@ class ModelBatch(nn.Module):
             return target_in_dims
         if target_in_dims != "auto":
             raise ValueError(
-                f"ModelBatch.compute_loss: target_in_dims must be 'auto', None or 0, got {target_in_dims!r}."
+                "mb.ModelBatch.compute_loss: target_in_dims must be 'auto', None or 0, "
+                f"got {target_in_dims!r}."
             )
         batch = outputs.shape[1] if outputs.dim() > 1 else None
         shape = targets.shape
@@ -651,12 +652,12 @@ class ModelBatch(nn.Module):
             shared = targets.dim() >= 1 and shape[0] == batch
         if per_member and shared:
             raise ValueError(
-                f"ModelBatch.compute_loss: targets of shape {list(targets.shape)} could be shared or "
+                f"mb.ModelBatch.compute_loss: targets of shape {list(targets.shape)} could be shared or "
                 f"per member (N == B == {self.n}); pass target_in_dims=None (shared) or 0 (per member)."
             )
         if not per_member and not shared:
             raise ValueError(
-                f"ModelBatch.compute_loss: targets of shape {list(targets.shape)} match neither a "
+                f"mb.ModelBatch.compute_loss: targets of shape {list(targets.shape)} match neither a "
                 f"shared batch [B={batch}, ...] nor a per-member batch [N={self.n}, B={batch}, ...]."
             )
         return 0 if per_member else None
@@ -674,7 +675,7 @@ class ModelBatch(nn.Module):
             >>> torch.equal(m.weight, batch.stack.weight[2])
             True
         """
-        index = check_member_index("ModelBatch.member", index, self.n)
+        index = check_member_index("mb.ModelBatch.member", index, self.n)
         model = copy.deepcopy(self._template)
         with torch.no_grad():
             for name, param in self.stacked_parameters().items():
@@ -695,7 +696,7 @@ class ModelBatch(nn.Module):
         Pair with ``optimizer.reset_member(index)`` so that the new member starts with a fresh
         optimizer state, as it would if trained alone.
         """
-        api = "ModelBatch.load_member"
+        api = "mb.ModelBatch.load_member"
         index = check_member_index(api, index, self.n)
         if isinstance(source, nn.Module):
             if type(source) is not type(self._template):
@@ -736,7 +737,7 @@ class ModelBatch(nn.Module):
     def load_member_rates(self, index: int, source: nn.Module) -> None:
         """Set member ``index``'s dropout rates to those of ``source`` (a model of the pack's architecture,
         on any device, the meta device too), leaving its weights as they are."""
-        api = "ModelBatch.load_member_rates"
+        api = "mb.ModelBatch.load_member_rates"
         index = check_member_index(api, index, self.n)
         self._set_member_rates(api, index, _model_rates(api, source))
 
@@ -786,7 +787,7 @@ class ModelBatch(nn.Module):
             >>> torch.equal(out[1], torch.nn.Dropout(0.5)(torch.ones(6)))
             True
         """
-        api = "ModelBatch.manual_seed"
+        api = "mb.ModelBatch.manual_seed"
         if member is not None:
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise TypeError(f"{api}: with member=, seed must be one int, got {seed!r}.")
@@ -807,7 +808,7 @@ class ModelBatch(nn.Module):
 
         Pass it to :meth:`set_rng_state` to continue the stream (``mb.save`` keeps every member's).
         """
-        return self._random.get_state(check_member_index("ModelBatch.rng_state", member, self.n))
+        return self._random.get_state(check_member_index("mb.ModelBatch.rng_state", member, self.n))
 
     def set_rng_state(self, member: int, state: Mapping[str, torch.Tensor] | torch.Tensor) -> None:
         """Put back a state from :meth:`rng_state`, or a CPU generator state (``torch.get_rng_state()``).
@@ -815,16 +816,16 @@ class ModelBatch(nn.Module):
         With the CPU state a plain script has before its training loop, member ``member`` draws
         the masks that script draws (on the CPU).
         """
-        index = check_member_index("ModelBatch.set_rng_state", member, self.n)
+        index = check_member_index("mb.ModelBatch.set_rng_state", member, self.n)
         self._random.set_state(index, state if isinstance(state, torch.Tensor) else dict(state))
 
     def freeze(self, index: int) -> None:
         """Freeze member ``index``: its parameters, buffers and optimizer state stop changing."""
-        self.active[check_member_index("ModelBatch.freeze", index, self.n)] = False
+        self.active[check_member_index("mb.ModelBatch.freeze", index, self.n)] = False
 
     def unfreeze(self, index: int) -> None:
         """Let member ``index`` train again after :meth:`freeze`."""
-        self.active[check_member_index("ModelBatch.unfreeze", index, self.n)] = True
+        self.active[check_member_index("mb.ModelBatch.unfreeze", index, self.n)] = True
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn: Callable, recurse: bool = True) -> ModelBatch:
@@ -840,7 +841,7 @@ class ModelBatch(nn.Module):
         active = state_dict.get("active")
         if isinstance(active, torch.Tensor) and active.shape != self.active.shape:
             raise ValueError(
-                f"ModelBatch.load_state_dict: the checkpoint has {active.shape[0]} members but this "
+                f"mb.ModelBatch.load_state_dict: the checkpoint has {active.shape[0]} members but this "
                 f"pack has {self.n}. Build the pack with the same number of members."
             )
         try:
@@ -849,6 +850,6 @@ class ModelBatch(nn.Module):
             return result
         except RuntimeError as exc:
             raise RuntimeError(
-                "ModelBatch.load_state_dict: the checkpoint does not fit this pack (another "
+                "mb.ModelBatch.load_state_dict: the checkpoint does not fit this pack (another "
                 f"architecture?). Build the pack from the model class it was saved from.\n{exc}"
             ) from exc

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ._architecture import architecture_signature, build_model, member_seed, pack_label
+from ._deprecated import renamed_kwarg
 from ._hparams import check_positive_int
 from ._recipe import Recipe
 from ._trainer import PackTrainer
@@ -25,10 +26,11 @@ def fit(
     reports: int = 10,
     *,
     callbacks: Iterable[Callback] = (),
-    capacity: int | None = None,
+    n_slots: int | None = None,
     progress: bool | None = None,
     nan_guard: bool = True,
     mlflow: bool | Mapping[str, Any] | MLflowLogger | None = None,
+    capacity: int | None = None,
 ) -> pd.DataFrame:
     """Train every config of ``recipe`` for ``reports`` reports, packed; one row per member per report.
 
@@ -39,8 +41,10 @@ def fit(
     config trained here equals the same config trained alone with ``fit(recipe, [config])``
     (and, on the CPU, a plain torch loop after ``torch.manual_seed(seed); model = recipe.model(config)``
     on the same batches).
-    With ``capacity`` smaller than a group, members train in waves: a stopped member's slot
-    is refilled by the next config at once.
+    Each pack has ``n_slots`` slots (``None``: one per config of its architecture); with fewer
+    slots than configs, members train in waves: a stopped member's slot is refilled by the next
+    config at once. ``capacity=`` is the deprecated name of ``n_slots=`` (FutureWarning; removed
+    in the next release).
     ``mlflow=True`` (MLflow's default tracking URI), a dict of :class:`mb.MLflowLogger` arguments
     or a logger logs the sweep to MLflow: one parent run, one child run per member.
 
@@ -80,11 +84,12 @@ def fit(
     if not configs:
         raise ValueError(f"{api}: got no configs; pass a list with at least one config dict.")
     check_positive_int(api, "reports", reports)
-    if capacity is not None:
-        check_positive_int(api, "capacity", capacity, alternative="None")
+    n_slots = renamed_kwarg(api, "capacity", "n_slots", capacity, n_slots)
+    if n_slots is not None:
+        check_positive_int(api, "n_slots", n_slots, alternative="None")
     for i, config in enumerate(configs):
         config.setdefault("seed", i)
-        member_seed(config, i)
+        member_seed(config, i, api)
         recipe.hparams(config, api=f"{api}: config {i}")
     callbacks = check_callbacks(api, callbacks)
     groups = _group_by_architecture(
@@ -105,7 +110,7 @@ def fit(
     rows: list[dict[str, Any]] = []
     try:
         for group in groups:
-            _train_group(recipe, configs, group, reports, capacity or len(group), callbacks, rows, nan_guard)
+            _train_group(recipe, configs, group, reports, n_slots or len(group), callbacks, rows, nan_guard)
     except BaseException as exc:
         if mlflow_callback is not None:
             mlflow_callback.on_fit_interrupted(exc)
@@ -129,12 +134,12 @@ def _train_group(
     configs: list[dict[str, Any]],
     group: list[int],
     reports: int,
-    capacity: int,
+    n_slots: int,
     callbacks: list[Callback],
     rows: list[dict[str, Any]],
     nan_guard: bool,
 ) -> None:
-    trainer = PackTrainer(recipe, min(capacity, len(group)), example_config=configs[group[0]])
+    trainer = PackTrainer(recipe, min(n_slots, len(group)), example_config=configs[group[0]])
     label = pack_label(trainer.signature)
     for cb in callbacks:
         if hasattr(cb, "on_pack_start"):

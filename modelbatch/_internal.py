@@ -13,6 +13,7 @@ from ._architecture import (
     member_seed,
     pack_label,
 )
+from ._deprecated import warn_renamed
 from ._hparams import check_positive_int
 from ._recipe import OPTIMIZER_KEYS
 from ._wandb import WandBWriter
@@ -29,4 +30,5 @@ __all__ = [
     "example_batch",
     "member_seed",
     "pack_label",
+    "warn_renamed",
 ]

@@ -59,7 +59,7 @@ class MemoryEstimate:
             at_once = min(chunk_size or DEFAULT_CHUNK_SIZE, self.n)
         if at_once is None:
             raise ValueError(
-                f"MemoryEstimate.total_for: unknown backend {backend!r}; valid options are "
+                f"mb.MemoryEstimate.total_for: unknown backend {backend!r}; valid options are "
                 "'vmap', 'chunked', 'loop', 'auto'."
             )
         activations = self.activations_loop if backend == "loop" else self.activations

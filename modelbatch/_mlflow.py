@@ -344,7 +344,7 @@ class _Writer:
         if experiment is not None:
             if experiment.lifecycle_stage != "active":
                 raise RuntimeError(
-                    f"MLflowLogger: experiment {name!r} is deleted; restore it "
+                    f"mb.MLflowLogger: experiment {name!r} is deleted; restore it "
                     "(mlflow experiments restore) or pass another experiment_name."
                 )
             self.experiment_id = experiment.experiment_id
@@ -423,7 +423,9 @@ class _Writer:
             elif os.path.exists(path):
                 self.client.log_artifact(run.run_id, path, artifact_path)
             else:
-                _log.warning("MLflowLogger: artifact %s of run %s does not exist; skipped.", path, run.name)
+                _log.warning(
+                    "mb.MLflowLogger: artifact %s of run %s does not exist; skipped.", path, run.name
+                )
             with self.lock:
                 run.artifacts.pop(0)
             if delete:
@@ -483,7 +485,9 @@ class _Writer:
                 for k, _ in tags:
                     run.tags.pop(k, None)
             _log.warning(
-                "MLflowLogger: MLflow refused a batch of run %s (%s); kept for the spill file.", run.name, exc
+                "mb.MLflowLogger: MLflow refused a batch of run %s (%s); kept for the spill file.",
+                run.name,
+                exc,
             )
             return False
 
@@ -528,7 +532,7 @@ class _Writer:
         if run.parent is not None:
             parent = self.runs.get(run.parent)
             if parent is None or parent.run_id is None:
-                raise RuntimeError(f"MLflowLogger: parent of run {run.name!r} does not exist yet.")
+                raise RuntimeError(f"mb.MLflowLogger: parent of run {run.name!r} does not exist yet.")
             tags["mlflow.parentRunId"] = parent.run_id
         run.create_attempted = True
         created = self.client.create_run(
@@ -635,7 +639,7 @@ class MLflowLogger:
         view_params: Sequence[str] | None = None,
         tag_keys: Sequence[str] = (),
     ) -> None:
-        api = "MLflowLogger"
+        api = "mb.MLflowLogger"
         if mode not in ("min", "max"):
             raise ValueError(f"{api}: mode must be 'min' or 'max', got {mode!r}.")
         if view_params is not None and (metric is None or isinstance(view_params, str)):
@@ -683,7 +687,7 @@ class MLflowLogger:
     def start(self, tags: Mapping[str, Any] | None = None) -> None:
         """Start the sweep: its parent run (created in the background) and the writer thread."""
         if self._state != "new":
-            raise RuntimeError("MLflowLogger.start: this logger already ran a sweep; create a new one.")
+            raise RuntimeError("mb.MLflowLogger.start: this logger already ran a sweep; create a new one.")
         import mlflow
 
         self.tracking_uri = self.tracking_uri or mlflow.get_tracking_uri()
@@ -800,7 +804,7 @@ class MLflowLogger:
         """Close ``member_id``'s run as ``finished``, ``stopped early``, ``errored`` or ``interrupted``."""
         if status not in RUN_STATUS:
             raise ValueError(
-                f"MLflowLogger.end_member: status must be one of {sorted(RUN_STATUS)}, got {status!r}."
+                f"mb.MLflowLogger.end_member: status must be one of {sorted(RUN_STATUS)}, got {status!r}."
             )
         member = self._members.get(member_id)
         if member is None or member.ended:
@@ -852,7 +856,7 @@ class MLflowLogger:
         """
         if status not in RUN_STATUS:
             raise ValueError(
-                f"MLflowLogger.close: status must be one of {sorted(RUN_STATUS)}, got {status!r}."
+                f"mb.MLflowLogger.close: status must be one of {sorted(RUN_STATUS)}, got {status!r}."
             )
         if self._state != "running":
             return None
@@ -880,7 +884,7 @@ class MLflowLogger:
         if rows:
             self._spilled = self._write_spill(rows)
             warnings.warn(
-                f"MLflowLogger: {self._describe(rows)} could not be logged to {self.tracking_uri} "
+                f"mb.MLflowLogger: {self._describe(rows)} could not be logged to {self.tracking_uri} "
                 f"({self._error or 'MLflow refused them'}); kept in {self._spilled}. Replay them with: "
                 f"{REPLAY_COMMAND} {self._spilled} --tracking-uri {self.tracking_uri}",
                 RuntimeWarning,
@@ -910,7 +914,7 @@ class MLflowLogger:
     # -- background -----------------------------------------------------------------------
     def _check_running(self, api: str) -> None:
         if self._state != "running":
-            raise RuntimeError(f"MLflowLogger.{api}: call start() first (and not after close()).")
+            raise RuntimeError(f"mb.MLflowLogger.{api}: call start() first (and not after close()).")
 
     def _put(self, item: tuple) -> None:
         self._inbox.append(item)
@@ -966,7 +970,7 @@ class MLflowLogger:
                 message = f"{type(exc).__name__}: {exc}"
                 if message != self._error:
                     _log.warning(
-                        "MLflowLogger: writing to %s failed, will retry: %s", self.tracking_uri, message
+                        "mb.MLflowLogger: writing to %s failed, will retry: %s", self.tracking_uri, message
                     )
                 self._error = message
                 backoff = min(max(2 * backoff, 0.5), 5.0)
@@ -1024,7 +1028,11 @@ def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> dict[str
     Runs that exist already (same run id, or found by their ``modelbatch.run_key`` tag) are continued;
     points logged twice are stored once. ``tracking_uri`` defaults to the one recorded in the file.
     """
-    api = "replay"
+    return _replay(path, tracking_uri, "modelbatch.mlflow.replay")
+
+
+def _replay(path: str | os.PathLike, tracking_uri: str | None, api: str) -> dict[str, str]:
+    """:func:`replay`, its errors starting with ``api`` (the function's name, or the command's)."""
     lines = Path(path).read_text().splitlines()
     if not lines or json.loads(lines[0]).get("format") != SPILL_FORMAT:
         raise ValueError(f"{api}: {path} is not a spill file of modelbatch's MLflowLogger.")
@@ -1063,7 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("spill", help="the .jsonl spill file")
     rep.add_argument("--tracking-uri", default=None, help="default: the tracking URI recorded in the file")
     args = parser.parse_args(argv)
-    runs = replay(args.spill, args.tracking_uri)
+    runs = _replay(args.spill, args.tracking_uri, REPLAY_COMMAND)
     print(f"replayed {len(runs)} runs from {args.spill}")
     return 0
 

@@ -56,7 +56,7 @@ def shrink_on_oom(api: str, batch: ModelBatch, fn: Callable[..., T], *args: Any)
             if before <= 1:
                 raise torch.OutOfMemoryError(
                     f"{api}: out of memory training a pack of {batch.n} members even one member at a "
-                    f"time (backend {batch.backend!r}). Lower the members per pack (mb.fit(capacity=...), "
+                    f"time (backend {batch.backend!r}). Lower the slots per pack (mb.fit(n_slots=...), "
                     "ModelBatchSearcher(slots_per_gpu=...)), the batch size or the model size."
                 ) from exc
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

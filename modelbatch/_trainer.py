@@ -23,6 +23,7 @@ from ._architecture import (
 )
 from ._batch import ModelBatch
 from ._clip import clip_grad_norm_
+from ._deprecated import renamed_kwarg, warn_renamed
 from ._host import host_list, mark_device_data, to_host, upload
 from ._hparams import check_positive_int
 from ._oom import shrink_on_oom
@@ -82,7 +83,7 @@ class _Stops:
 
 
 class PackTrainer:
-    """Trains the members of one recipe (one architecture) in the ``capacity`` slots of a pack.
+    """Trains the members of one recipe (one architecture) in the ``n_slots`` slots of a pack.
 
     Members join free slots with :meth:`add` and leave with :meth:`remove`; a freed slot is
     reset (weights, optimizer state, schedule, data stream) when the next member joins, so each
@@ -104,22 +105,41 @@ class PackTrainer:
         >>> recipe = mb.Recipe(model=lambda cfg: torch.nn.Linear(4, 3), optimizer="sgd",
         ...     loss=torch.nn.functional.cross_entropy, train_data=(X, y), val_data=(X, y),
         ...     batch_size=16, steps_per_report=4)
-        >>> trainer = mb.PackTrainer(recipe, capacity=4, example_config={"lr": 0.1})
+        >>> trainer = mb.PackTrainer(recipe, n_slots=4, example_config={"lr": 0.1})
         >>> slot = trainer.add("a", {"lr": 0.1, "seed": 0})
         >>> sorted(trainer.train_report()["a"])
         ['loss', 'step', 'training_iteration', 'val_loss']
+
+    Names: *members* are the models (a member keeps its id from :meth:`add` to :meth:`remove`);
+    *slots* are the places of the pack that members train in (``n_slots`` of them; slot ``i`` holds
+    the weights ``batch.member(i)`` returns). ``capacity=`` / :attr:`capacity` and :meth:`member_state` are
+    the deprecated names of ``n_slots`` and :meth:`member_state_dict` (until the next release).
     """
 
-    def __init__(self, recipe: Recipe, capacity: int, example_config: Mapping[str, Any]) -> None:
-        check_positive_int("mb.PackTrainer", "capacity", capacity)
+    def __init__(
+        self,
+        recipe: Recipe,
+        n_slots: int | None = None,
+        example_config: Mapping[str, Any] | None = None,
+        *,
+        capacity: int | None = None,
+    ) -> None:
+        api = "mb.PackTrainer"
+        n_slots = renamed_kwarg(api, "capacity", "n_slots", capacity, n_slots)
+        check_positive_int(api, "n_slots", n_slots)
+        if example_config is None:
+            raise TypeError(
+                f"{api}: missing example_config, a config of the pack's architecture (e.g. its first "
+                "member's): mb.PackTrainer(recipe, n_slots=4, example_config={...})."
+            )
         self.recipe = recipe
-        self.capacity = capacity
+        self.n_slots = n_slots
         self.device = recipe.resolve_device()
         template = build_model(recipe, example_config, member_seed(example_config, 0, "mb.PackTrainer"))
         self.signature = architecture_signature(template)
-        self.batch = ModelBatch([template] * capacity, backend=recipe.backend).to(self.device)
+        self.batch = ModelBatch([template] * n_slots, backend=recipe.backend).to(self.device)
         self.batch.active.fill_(False)
-        self.slots: list[Slot | None] = [None] * capacity
+        self.slots: list[Slot | None] = [None] * n_slots
         self.example_config = dict(example_config)
         hp = recipe.hparams(example_config)
         cls = recipe.optimizer_class
@@ -130,9 +150,15 @@ class PackTrainer:
         if recipe.val_data is not None:
             same = recipe.val_data is recipe.train_data  # k-fold: one copy, one set of loader workers
             self.val = self.train_data if same else self._pack_data(recipe.val_data)
-        self.sampler = MemberStreams(len(self.train_data), capacity, recipe.batch_size)
+        self.sampler = MemberStreams(len(self.train_data), n_slots, recipe.batch_size)
         self.members_hosted = 0
         self.step_time = 0.0
+
+    @property
+    def capacity(self) -> int:
+        """Deprecated name of :attr:`n_slots` (FutureWarning); it will be removed in the next release."""
+        warn_renamed("mb.PackTrainer", "capacity", "n_slots")
+        return self.n_slots
 
     # ------------------------------------------------------------------ slots
     def free_slots(self) -> list[int]:
@@ -144,7 +170,7 @@ class PackTrainer:
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         """Whether a member with this config has the pack's architecture."""
-        return config_signature(self.recipe, config) == self.signature
+        return config_signature(self.recipe, config, api="mb.PackTrainer.accepts") == self.signature
 
     def add(self, member_id: Any, config: Mapping[str, Any], seed: int | None = None) -> int:
         """Put a new member into a free slot (fresh weights from its seed, fresh optimizer state)."""
@@ -168,7 +194,7 @@ class PackTrainer:
         api = "mb.PackTrainer.add"
         free = self.free_slots()
         if not free:
-            raise RuntimeError(f"{api}: all {self.capacity} slots are taken; remove a member first.")
+            raise RuntimeError(f"{api}: all {self.n_slots} slots are taken; remove a member first.")
         if member_id in self.live():
             raise ValueError(f"{api}: member {member_id!r} is already in the pack.")
         if architecture_signature(model) != self.signature:
@@ -223,7 +249,7 @@ class PackTrainer:
             >>> X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
             >>> recipe = mb.Recipe(model=lambda cfg: torch.nn.Linear(4, 3), optimizer="sgd",
             ...     loss=torch.nn.functional.cross_entropy, train_data=(X, y), batch_size=8)
-            >>> trainer = mb.PackTrainer(recipe, capacity=2, example_config={"lr": 0.1})
+            >>> trainer = mb.PackTrainer(recipe, n_slots=2, example_config={"lr": 0.1})
             >>> _ = trainer.add("a", {"lr": 0.1}), trainer.add("b", {"lr": 0.2})
             >>> reports = trainer.train_report()
             >>> reports["b"]["loss"] = float("nan")  # as a diverging member reports it
@@ -268,8 +294,8 @@ class PackTrainer:
             return {}
         start = time.perf_counter()
         self.batch.train()
-        sums = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
-        counts = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(self.n_slots, dtype=torch.float64, device=self.device)
+        counts = torch.zeros(self.n_slots, dtype=torch.float64, device=self.device)
         # The steps are drawn lazily: a streamed dataset's loader workers fetch a few steps ahead.
         steps = (self.sampler.next_step() for _ in range(self.recipe.steps_per_report))
         for step, (xs, ys) in self.train_data.steps(steps):
@@ -331,7 +357,7 @@ class PackTrainer:
         ``chunk`` samples at a time (a dataset is streamed chunk by chunk) and the chunks' means
         are weighted by their sizes.
         """
-        live = torch.zeros(self.capacity, dtype=torch.bool)
+        live = torch.zeros(self.n_slots, dtype=torch.bool)
         live[list(self.live().values())] = True
         totals = (
             self._evaluate_subsets(chunk, live)
@@ -361,15 +387,15 @@ class PackTrainer:
         """Each live member on its own validation indices, ``[N, V]`` padded and masked, in column chunks."""
         subsets = [None if s is None else self.recipe.val_subset(s.config) for s in self.slots]
         width = max((len(s) for s in subsets if s is not None), default=1)
-        idx = torch.zeros(self.capacity, width, dtype=torch.long)
-        mask = torch.zeros(self.capacity, width, dtype=torch.bool)
+        idx = torch.zeros(self.n_slots, width, dtype=torch.long)
+        mask = torch.zeros(self.n_slots, width, dtype=torch.bool)
         for slot, subset in enumerate(subsets):
             if subset is not None:
                 idx[slot, : len(subset)] = torch.as_tensor(subset, dtype=torch.long)
                 mask[slot, : len(subset)] = True
         counts = mask.sum(dim=1).to(torch.float64).clamp_min(1)
         names = ["val_loss", *(f"val_{name}" for name in self.recipe.metrics)]
-        totals = {name: [0.0] * self.capacity for name in names}
+        totals = {name: [0.0] * self.n_slots for name in names}
         columns = ((idx[:, lo : lo + chunk], mask[:, lo : lo + chunk]) for lo in range(0, width, chunk))
         steps = (MemberStep(i, m, m.any(dim=1), -1, -1) for i, m in columns)
         self.batch.eval()
@@ -382,7 +408,7 @@ class PackTrainer:
             for name, fn in self.recipe.metrics.items():
                 values[f"val_{name}"] = [
                     float(fn(out[slot][m[slot]], ys[slot][m[slot]])) if weights[slot] > 0 else 0.0
-                    for slot in range(self.capacity)
+                    for slot in range(self.n_slots)
                 ]
             for name, per_slot in values.items():
                 totals[name] = [t + v * w for t, v, w in zip(totals[name], per_slot, weights)]
@@ -394,11 +420,23 @@ class PackTrainer:
         return totals
 
     # ------------------------------------------------------------------ member state
-    def member_state(self, member_id: Any, on_device: bool = False) -> dict[str, Any]:
+    def member_state_dict(self, member_id: Any, on_device: bool = False) -> dict[str, Any]:
         """What continues this member elsewhere: weights, optimizer, schedule, data, dropout stream.
 
         Tensors are copied to the CPU, or with ``on_device=True`` kept on the pack's device (for a
-        :meth:`restore_member` on the same device: a device-to-device copy).
+        :meth:`restore_member` on the same device: a device-to-device copy). Named as torch's
+        ``state_dict`` (and the optimizers', schedules' and data streams' ``member_state_dict``).
+
+        Example:
+            >>> import torch, modelbatch as mb
+            >>> X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+            >>> recipe = mb.Recipe(model=lambda cfg: torch.nn.Linear(4, 3), optimizer="sgd",
+            ...     loss=torch.nn.functional.cross_entropy, train_data=(X, y), batch_size=8)
+            >>> a = mb.PackTrainer(recipe, n_slots=2, example_config={"lr": 0.1})
+            >>> _ = a.add("m", {"lr": 0.1}), a.train_report()
+            >>> b = mb.PackTrainer(recipe, n_slots=3, example_config={"lr": 0.1})
+            >>> b.restore_member(a.member_state_dict("m")), b.train_report()["m"]["training_iteration"]
+            (0, 2)
         """
         slot = self.slot_of(member_id)
 
@@ -417,8 +455,13 @@ class PackTrainer:
             "rng": self.batch.rng_state(slot),
         }
 
+    def member_state(self, member_id: Any, on_device: bool = False) -> dict[str, Any]:
+        """Deprecated name of :meth:`member_state_dict` (FutureWarning); removed in the next release."""
+        warn_renamed("mb.PackTrainer", "member_state()", "member_state_dict()")
+        return self.member_state_dict(member_id, on_device=on_device)
+
     def restore_member(self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> int:
-        """Put a member saved by :meth:`member_state` into a free slot; it continues where it stopped.
+        """Put a member saved by :meth:`member_state_dict` into a free slot; it continues where it stopped.
 
         ``config``: the member's config from now on (``None``: the saved one). Population-based
         training continues a member from another's state with new hyperparameters: each optimizer
@@ -467,9 +510,9 @@ class PackTrainer:
 
     def _initial_optimizer_state(self, cls: type, hp: Mapping[str, float]) -> dict[str, Any]:
         return {
-            "hparams": {k: torch.full((self.capacity,), v, dtype=torch.float64) for k, v in hp.items()},
+            "hparams": {k: torch.full((self.n_slots,), v, dtype=torch.float64) for k, v in hp.items()},
             "flags": {**_default_flags(cls), **self.recipe.flags()},
-            "steps": torch.zeros(self.capacity, dtype=torch.float64),
+            "steps": torch.zeros(self.n_slots, dtype=torch.float64),
             "state": {},
         }
 

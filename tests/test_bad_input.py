@@ -112,7 +112,7 @@ def fit_mlflow_missing_key(ctx: Ctx) -> None:
 
 def fit_mlflow_bad_lr_in_last_config(ctx: Ctx) -> None:
     mlflow = {"tracking_uri": _sqlite(ctx), "experiment_name": "bad"}
-    _fit(recipe(), [*CONFIGS, {"lr": -1.0}], capacity=1, mlflow=mlflow)
+    _fit(recipe(), [*CONFIGS, {"lr": -1.0}], n_slots=1, mlflow=mlflow)
 
 
 class _LockedCallback(mb.callbacks.Callback):
@@ -234,67 +234,67 @@ BAD = [
         "pack: empty list",
         lambda ctx: mb.ModelBatch([]),
         ValueError,
-        r"^ModelBatch: got an empty list.*at least one",
+        r"^mb.ModelBatch: got an empty list.*at least one",
     ),
     (
         "pack: one module",
         lambda ctx: mb.ModelBatch(nn.Linear(3, 2)),
         TypeError,
-        r"^ModelBatch: expected a list of nn.Module",
+        r"^mb.ModelBatch: expected a list of nn.Module",
     ),
     (
         "pack: other classes",
         lambda ctx: mb.ModelBatch([nn.Linear(3, 2), Linear3()]),
         TypeError,
-        r"^ModelBatch: all models must be of the same class.*one ModelBatch per",
+        r"^mb.ModelBatch: all models must be of the same class.*one ModelBatch per",
     ),
     (
         "pack: other shapes",
         lambda ctx: mb.ModelBatch([nn.Linear(3, 2), nn.Linear(3, 4)]),
         ValueError,
-        r"^ModelBatch: model 1 has weight of shape \[4, 3\].*one ModelBatch each",
+        r"^mb.ModelBatch: model 1 has weight of shape \[4, 3\].*one ModelBatch each",
     ),
     (
         "pack: other settings",
         lambda ctx: mb.ModelBatch([nn.LeakyReLU(0.1), nn.LeakyReLU(0.2)]),
         ValueError,
-        r"^ModelBatch: model 1 has negative_slope = 0.2.*one ModelBatch per setting",
+        r"^mb.ModelBatch: model 1 has negative_slope = 0.2.*one ModelBatch per setting",
     ),
     (
         "pack: unknown backend",
         lambda ctx: mb.ModelBatch([nn.Linear(3, 2)], backend="cuda"),
         ValueError,
-        r"^ModelBatch: unknown backend 'cuda'; valid options are 'auto', 'vmap'",
+        r"^mb.ModelBatch: unknown backend 'cuda'; valid options are 'auto', 'vmap'",
     ),
     (
         "pack: chunk_size 0",
         lambda ctx: mb.ModelBatch([nn.Linear(3, 2)], backend="chunked", chunk_size=0),
         ValueError,
-        r"^ModelBatch: chunk_size must be a positive int, got 0",
+        r"^mb.ModelBatch: chunk_size must be a positive int, got 0",
     ),
     (
         "pack: set_backend",
         lambda ctx: _pack().set_backend("fast"),
         ValueError,
-        r"^ModelBatch.set_backend: unknown backend 'fast'",
+        r"^mb.ModelBatch.set_backend: unknown backend 'fast'",
     ),
     (
         "forward: per-member wrong N",
         lambda ctx: _pack()(torch.randn(3, 5, 3), in_dims=0),
         ValueError,
-        r"^ModelBatch.forward: per-member input 0 .* pack size N=4 on dim 0, got \[3, 5, 3\]",
+        r"^mb.ModelBatch.forward: per-member input 0 .* pack size N=4 on dim 0, got \[3, 5, 3\]",
     ),
     (
         "forward: in_dims 1",
         lambda ctx: _pack()(torch.randn(5, 3), in_dims=1),
         ValueError,
-        r"^ModelBatch.forward: in_dims must be None or 0",
+        r"^mb.ModelBatch.forward: in_dims must be None or 0",
     ),
     (
         "loss: targets of another batch",
         lambda ctx: _pack().compute_loss(torch.randn(4, 5, 2), torch.randn(7, 2), F.mse_loss),
         ValueError,
-        r"^ModelBatch.compute_loss: targets of shape \[7, 2\] match neither",
+        r"^mb.ModelBatch.compute_loss: targets of shape \[7, 2\] match neither",
     ),
     (
         "loss: reduction none",
@@ -302,7 +302,7 @@ BAD = [
             torch.randn(4, 5, 2), torch.randn(5, 2), lambda o, t: F.mse_loss(o, t, reduction="none")
         ),
         ValueError,
-        r"^ModelBatch.compute_loss: loss_fn must return one scalar per member.*reduction='mean'",
+        r"^mb.ModelBatch.compute_loss: loss_fn must return one scalar per member.*reduction='mean'",
     ),
     (
         "loss: backward without sum",
@@ -316,19 +316,19 @@ BAD = [
         "member index out of range",
         lambda ctx: _pack().member(4),
         IndexError,
-        r"^ModelBatch.member: member 4 is out of range for a pack of 4",
+        r"^mb.ModelBatch.member: member 4 is out of range for a pack of 4",
     ),
     (
         "freeze index out of range",
         lambda ctx: _pack().freeze(-5),
         IndexError,
-        r"^ModelBatch.freeze: member -5 is out of range",
+        r"^mb.ModelBatch.freeze: member -5 is out of range",
     ),
     (
         "load_member: other shapes",
         lambda ctx: _pack().load_member(0, nn.Linear(3, 5).state_dict()),
         ValueError,
-        r"^ModelBatch.load_member: weight has shape \[5, 3\] but the pack expects \[2, 3\]",
+        r"^mb.ModelBatch.load_member: weight has shape \[5, 3\] but the pack expects \[2, 3\]",
     ),
     (
         "load_member: other keys",
@@ -340,7 +340,7 @@ BAD = [
         "load_member: other class",
         lambda ctx: _pack().load_member(0, Linear3()),
         TypeError,
-        r"^ModelBatch.load_member: expected a Linear, got Linear3",
+        r"^mb.ModelBatch.load_member: expected a Linear, got Linear3",
     ),
     # ---- optimizers
     (
@@ -450,7 +450,7 @@ BAD = [
         "load: another shape",
         load_into_other_shapes,
         RuntimeError,
-        r"^ModelBatch.load_state_dict: the checkpoint does not fit this pack.*model class it was saved from",
+        r"^mb.ModelBatch.load_state_dict: the checkpoint does not fit this pack.*model class it was saved",
     ),
     (
         "load: another optimizer",
@@ -601,10 +601,16 @@ BAD = [
         r"^mb.fit: reports must be a positive int, got 0",
     ),
     (
-        "fit: capacity 0",
-        lambda ctx: mb.fit(recipe(), CONFIGS, capacity=0),
+        "fit: n_slots 0",
+        lambda ctx: mb.fit(recipe(), CONFIGS, n_slots=0),
         ValueError,
-        r"^mb.fit: capacity must be a positive int or None",
+        r"^mb.fit: n_slots must be a positive int or None",
+    ),
+    (
+        "fit: n_slots and its deprecated name capacity",
+        lambda ctx: mb.fit(recipe(), CONFIGS, n_slots=2, capacity=2),
+        ValueError,
+        r"^mb.fit: got both n_slots=2 and capacity=2; pass only n_slots=",
     ),
     (
         "fit: reports True",
@@ -698,16 +704,28 @@ BAD = [
         r"^mb.fit: config 2: lr = -1.0 is out of range",
     ),
     (
-        "pack trainer: capacity 0",
+        "pack trainer: n_slots 0",
         lambda ctx: mb.PackTrainer(recipe(), 0, {}),
         ValueError,
-        r"^mb.PackTrainer: capacity must be a positive int, got 0",
+        r"^mb.PackTrainer: n_slots must be a positive int, got 0",
     ),
     (
-        "pack trainer: capacity True",
+        "pack trainer: n_slots True",
         lambda ctx: mb.PackTrainer(recipe(), True, {}),
         ValueError,
-        r"^mb.PackTrainer: capacity must be a positive int, got True",
+        r"^mb.PackTrainer: n_slots must be a positive int, got True",
+    ),
+    (
+        "pack trainer: n_slots and its deprecated name capacity",
+        lambda ctx: mb.PackTrainer(recipe(), 2, {}, capacity=2),
+        ValueError,
+        r"^mb.PackTrainer: got both n_slots=2 and capacity=2; pass only n_slots=",
+    ),
+    (
+        "pack trainer: no example_config",
+        lambda ctx: mb.PackTrainer(recipe(), n_slots=2),
+        TypeError,
+        r"^mb.PackTrainer: missing example_config, a config of the pack's architecture",
     ),
     (
         "PackTrainer.add: seed not an int",
@@ -766,7 +784,7 @@ BAD = [
     ),
     (
         "searcher: auto with a factory",
-        lambda ctx: ModelBatchSearcher(lambda capacity, config: None),
+        lambda ctx: ModelBatchSearcher(lambda n_slots, config: None),
         ValueError,
         r"^ModelBatchSearcher: slots_per_gpu='auto' measures a member of a mb.Recipe",
     ),

@@ -147,13 +147,13 @@ def test_member_from_a_dataset_equals_plain_torch_training_alone() -> None:
 
 def test_loader_workers_give_the_same_result_as_loading_in_process() -> None:
     train, val = Formula(N_TRAIN), Formula(N_VAL, offset=1000)
-    in_process = fit(recipe(train, val), capacity=2)  # waves: members join and leave between reports
+    in_process = fit(recipe(train, val), n_slots=2)  # waves: members join and leave between reports
     train.calls = val.calls = 0
     workers = recipe(train, val, num_workers=2, loader_kwargs={"prefetch_factor": 3})
-    assert_same(fit(workers, capacity=2), in_process)
+    assert_same(fit(workers, n_slots=2), in_process)
     assert (train.calls, val.calls) == (1, 1)  # only the recipe's check: the workers fetched the rest
     tensors = recipe(as_tensors(train), as_tensors(val))
-    assert_same(fit(tensors, capacity=2), in_process)
+    assert_same(fit(tensors, n_slots=2), in_process)
 
 
 def kfold_subset(cfg):
@@ -192,7 +192,7 @@ def test_subsets_and_order_with_a_dataset_equal_tensors(options) -> None:
 
 def test_validation_streams_in_chunks_and_equals_one_pass() -> None:
     train, val = Formula(N_TRAIN), Formula(N_VAL, offset=1000)
-    trainer = mb.PackTrainer(recipe(train, val), capacity=2, example_config=CONFIGS[0])
+    trainer = mb.PackTrainer(recipe(train, val), n_slots=2, example_config=CONFIGS[0])
     trainer.add(0, CONFIGS[0])
     trainer.add(1, CONFIGS[1])
     trainer.train_report()

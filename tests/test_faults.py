@@ -176,8 +176,8 @@ def test_a_server_running_out_of_memory_keeps_every_member_exactly():
 
     rec = recipe(backend="vmap")
 
-    def factory(capacity, config):
-        trainer = mb.PackTrainer(rec, capacity, config)
+    def factory(n_slots, config):
+        trainer = mb.PackTrainer(rec, n_slots, config)
         inject_oom(trainer.batch, fits=1)
         return trainer
 

@@ -92,7 +92,7 @@ def test_member_in_pack_equals_plain_torch_training_alone() -> None:
 
 def test_pack_equals_each_config_alone_and_waves_equal_one_wave() -> None:
     together = _by_member(mb.fit(recipe(), CONFIGS, reports=3, progress=False))
-    waves = _by_member(mb.fit(recipe(), CONFIGS, reports=3, capacity=2, progress=False))
+    waves = _by_member(mb.fit(recipe(), CONFIGS, reports=3, n_slots=2, progress=False))
     for i, cfg in enumerate(CONFIGS):
         alone = _by_member(mb.fit(recipe(), [cfg], reports=3, progress=False))[0]
         _assert_same_history(together[i], alone)
@@ -190,7 +190,7 @@ def test_pack_trainer_after_report_ends_members_as_mb_fit_does() -> None:
     history = mb.fit(
         r, configs, reports=6, callbacks=[mb.callbacks.EarlyStopping(patience=3), fitted], progress=False
     )
-    trainer = mb.PackTrainer(r, capacity=len(configs), example_config=configs[0])
+    trainer = mb.PackTrainer(r, n_slots=len(configs), example_config=configs[0])
     for member, config in enumerate(configs):
         trainer.add(member, config)
     by_hand = StopAtTheEnd()
@@ -252,14 +252,14 @@ def test_progress_bar_runs(capsys) -> None:
     assert "members" in capsys.readouterr().err
 
 
-def test_pack_trainer_member_state_moves_a_member_between_packs() -> None:
+def test_pack_trainer_member_state_dict_moves_a_member_between_packs() -> None:
     r = recipe(optimizer="adam")
-    a = mb.PackTrainer(r, capacity=3, example_config=CONFIGS[0])
+    a = mb.PackTrainer(r, n_slots=3, example_config=CONFIGS[0])
     a.add("x", CONFIGS[1])
     a.add("y", CONFIGS[2])
     a.train_report()
-    state = a.member_state("y")
-    b = mb.PackTrainer(r, capacity=2, example_config=CONFIGS[0])
+    state = a.member_state_dict("y")
+    b = mb.PackTrainer(r, n_slots=2, example_config=CONFIGS[0])
     b.add("z", CONFIGS[0])
     b.restore_member(state)
     for _ in range(2):
@@ -268,6 +268,34 @@ def test_pack_trainer_member_state_moves_a_member_between_packs() -> None:
         torch.testing.assert_close(
             torch.tensor(ra["y"]["val_loss"]), torch.tensor(rb["y"]["val_loss"]), rtol=1e-10, atol=0
         )
+
+
+DEPRECATED = r"is deprecated, use {} \(same meaning\); it will be removed in the next release\."
+
+
+def test_the_deprecated_names_capacity_and_member_state_warn_and_mean_n_slots_and_member_state_dict() -> None:
+    with pytest.warns(FutureWarning, match="^mb.fit: capacity= " + DEPRECATED.format("n_slots=")):
+        old = _by_member(mb.fit(recipe(), CONFIGS, reports=2, capacity=2, progress=False))
+    new = _by_member(mb.fit(recipe(), CONFIGS, reports=2, n_slots=2, progress=False))
+    for i in range(len(CONFIGS)):
+        _assert_same_history(old[i], new[i])
+    with pytest.warns(FutureWarning, match="^mb.PackTrainer: capacity= " + DEPRECATED.format("n_slots=")):
+        a = mb.PackTrainer(recipe(), capacity=2, example_config=CONFIGS[0])
+    b = mb.PackTrainer(recipe(), n_slots=2, example_config=CONFIGS[0])
+    with pytest.warns(FutureWarning, match="^mb.PackTrainer: capacity " + DEPRECATED.format("n_slots")):
+        assert a.capacity == a.n_slots == b.n_slots == 2
+    for pack in (a, b):
+        pack.add("x", CONFIGS[1])
+        pack.train_report()
+    with pytest.warns(
+        FutureWarning,
+        match=r"^mb.PackTrainer: member_state\(\) " + DEPRECATED.format(r"member_state_dict\(\)"),
+    ):
+        old_state = a.member_state("x")
+    new_state = b.member_state_dict("x")
+    assert old_state.keys() == new_state.keys() and old_state["slot_state"] == new_state["slot_state"]
+    torch.testing.assert_close(old_state["model"], new_state["model"], rtol=0, atol=0)
+    torch.testing.assert_close(old_state["optimizer_state"], new_state["optimizer_state"], rtol=0, atol=0)
 
 
 def test_val_subset_validates_each_member_on_its_own_samples() -> None:
@@ -283,8 +311,8 @@ def test_val_subset_validates_each_member_on_its_own_samples() -> None:
 
 def test_a_mostly_empty_pack_trains_its_live_member_as_a_pack_of_one() -> None:
     """Empty and stopped slots are not computed (NaN in evaluate) and do not change the live member."""
-    big = mb.PackTrainer(recipe(backend="loop"), capacity=4, example_config=CONFIGS[0])
-    one = mb.PackTrainer(recipe(backend="loop"), capacity=1, example_config=CONFIGS[0])
+    big = mb.PackTrainer(recipe(backend="loop"), n_slots=4, example_config=CONFIGS[0])
+    one = mb.PackTrainer(recipe(backend="loop"), n_slots=1, example_config=CONFIGS[0])
     big.add("live", CONFIGS[1])
     big.add("stopped", CONFIGS[2])
     one.add("live", CONFIGS[1])
@@ -312,11 +340,11 @@ def test_restore_member_with_a_new_config_equals_torch_changing_param_groups() -
     two reports, as a plain Tune PBT trainable does after loading the donor's checkpoint.
     """
     cfg, new = CONFIGS[3], {**CONFIGS[3], "lr": 0.02, "weight_decay": 0.05}
-    donor = mb.PackTrainer(recipe(), capacity=2, example_config=cfg)
+    donor = mb.PackTrainer(recipe(), n_slots=2, example_config=cfg)
     donor.add("d", cfg)
     got = [donor.train_report()["d"]["val_loss"] for _ in range(2)]
-    state = donor.member_state("d")
-    pack = mb.PackTrainer(recipe(), capacity=3, example_config=cfg)
+    state = donor.member_state_dict("d")
+    pack = mb.PackTrainer(recipe(), n_slots=3, example_config=cfg)
     pack.add("other", CONFIGS[0])
     pack.restore_member(state, new)
     got += [pack.train_report()["d"]["val_loss"] for _ in range(2)]

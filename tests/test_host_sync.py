@@ -238,7 +238,7 @@ def _trainer(steps_per_report: int) -> mb.PackTrainer:
         lr_schedule=lambda config, o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=config["gamma"]),
     )
     configs = [{"seed": i, "lr": 1e-2 * (i + 1), "gamma": 0.9 + 0.03 * i} for i in range(3)]
-    trainer = mb.PackTrainer(recipe, capacity=4, example_config=configs[0])
+    trainer = mb.PackTrainer(recipe, n_slots=4, example_config=configs[0])
     for i, config in enumerate(configs):  # three live members, one empty (frozen) slot
         trainer.add(f"m{i}", config)
     return trainer

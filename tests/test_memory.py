@@ -79,7 +79,7 @@ def test_totals_by_backend() -> None:
     assert est.total_for("loop") <= est.total_for("chunked", 4) < est.total_for("chunked", 8) < est.total
     held = est.params + est.buffers + est.grads + est.optimizer_state + est.activations
     assert est.total_for("chunked", 4) == 16 * held + 4 * est.workspace
-    with pytest.raises(ValueError, match=r"^MemoryEstimate.total_for: unknown backend 'jit'"):
+    with pytest.raises(ValueError, match=r"^mb.MemoryEstimate.total_for: unknown backend 'jit'"):
         est.total_for("jit")
 
 

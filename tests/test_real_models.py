@@ -427,7 +427,7 @@ def test_member_frozen_differently_names_parameter_member_and_fix() -> None:
     with pytest.raises(ValueError) as info:
         mb.ModelBatch(models)
     message = str(info.value)
-    assert message.startswith("ModelBatch: parameter 'bert.embeddings.word_embeddings.weight'")
+    assert message.startswith("mb.ModelBatch: parameter 'bert.embeddings.word_embeddings.weight'")
     assert "model 2" in message and "batch.freeze(i)" in message
 
 

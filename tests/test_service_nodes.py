@@ -81,7 +81,7 @@ def test_a_node_that_joins_mid_sweep_gets_a_server_and_trains_members_there():
         rec = recipe()
         searcher = ModelBatchSearcher(rec, slots_per_gpu=1, reports=2)
         SearchGenerator(searcher).set_search_properties("val_loss", "min", {"lr": 0.01})
-        assert searcher.capacity == 1
+        assert searcher.n_slots == 1
         grown.add_node(num_cpus=1, num_gpus=1)
         sweep, service = searcher._sweep.id, searcher._sweep.service
         deadline = time.monotonic() + 120
@@ -101,11 +101,11 @@ def test_a_node_that_joins_mid_sweep_gets_a_server_and_trains_members_there():
         assert {r[0]["server_node"] for r in results.values()} == nodes  # one member on each node
         for m, config in configs.items():
             assert_matches_fit(rec, config, pd.DataFrame(results[m]))
-        while searcher.capacity < 2:  # as Tune calls suggest: the renewals' answer has the new slots
+        while searcher.n_slots < 2:  # as Tune calls suggest: the renewals' answer has the new slots
             assert time.monotonic() < deadline + 60, "the searcher's capacity did not follow"
             searcher._renew()
             time.sleep(0.5)
-        assert searcher.capacity == 2 and searcher.searcher.max_concurrent == 2
+        assert searcher.n_slots == 2 and searcher.searcher.max_concurrent == 2
         searcher.shutdown()
     finally:
         ray.shutdown()
@@ -144,7 +144,7 @@ def test_the_members_of_a_lost_node_continue_exactly_on_the_servers_left():
         rec = recipe()
         searcher = ModelBatchSearcher(rec, slots_per_gpu=1, reports=4)
         SearchGenerator(searcher).set_search_properties("val_loss", "min", {"lr": 0.01})
-        assert searcher.capacity == 2  # a server per GPU: one on each node
+        assert searcher.n_slots == 2  # a server per GPU: one on each node
         service = searcher._sweep.service
         job = ray.get_runtime_context().get_job_id()
         configs = {"a": {"lr": 0.01, "seed": 1}, "b": {"lr": 0.02, "seed": 2}}

@@ -143,7 +143,7 @@ def replay(rec: mb.Recipe, rows: dict[str, list[dict]], scheduler) -> dict[str, 
                 trainer.slots[0].config = dict(config)
             for _ in range(first, nxt[0]):
                 result = trainer.train_report()[tid]
-                out.append({"result": result, "state": trainer.member_state(tid)})
+                out.append({"result": result, "state": trainer.member_state_dict(tid)})
         return out
 
     for tid in rows:

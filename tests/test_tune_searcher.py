@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("ray")
 from ray import cloudpickle, tune
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.execution.tune_controller import _get_max_pending_trials
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from tune_recipes import recipe
 
 from tune_integration import ModelBatchSearcher
@@ -29,12 +30,45 @@ def test_relay_side_modules_import_without_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_the_searcher_chain_is_a_concurrency_limiter_around_the_grouping_lookahead_and_inner_searcher():
+def test_inner_searcher_is_the_one_passed_in_and_tune_walks_a_concurrency_limiter_chain_to_it():
     inner = SpaceSampler()
     searcher = ModelBatchSearcher(recipe(), searcher=inner, slots_per_gpu=4)
+    assert searcher.inner_searcher is inner
+    assert ModelBatchSearcher(recipe(), slots_per_gpu=4).inner_searcher is None  # none passed: sampled
+    # Tune's own walk down .searcher: a ConcurrencyLimiter at the slots, the grouping lookahead, the inner one
+    searcher._limiter.set_max_concurrency(4)
+    assert _get_max_pending_trials(SearchGenerator(searcher)) == 4  # else Tune starts members one by one
     assert isinstance(searcher.searcher, ConcurrencyLimiter)
     lookahead = searcher.searcher.searcher
     assert isinstance(lookahead, GroupingLookahead) and lookahead.searcher is inner
+
+
+def test_n_slots_and_its_deprecated_name_capacity():
+    searcher = ModelBatchSearcher(recipe(), slots_per_gpu=4)
+    assert searcher.n_slots is None  # no sweep open yet
+    with pytest.warns(
+        FutureWarning, match=r"^ModelBatchSearcher: capacity is deprecated, use n_slots \(same"
+    ):
+        assert searcher.capacity is None
+
+
+def test_tunes_experiment_checkpoint_saves_and_restores_each_wrapper_of_the_searcher(tmp_path):
+    """Tune saves a searcher chain wrapper by wrapper along ``.searcher`` (SearchGenerator.save_to_dir)."""
+    searcher = ModelBatchSearcher(recipe(), slots_per_gpu=2, random_state=0)
+    searcher._ahead.set_search_properties("val_loss", "min", SPACE)
+    searcher._limiter.set_max_concurrency(2)
+    config = searcher._limiter.suggest("t1")
+    searcher._completed.add("t0")
+    SearchGenerator(searcher).save_to_dir(str(tmp_path), "session")
+
+    restored = ModelBatchSearcher(recipe(), slots_per_gpu=2)
+    SearchGenerator(restored).restore_from_dir(str(tmp_path))
+    assert restored.get_state()["completed"] == ["t0"] and restored._limiter.live_trials == {"t1"}
+    assert (
+        restored._inner.suggested == 1
+        and restored._ahead.live_keys.keys() == searcher._ahead.live_keys.keys()
+    )
+    assert config["hidden"] == 8
 
 
 def test_architecture_keys_group_configs_by_pack_without_building_real_weights():
@@ -73,7 +107,7 @@ def test_space_sampler_refuses_the_state_of_another_searcher(tmp_path):
 def test_searcher_state_saves_restores_and_pickles(tmp_path):
     searcher = ModelBatchSearcher(recipe(), slots_per_gpu=2, random_state=0)
     # what tune.run does, minus starting the servers
-    searcher.searcher.searcher.set_search_properties("val_loss", "min", SPACE)
+    searcher._ahead.set_search_properties("val_loss", "min", SPACE)
     searcher._limiter.set_max_concurrency(2)
     config = searcher._limiter.suggest("t1")
     searcher._completed.add("t0")
@@ -90,7 +124,7 @@ def test_searcher_state_saves_restores_and_pickles(tmp_path):
 
 def test_configs_drawn_ahead_and_their_inner_ids_survive_save_and_restore(tmp_path):
     searcher = ModelBatchSearcher(recipe(), slots_per_gpu=2, random_state=0)
-    searcher.searcher.searcher.set_search_properties("val_loss", "min", SPACE, num_samples=8)
+    searcher._ahead.set_search_properties("val_loss", "min", SPACE, num_samples=8)
     searcher._limiter.set_max_concurrency(2)
     searcher._ahead.ahead = 2  # set when the servers start
     given = [searcher._limiter.suggest(t)["hidden"] for t in ("t1", "t2")]
@@ -156,3 +190,19 @@ def test_a_members_model_is_built_once_for_its_pack_key_and_once_for_its_weights
     # the key, the member's weights, and the pack's template for the first member of each pack
     assert {lr: n - (lr in firsts) for lr, n in builds.items()} == dict.fromkeys(builds, 2)
     assert sum(builds.values()) == 27
+
+
+def test_a_pack_factorys_own_trainer_with_the_deprecated_names_still_works_with_a_warning():
+    from tune_integration._packs import member_state_dict, n_slots
+
+    class OldTrainer:  # a trainer written against the slot API before the renames
+        capacity = 3
+
+        def member_state(self, member, on_device=False):
+            return {"member": member, "on_device": on_device}
+
+    old = r"^ModelBatchSearcher: the pack factory's trainer has {} but no {}; .* rename it"
+    with pytest.warns(FutureWarning, match=old.format(r"member_state\(\)", r"member_state_dict\(\)")):
+        assert member_state_dict(OldTrainer(), "m", on_device=True) == {"member": "m", "on_device": True}
+    with pytest.warns(FutureWarning, match=old.format("capacity", "n_slots")):
+        assert n_slots(OldTrainer()) == 3

@@ -107,16 +107,17 @@ def test_tuner_with_asha_stops_members_early_and_reuses_their_slots(tmp_path):
     assert stats["slots"] == 4 and stats["members_hosted"] == 12
 
 
-def test_searcher_chain_has_a_concurrency_limiter_at_slot_capacity(tmp_path):
+def test_searcher_chain_has_a_concurrency_limiter_at_the_sweeps_slots(tmp_path):
     searcher = ModelBatchSearcher(recipe(), slots_per_gpu=5)
     generator = SearchGenerator(searcher)
     assert _get_max_pending_trials(generator) == 5  # ray would start members one by one otherwise
     generator.set_search_properties("val_loss", "min", SPACE)
     try:
-        assert searcher.capacity == 5 and _get_max_pending_trials(generator) == 5
+        assert searcher.n_slots == 5 and _get_max_pending_trials(generator) == 5
+        assert searcher.searcher is None  # the one passed in; Tune's walk above found the limiter
     finally:
         searcher.shutdown()
-    assert searcher.capacity is None
+    assert searcher.n_slots is None
 
 
 def test_inner_optuna_search_receives_every_members_results(tmp_path):
@@ -322,7 +323,7 @@ def test_a_pack_factory_replaces_the_recipe_on_a_server():
             return {m: {**r, "custom": 1.0} for m, r in super().train_report().items()}
 
     server = ray.remote(SlotServer).remote(0)
-    factory = cloudpickle.dumps(lambda capacity, config: Trainer(rec, capacity, config))
+    factory = cloudpickle.dumps(lambda n_slots, config: Trainer(rec, n_slots, config))
     ray.get(server.add_sweep.remote("s", "tenant", factory, 2, {}))
     config = {"lr": 0.01, "seed": 3}
     ray.get(server.join.remote("s", "m", config, None))

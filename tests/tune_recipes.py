@@ -178,7 +178,7 @@ def plain_member(config: dict) -> None:
     while True:
         result = trainer.train_report()["member"]
         with tempfile.TemporaryDirectory() as directory:
-            torch.save(trainer.member_state("member"), os.path.join(directory, "member.pt"))
+            torch.save(trainer.member_state_dict("member"), os.path.join(directory, "member.pt"))
             tune.report(
                 {k: v for k, v in result.items() if k != "training_iteration"},
                 checkpoint=tune.Checkpoint.from_directory(directory),

@@ -13,6 +13,7 @@ import copy
 import io
 import os
 import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from modelbatch._internal import (
 Limits = tuple[int | None, int | None, int | None]
 """A member's ``(reports, checkpoint_every, snapshot_every)``: see :meth:`Packs.join`."""
 PackFactory = Callable[[int, Mapping[str, Any]], Any]
-"""``(capacity, example_config) -> trainer`` with :class:`modelbatch.PackTrainer`'s slot API."""
+"""``(n_slots, example_config) -> trainer`` with :class:`modelbatch.PackTrainer`'s slot API."""
 
 AUTO_MAX_SLOTS = {"cuda": 64, "cpu": 16}
 """Upper bound of ``slots_per_gpu="auto"`` per device type (each member is also a ~110 MB trial process)."""
@@ -151,7 +152,7 @@ class Packs:
     def park(self, trial_id: Any) -> None:
         """Take a member out of its pack, keeping its state, so the others train on without it."""
         pid = self.pack_of[trial_id]
-        state = self.packs[pid].member_state(trial_id)
+        state = member_state_dict(self.packs[pid], trial_id)
         self._take_out(trial_id)
         self.parked[trial_id] = state
 
@@ -163,7 +164,7 @@ class Packs:
         if state is None and (pid is None or trial_id not in self.packs[pid].live()):
             return None
         if state is None:
-            state = self.packs[pid].member_state(trial_id)
+            state = member_state_dict(self.packs[pid], trial_id)
         self.leave(trial_id)
         return _dumps(state)
 
@@ -172,7 +173,7 @@ class Packs:
         if pid is not None:
             pack = self.packs[pid]
             pack.remove(trial_id)
-            if len(pack.free_slots()) == pack.capacity:
+            if len(pack.free_slots()) == n_slots(pack):
                 del self.packs[pid]
         return pid
 
@@ -207,9 +208,11 @@ class Packs:
             due = every is not None and (final or it % every == 0)
             blob = None
             if due:
-                state = pack.member_state(member)
+                state = member_state_dict(pack, member)
                 if snapshot_every and it % snapshot_every == 0 and not final:
-                    state["snapshot"] = self._snapshot(member, pack.member_state(member, on_device=True))
+                    state["snapshot"] = self._snapshot(
+                        member, member_state_dict(pack, member, on_device=True)
+                    )
                 blob = _dumps(state)
             replies[member] = {"result": result, "checkpoint": blob, "final": final}
         return replies
@@ -252,8 +255,9 @@ class Packs:
         """A member continuing another's state with a new config must keep that state's architecture."""
         if not isinstance(self.recipe, mb.Recipe):
             return  # a pack factory's trainer checks its members itself
-        before = config_signature(self.recipe, saved.config, saved.seed)
-        if config_signature(self.recipe, config, saved.seed) == before:
+        api = "ModelBatchSearcher"
+        before = config_signature(self.recipe, saved.config, saved.seed, api=api)
+        if config_signature(self.recipe, config, saved.seed, api=api) == before:
             return
         changed = sorted(k for k in {*config, *saved.config} if config.get(k) != saved.config.get(k))
         raise ValueError(
@@ -277,6 +281,33 @@ class Packs:
         else:
             self.packs[pid] = self.recipe(self.slots, config)
         return pid
+
+
+def member_state_dict(pack: Any, member: Any, **kwargs: Any) -> dict[str, Any]:
+    """``pack.member_state_dict(member)``; until the next release, a pack factory's own trainer
+    with only the name before (``member_state``) is called by that, with a FutureWarning."""
+    if hasattr(pack, "member_state_dict"):
+        return pack.member_state_dict(member, **kwargs)
+    _warn_old_slot_api("member_state()", "member_state_dict()")
+    return pack.member_state(member, **kwargs)
+
+
+def n_slots(pack: Any) -> int:
+    """``pack.n_slots``; until the next release, a pack factory's own trainer with only the name
+    before (``capacity``) is read by that, with a FutureWarning."""
+    if hasattr(pack, "n_slots"):
+        return pack.n_slots
+    _warn_old_slot_api("capacity", "n_slots")
+    return pack.capacity
+
+
+def _warn_old_slot_api(old: str, new: str) -> None:
+    warnings.warn(
+        f"ModelBatchSearcher: the pack factory's trainer has {old} but no {new}; {old} is the deprecated "
+        f"name of {new} (same meaning): rename it, the old name will not be read after the next release.",
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 def pack_label_of(pack: Any, pid: int) -> str:
@@ -307,7 +338,7 @@ def _snapshot_token(blob: bytes) -> str | None:
 
 
 def load_member_state(blob: bytes) -> dict[str, Any]:
-    """A member state written by a server (:meth:`modelbatch.PackTrainer.member_state`)."""
+    """A member state written by a server (:meth:`modelbatch.PackTrainer.member_state_dict`)."""
     return torch.load(io.BytesIO(blob), weights_only=False)
 
 
@@ -355,7 +386,7 @@ def member_memory(
     example = X.to(recipe.dtype if X.is_floating_point() else X.dtype)
     models = {}  # one per architecture: hyperparameters do not change a member's memory
     for config in configs:
-        model = build_model(recipe, config, member_seed(config, 0))
+        model = build_model(recipe, config, member_seed(config, 0, "ModelBatchSearcher"))
         models.setdefault(architecture_signature(model), model)
     per_member = 0
     for model in models.values():

@@ -25,6 +25,7 @@ from modelbatch._internal import (
     build_model,
     check_positive_int,
     member_seed,
+    warn_renamed,
 )
 
 from . import _relay
@@ -57,16 +58,16 @@ AUTO_SAMPLES = 8
 
 
 class SlotLimiter(ConcurrencyLimiter):
-    """A ConcurrencyLimiter at the sweep's slot capacity: restoring an experiment keeps today's capacity.
+    """A ConcurrencyLimiter at the sweep's slots: restoring an experiment keeps today's number of slots.
 
     Tune 2.x starts members one at a time under a custom Searcher unless a ConcurrencyLimiter
     sits in its ``.searcher`` chain (``tune_controller._get_max_pending_trials``).
     """
 
     def set_state(self, state: dict) -> None:
-        capacity = self.max_concurrent
+        n_slots = self.max_concurrent
         super().set_state(state)
-        self.max_concurrent = capacity
+        self.max_concurrent = n_slots
 
 
 class ModelBatchSearcher(Searcher):
@@ -83,9 +84,9 @@ class ModelBatchSearcher(Searcher):
 
     Args:
         recipe: how to train one member from its config; or a pack factory
-            ``(capacity, example_config) -> trainer`` with :class:`modelbatch.PackTrainer`'s
-            slot API (``add``, ``train_report``, ``after_report``, ``member_state``, ...; e.g. a
-            ``PackTrainer`` subclass with its own ``_train_step``).
+            ``(n_slots, example_config) -> trainer`` with :class:`modelbatch.PackTrainer`'s
+            slot API (``add``, ``train_report``, ``after_report``, ``member_state_dict``, ...; e.g.
+            a ``PackTrainer`` subclass with its own ``_train_step``).
         searcher: an inner Tune ``Searcher`` (``OptunaSearch(...)``, ...) that suggests the
             configs and receives every member's results; ``None`` samples the search space as
             plain Tune does (every ``grid_search`` point ``num_samples`` times).
@@ -207,6 +208,7 @@ class ModelBatchSearcher(Searcher):
         self.slots_per_gpu = slots_per_gpu
         self.reports, self.checkpoint_every = reports, checkpoint_every
         self.group_ahead = group_ahead
+        self._searcher = searcher  # as passed (``inner_searcher``); None: the space sampler below
         self._inner = searcher if searcher is not None else SpaceSampler(random_state)
         self._ahead = GroupingLookahead(self._inner, self._architecture_key)
         self._limiter = SlotLimiter(self._ahead, max_concurrent=1)
@@ -220,7 +222,7 @@ class ModelBatchSearcher(Searcher):
         self._reported: dict[str, int] = {}
         self._last_stats: list[dict[str, Any]] = []
         self._releases: list[Any] = []
-        self._capacity_ref: Any = None
+        self._slots_ref: Any = None
         self._resolvers: Resolvers | None = None  # Tune's placeholder resolvers of the running sweep
         self._tune_total: int | None = None  # trials Tune is to create, told at the first suggest
 
@@ -230,20 +232,43 @@ class ModelBatchSearcher(Searcher):
         return _relay.trainable()
 
     @property
-    def searcher(self) -> ConcurrencyLimiter:
-        """The inner searcher behind the grouping lookahead and a ConcurrencyLimiter at the slot capacity.
+    def inner_searcher(self) -> Searcher | None:
+        """The searcher passed as ``searcher=`` (``OptunaSearch(...)``, ...); ``None`` if none."""
+        return self._searcher
 
-        Tune reads the limiter's ``max_concurrent`` to start members in parallel.
+    @property
+    def searcher(self) -> ConcurrencyLimiter:
+        """Tune's wrapper chain, what Tune itself reads (the searcher you passed: :attr:`inner_searcher`).
+
+        Tune walks a searcher's ``.searcher`` attribute down its wrappers (as it does for Ray's
+        ``ConcurrencyLimiter`` and ``Repeater``): to find a ConcurrencyLimiter, whose
+        ``max_concurrent`` members it starts at once (else one by one), and to save and restore
+        each wrapper with the experiment. So this is a ConcurrencyLimiter at the sweep's slots,
+        around the grouping lookahead, around the inner searcher.
         """
+        return self._slot_limiter()
+
+    def _slot_limiter(self) -> ConcurrencyLimiter:
+        """The ConcurrencyLimiter at the sweep's slots (Tune reads its ``max_concurrent`` before the
+        sweep opens: then the slots the servers will have)."""
         if self._sweep is None and isinstance(self.slots_per_gpu, int) and ray.is_initialized():
-            capacity = self.slots_per_gpu * max(len(placements()), 1)
-            self._limiter.set_max_concurrency(min(capacity, self.max_slots or capacity))
+            n_slots = self.slots_per_gpu * max(len(placements()), 1)
+            self._limiter.set_max_concurrency(min(n_slots, self.max_slots or n_slots))
         return self._limiter
 
     @property
+    def n_slots(self) -> int | None:
+        """This sweep's slots: members training at once over all servers (``None`` before its sweep opens).
+
+        ``slots_per_gpu`` of each server, over the servers, at most ``max_slots``.
+        """
+        return None if self._sweep is None else self._sweep.n_slots
+
+    @property
     def capacity(self) -> int | None:
-        """Members of this sweep training at once over all servers (``None`` before its sweep opens)."""
-        return None if self._sweep is None else self._sweep.capacity
+        """Deprecated name of :attr:`n_slots` (FutureWarning); it will be removed in the next release."""
+        warn_renamed(API, "capacity", "n_slots")
+        return self.n_slots
 
     def server_stats(self) -> list[dict[str, Any]]:
         """One dict per server, as this sweep sees it: its ``slots`` there, ``live`` and ``parked`` members,
@@ -392,7 +417,7 @@ class ModelBatchSearcher(Searcher):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         # the open sweep belongs to the run that opened it
-        state["_sweep"], state["_releases"], state["_capacity_ref"] = None, [], None
+        state["_sweep"], state["_releases"], state["_slots_ref"] = None, [], None
         state["_resolvers"] = None  # and Tune's placeholders to its tune.run call
         return state
 
@@ -506,25 +531,25 @@ class ModelBatchSearcher(Searcher):
                 if attempt == 2:
                     raise
         self._sweep = SweepClient(service, opened["sweep"], opened["servers"], self.max_slots)
-        self._set_capacity(self._sweep.capacity)
+        self._set_slots(self._sweep.n_slots)
         slots = [s["slots"] for s in opened["servers"]]
         logger.info(
             f"{API}: sweep {self._sweep.id} of tenant {self.tenant!r} has {slots} slots on "
             f"{len(slots)} slot servers ({opened['servers'][0]['device'] if slots else '-'})."
         )
 
-    def _set_capacity(self, capacity: int) -> None:
-        self._ahead.ahead = self._group_ahead(capacity)
-        self._limiter.set_max_concurrency(capacity)
+    def _set_slots(self, n_slots: int) -> None:
+        self._ahead.ahead = self._group_ahead(n_slots)
+        self._limiter.set_max_concurrency(n_slots)
         self._limiter._set_searcher_max_concurrency()
 
     def _renew(self) -> None:
-        """Tell the service this sweep's driver is alive; follow its capacity (servers join and leave)."""
+        """Tell the service this sweep's driver is alive; follow its slots (servers join and leave)."""
         if self._sweep is None:
             return
-        ref = self._capacity_ref
+        ref = self._slots_ref
         if ref is not None and ray.wait([ref], timeout=0)[0]:
-            self._capacity_ref = None
+            self._slots_ref = None
             try:
                 total = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
@@ -536,16 +561,16 @@ class ModelBatchSearcher(Searcher):
                 ) from exc
             if total:
                 self._sweep.slots = total
-                if self._sweep.capacity != self._limiter.max_concurrent:
-                    self._set_capacity(self._sweep.capacity)
-        if self._capacity_ref is None:
-            self._capacity_ref = self._sweep.renew()
+                if self._sweep.n_slots != self._limiter.max_concurrent:
+                    self._set_slots(self._sweep.n_slots)
+        if self._slots_ref is None:
+            self._slots_ref = self._sweep.renew()
 
-    def _group_ahead(self, capacity: int) -> int:
+    def _group_ahead(self, n_slots: int) -> int:
         if self.group_ahead is not None:
             return self.group_ahead
         # sampling the space is not adaptive: configs drawn ahead lose nothing
-        return (4 if isinstance(self._inner, SpaceSampler) else 1) * capacity
+        return (4 if isinstance(self._inner, SpaceSampler) else 1) * n_slots
 
     def _architecture_key(self, config: dict[str, Any]) -> str | None:
         """The ``pack`` label members of this config train under (``None``: unknown)."""
@@ -555,7 +580,7 @@ class ModelBatchSearcher(Searcher):
         if config is None:  # a sample_from value: Tune draws it in the trial
             return None
         try:
-            return architecture_key(self.recipe, config)
+            return architecture_key(self.recipe, config, api=API)
         except Exception:  # a bad config: its member trial reports why when it joins a server
             return None
 
@@ -600,7 +625,7 @@ def _check_args(
         raise TypeError(
             f"{API}: recipe must be a mb.Recipe (how to train one member from its config), e.g. "
             "mb.Recipe(model=lambda cfg: MLP(cfg['hidden']), optimizer='adamw', loss=..., train_data=...), "
-            f"or a pack factory (capacity, example_config) -> PackTrainer; got {type(recipe).__name__}."
+            f"or a pack factory (n_slots, example_config) -> PackTrainer; got {type(recipe).__name__}."
         )
     if isinstance(searcher, (type, SearchAlgorithm)) or not (
         searcher is None or isinstance(searcher, Searcher)

@@ -698,7 +698,7 @@ class Service:
 
 
 class SweepClient:
-    """A driver's handle on its open sweep: capacity, stats, lease and close.
+    """A driver's handle on its open sweep: its slots, stats, lease and close.
 
     While the sweep is open, a daemon thread renews its lease every ``RENEW_EVERY_S`` as long as
     a Tune run (``tune.run`` / ``Tuner.fit``) is on a stack of this process: a sweep that ended
@@ -717,7 +717,7 @@ class SweepClient:
         threading.Thread(target=self._heartbeat, name=f"modelbatch-sweep-{sweep_id}", daemon=True).start()
 
     @property
-    def capacity(self) -> int:
+    def n_slots(self) -> int:
         """Members of this sweep training at once: its slots over all servers (at most ``max_slots``)."""
         return self.slots if self.max_slots is None else min(self.slots, self.max_slots)
 

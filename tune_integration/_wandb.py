@@ -32,7 +32,7 @@ from modelbatch.mlflow import MEMBER_TAG_KEYS
 from ._mlflow import TUNE_TAG_KEYS, member_config, split_result, trial_name
 from ._outcome import TrialOutcomes
 
-API = "tune_integration.WandBCallback"
+API = "WandBCallback"
 
 
 class WandBCallback(Callback):

@@ -135,7 +135,7 @@ class _PreflightHook:
         try:
             preflight_check(members, shared, example_kwargs=user_kwargs, backend=backend)
         except PreflightError as exc:
-            message = str(exc).replace("mb.layers.preflight_check", "ModelBatch(preflight=True)")
+            message = str(exc).replace("mb.layers.preflight_check", "mb.ModelBatch(preflight=True)")
             raise PreflightError(message) from None
         self.handle.remove()
 

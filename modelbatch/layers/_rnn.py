@@ -101,7 +101,7 @@ class _PlainRNNBase(nn.RNNBase):
         name = type(self).__name__
         if isinstance(input, PackedSequence):
             raise TypeError(
-                f"ModelBatch: {name} received a PackedSequence, which a pack cannot run (vmap needs one "
+                f"mb.ModelBatch: {name} received a PackedSequence, which a pack cannot run (vmap needs one "
                 "tensor per input). Pad the sequences instead (nn.utils.rnn.pad_packed_sequence) and "
                 "mask the padded steps in the loss, or pass backend='loop' (it runs nn.LSTM's own kernel)."
             )
