@@ -122,8 +122,13 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
         "--workers",
         "1",
     ]
-    proc = subprocess.Popen(
-        cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    proc = subprocess.Popen(  # without MLflow 3's job runner (eight processes tracking never uses)
+        cmd,
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
     for _ in range(600):

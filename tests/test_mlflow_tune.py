@@ -30,6 +30,10 @@ pytestmark = pytest.mark.slow
 MAX_T = 8
 
 
+# MLflow 3's server also starts a job runner (eight huey consumer processes) that tracking never uses.
+SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 in its own process group (it forks uvicorn and a job runner)."""
 
@@ -58,7 +62,9 @@ class MlflowServer:
             "1",
         ]
         with open(self.root / "server.log", "a") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=log, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.root, stdout=log, stderr=log, start_new_session=True, env=SERVER_ENV
+            )
         if wait:
             self.wait()
 

@@ -249,48 +249,27 @@ def run_continue_command(stdout: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_ctrl_c_while_ray_starts_and_near_the_end_then_continue_completes_the_sweep(tmp_path) -> None:
-    """Random searcher, W&B offline too: Ctrl-C before anything ran, then again near the end."""
-    args = ["--num-samples", "6", "--epochs", "4", "--out", "out", "--wandb", "offline"]
+def test_ctrl_c_at_ray_start_mid_sweep_and_near_the_end_then_the_printed_command_completes(tmp_path) -> None:
+    """The README's main job interrupted the three ways a user does it, each session continued with the
+    command it printed: Ctrl-C while Ray starts (nothing ran), after this session's first report, near
+    the end; the fourth session completes the sweep (Optuna searcher, W&B offline, MLflow's default
+    store). Ray sessions are the cost here: one sweep covers every interrupt point."""
+    args = ["--num-samples", "16", "--epochs", "6", "--out", "out", "--slots", "4", "--searcher", "optuna"]
+    args += ["--seed", "3", "--wandb", "offline"]
     experiment = tmp_path / "out" / "digits-sweep"
     state = experiment / "sweep_args.json"  # written just before Ray starts
     stdout, stderr = Sweep(tmp_path, args).interrupt_when(state.exists)
     assert "Interrupted while" in stdout and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
 
-    near_end = Sweep(tmp_path, [], command=continue_command(stdout))
-    stdout, stderr = near_end.interrupt_when(near_the_end(near_end, experiment, 6), freeze_servers=True)
-    assert near_end.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
-    assert "Tune saved the sweep" in stdout and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
-
-    result = run_continue_command(stdout, tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "(resumed)" in result.stdout and "best config:" in result.stdout
-    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in result.stdout
-    assert "members done" in result.stderr  # the live progress bar
-    for noise in ("Token authentication", "tensorboard --logdir", "Configuration for experiment", " INFO "):
-        assert noise not in result.stdout + result.stderr, noise
-    history = check_outputs(tmp_path / "out", members=6, epochs=4)
-    check_raw_logs(experiment, history, members=6)
-    check_asha(experiment, history, epochs=4)
-    view_url = check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", history, "random")
-    check_wandb(tmp_path / "out", history)
-    assert "W&B (offline): project 'modelbatch-digits', group 'digits-sweep'" in result.stdout
-    assert "/wandb/offline-run-*" in result.stdout.split("upload them: wandb sync ", 1)[-1]
-    assert f"parallel coordinates of lr, weight_decay, width, dropout): {view_url}" in result.stdout
-
-
-def test_ctrl_c_mid_sweep_and_near_the_end_and_the_printed_command_resumes_that_sweep(tmp_path) -> None:
-    """Optuna searcher: Ctrl-C after the first report, then again near the end."""
-    args = ["--num-samples", "16", "--epochs", "6", "--out", "out", "--slots", "4", "--searcher", "optuna"]
-    args += ["--seed", "3", "--tracking-uri", f"sqlite:///{tmp_path / 'runs.db'}"]
-    sweep = Sweep(tmp_path, args)
-    stdout, stderr = sweep.interrupt_when(lambda: "best val_loss" in "".join(sweep.errors))  # a report came
-    assert sweep.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    mid = Sweep(tmp_path, [], command=continue_command(stdout))
+    stdout, stderr = mid.interrupt_when(lambda: "best val_loss" in "".join(mid.errors))  # a report came
+    assert mid.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert "(resumed)" in stdout and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
     assert not (tmp_path / "out" / "history.parquet").exists()
     line = stdout.split("Continue with: ", 1)[1].splitlines()[0]
     for flag in ("--resume", "--searcher optuna", "--seed 3", "--slots 4", "--num-samples 16", "--epochs 6"):
         assert flag in line, (flag, line)
-    assert f"--tracking-uri sqlite:///{tmp_path / 'runs.db'}" in line and "--cpus 2" in line
+    assert "--cpus 2" in line and "--wandb offline" in line, line
 
     again = subprocess.run([*SWEEP, *args], cwd=tmp_path, env=ENV, capture_output=True, text=True)
     assert again.returncode == 2 and "already holds a sweep; continue it with --resume" in again.stderr
@@ -303,19 +282,28 @@ def test_ctrl_c_mid_sweep_and_near_the_end_and_the_printed_command_resumes_that_
     )
     assert other.returncode == 2 and "--epochs 9 differs from the sweep's --epochs 6" in other.stderr
 
-    experiment = tmp_path / "out" / "digits-sweep"
     near_end = Sweep(tmp_path, [], command=continue_command(stdout))
     stdout, stderr = near_end.interrupt_when(near_the_end(near_end, experiment, 16), freeze_servers=True)
     assert near_end.process.returncode == 130, stdout[-3000:] + stderr[-3000:]
     assert "(resumed)" in stdout and "searcher optuna" in stdout, stdout[-3000:]
+    assert "Tune saved the sweep" in stdout and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
 
-    resumed = run_continue_command(stdout, tmp_path)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "(resumed)" in resumed.stdout and "searcher optuna" in resumed.stdout
+    result = run_continue_command(stdout, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "(resumed)" in result.stdout and "searcher optuna" in result.stdout
+    assert "best config:" in result.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in result.stdout
+    assert "members done" in result.stderr  # the live progress bar
+    for noise in ("Token authentication", "tensorboard --logdir", "Configuration for experiment", " INFO "):
+        assert noise not in result.stdout + result.stderr, noise
     history = check_outputs(tmp_path / "out", members=16, epochs=6)
     check_raw_logs(experiment, history, members=16, sessions=3)
     check_asha(experiment, history, epochs=6)
-    check_mlflow(f"sqlite:///{tmp_path / 'runs.db'}", history, "optuna")
+    view_url = check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", history, "optuna")
+    check_wandb(tmp_path / "out", history)
+    assert "W&B (offline): project 'modelbatch-digits', group 'digits-sweep'" in result.stdout
+    assert "/wandb/offline-run-*" in result.stdout.split("upload them: wandb sync ", 1)[-1]
+    assert f"parallel coordinates of lr, weight_decay, width, dropout): {view_url}" in result.stdout
 
 
 def test_resumed_asha_decides_as_the_uninterrupted_one() -> None:
