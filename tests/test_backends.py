@@ -192,19 +192,19 @@ def test_chunk_size_edge_cases_and_errors() -> None:
     assert _pack("mlp", "chunked", 9).chunk_size == N  # larger than the pack: one chunk
     assert _pack("mlp", "chunked").chunk_size == N  # default 16, capped at N
     with pytest.raises(
-        ValueError, match=r"^ModelBatch: unknown backend 'jit'; valid options are 'auto', 'vmap'"
+        ValueError, match=r"^mb\.ModelBatch: unknown backend 'jit'; valid options are 'auto', 'vmap'"
     ):
         _pack("mlp", "jit")
     batch = _pack("mlp", "vmap")
     with pytest.raises(
-        ValueError, match=r"^ModelBatch.set_backend: unknown backend 'Loop'.*'chunked', 'loop'"
+        ValueError, match=r"^mb\.ModelBatch.set_backend: unknown backend 'Loop'.*'chunked', 'loop'"
     ):
         batch.set_backend("Loop")
     with pytest.raises(
-        ValueError, match=r"^ModelBatch.set_backend: chunk_size applies only to backend='chunked'"
+        ValueError, match=r"^mb\.ModelBatch.set_backend: chunk_size applies only to backend='chunked'"
     ):
         batch.set_backend("loop", chunk_size=4)
-    with pytest.raises(ValueError, match=r"^ModelBatch: chunk_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"^mb\.ModelBatch: chunk_size must be a positive int, got 0"):
         _pack("mlp", "chunked", 0)
 
 
@@ -469,7 +469,9 @@ def test_auto_replaces_a_backend_that_fails_by_the_loop_and_restores_buffers() -
     ref = mb.ModelBatch([make(i) for i in range(N)], backend="loop")
     assert batch.backend_choice == {"training": "vmap", "inference": "loop"}
     x = torch.randn(N, 8, 4, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match=r"^ModelBatch: backend 'vmap' failed on this model \(.*'loop'"):
+    with pytest.warns(
+        RuntimeWarning, match=r"^mb\.ModelBatch: backend 'vmap' failed on this model \(.*'loop'"
+    ):
         out = batch(x, in_dims=0)
     _assert_close(out, ref(x, in_dims=0), "output")
     for name, buf in ref.stacked_buffers().items():

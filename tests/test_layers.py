@@ -613,7 +613,9 @@ def test_unsupported_layer_fails_at_build_naming_it() -> None:
 @pytest.mark.parametrize("backend", ["vmap", "chunked"])
 def test_packed_sequence_error_says_how_to_fix(backend: str) -> None:
     batch = mb.ModelBatch([PackedLSTM(), PackedLSTM()], backend=backend)
-    with pytest.raises(TypeError, match=r"^ModelBatch: VmapLSTM received a PackedSequence.*backend='loop'"):
+    with pytest.raises(
+        TypeError, match=r"^mb\.ModelBatch: VmapLSTM received a PackedSequence.*backend='loop'"
+    ):
         batch(torch.randn(3, 6, 4))
 
 

@@ -52,13 +52,19 @@ def test_n_slots_and_its_deprecated_name_capacity():
         assert searcher.capacity is None
 
 
-def test_tunes_experiment_checkpoint_saves_and_restores_each_wrapper_of_the_searcher(tmp_path):
-    """Tune saves a searcher chain wrapper by wrapper along ``.searcher`` (SearchGenerator.save_to_dir)."""
+def _one_member_in_flight() -> tuple[ModelBatchSearcher, dict]:
+    """What tune.run does, minus starting the servers: t0 completed, t1 suggested (its config)."""
     searcher = ModelBatchSearcher(recipe(), slots_per_gpu=2, random_state=0)
     searcher._ahead.set_search_properties("val_loss", "min", SPACE)
     searcher._limiter.set_max_concurrency(2)
     config = searcher._limiter.suggest("t1")
     searcher._completed.add("t0")
+    return searcher, config
+
+
+def test_tunes_experiment_checkpoint_saves_and_restores_each_wrapper_of_the_searcher(tmp_path):
+    """Tune saves a searcher chain wrapper by wrapper along ``.searcher`` (SearchGenerator.save_to_dir)."""
+    searcher, config = _one_member_in_flight()
     SearchGenerator(searcher).save_to_dir(str(tmp_path), "session")
 
     restored = ModelBatchSearcher(recipe(), slots_per_gpu=2)
@@ -105,12 +111,7 @@ def test_space_sampler_refuses_the_state_of_another_searcher(tmp_path):
 
 
 def test_searcher_state_saves_restores_and_pickles(tmp_path):
-    searcher = ModelBatchSearcher(recipe(), slots_per_gpu=2, random_state=0)
-    # what tune.run does, minus starting the servers
-    searcher._ahead.set_search_properties("val_loss", "min", SPACE)
-    searcher._limiter.set_max_concurrency(2)
-    config = searcher._limiter.suggest("t1")
-    searcher._completed.add("t0")
+    searcher, config = _one_member_in_flight()
     searcher.save(str(tmp_path / "searcher.pkl"))
 
     restored = ModelBatchSearcher(recipe(), slots_per_gpu=2)

@@ -114,7 +114,7 @@ def test_searcher_chain_has_a_concurrency_limiter_at_the_sweeps_slots(tmp_path):
     generator.set_search_properties("val_loss", "min", SPACE)
     try:
         assert searcher.n_slots == 5 and _get_max_pending_trials(generator) == 5
-        assert searcher.searcher is None  # the one passed in; Tune's walk above found the limiter
+        assert searcher.inner_searcher is None  # none passed in; Tune's walk above found the limiter
     finally:
         searcher.shutdown()
     assert searcher.n_slots is None
