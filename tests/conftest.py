@@ -37,6 +37,7 @@ RAY_GROUPS = {
 _GROUP_OF = {name: group for group, names in RAY_GROUPS.items() for name in names}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks to name the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         group = _GROUP_OF.get(item.path.name)

@@ -18,7 +18,7 @@ import driver_scale  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once: xdist may run other modules between this one's tests
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("driver_scale") / "driver_scale.json"
     report, done = run_benchmark("driver_scale.py", out, "--quick", timeout=600)
