@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,8 +42,6 @@ class Slot:
     seed: int
     iteration: int = 0
     steps: int = 0
-    loss_sum: float = 0.0
-    loss_count: int = 0
     stopped: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -152,7 +149,6 @@ class PackTrainer:
             self.val = self.train_data if same else self._pack_data(recipe.val_data)
         self.sampler = MemberStreams(len(self.train_data), n_slots, recipe.batch_size)
         self.members_hosted = 0
-        self.step_time = 0.0
 
     @property
     def capacity(self) -> int:
@@ -292,7 +288,6 @@ class PackTrainer:
         live = self.live()
         if not live:
             return {}
-        start = time.perf_counter()
         self.batch.train()
         sums = torch.zeros(self.n_slots, dtype=torch.float64, device=self.device)
         counts = torch.zeros(self.n_slots, dtype=torch.float64, device=self.device)
@@ -302,7 +297,6 @@ class PackTrainer:
             losses, participating = self._train_step(step, xs, ys)
             sums += torch.where(participating, losses.detach().to(torch.float64), 0.0)
             counts += participating.to(torch.float64)
-        self.step_time += time.perf_counter() - start
         train_loss = to_host(mark_device_data(sums / counts.clamp_min(1)))  # the report's one read
         val = shrink_on_oom("mb.PackTrainer", self.batch, self.evaluate) if self.val is not None else {}
         reports = {}

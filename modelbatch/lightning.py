@@ -169,7 +169,6 @@ class PackModule(pl.LightningModule):
         self.stopped: dict[int, str] = {}
         self.scaler: GradScaler | None = None
         self._pending: dict[str, Any] | None = None
-        self._recipe_trainer: PackTrainer | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -217,7 +216,6 @@ class PackModule(pl.LightningModule):
             lr_schedule=trainer.schedule,
             grad_clip=clip,
         )
-        module._recipe_trainer = trainer  # the schedule factory reads its members' configs
         module.configs = configs
         return module
 
