@@ -56,8 +56,12 @@ def test_smoke_run_writes_every_section_and_every_engine_cell(tmp_path):
     (row,) = sections["sweep"]["rows"]
     assert row["configs"] == 4
     for side in ("tune", "modelbatch"):
-        assert row[side]["trials_started"] == 4 and row[side]["errored"] == 0, (side, row[side])
-        assert row[side]["epochs_trained"] >= 1
+        run = row[side]
+        assert run["errored"] == 0 and run["trials_started"] >= 1, (side, run)
+        # Each run is capped by its share of the section's budget (time); on a loaded machine the cap
+        # may end it first, which the row says (hit_cap). Uncapped, every config ran and trained.
+        if not run["hit_cap"]:
+            assert run["trials_started"] == 4 and run["epochs_trained"] >= 1, (side, run)
     assert row["modelbatch"]["slots"]
 
 
