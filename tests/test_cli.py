@@ -68,7 +68,7 @@ def test_the_status_text_has_a_line_per_server_and_per_tenant():
                 "server_node": "abcdef0123",
                 "device": "cuda",
                 "alive": True,
-                "capacity": 32,
+                "n_slots": 32,
                 "live": 5,
                 "packs": 2,
                 "tenants": {"alice": 3, "bob": 2},

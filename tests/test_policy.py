@@ -65,13 +65,13 @@ def contended(policy: FairShare, clock: Clock, sweeps: dict[str, int], seconds: 
     return sim
 
 
-def two_tenants(weights=(1.0, 3.0), capacity=8, **kw):
+def two_tenants(weights=(1.0, 3.0), n_slots=8, **kw):
     clock = Clock()
     policy = FairShare(clock=clock)
     for server in range(2):
-        policy.add_server(server, capacity)
-    policy.add_sweep("a", "alice", caps={0: capacity, 1: capacity}, weight=weights[0], **kw.get("a", {}))
-    policy.add_sweep("b", "bob", caps={0: capacity, 1: capacity}, weight=weights[1], **kw.get("b", {}))
+        policy.add_server(server, n_slots)
+    policy.add_sweep("a", "alice", caps={0: n_slots, 1: n_slots}, weight=weights[0], **kw.get("a", {}))
+    policy.add_sweep("b", "bob", caps={0: n_slots, 1: n_slots}, weight=weights[1], **kw.get("b", {}))
     return policy, clock
 
 
@@ -119,7 +119,7 @@ def test_a_sweep_holds_at_most_its_slots_on_each_server():
         policy.request(f"a{i}", "a")
         policy.request(f"b{i}", "b")
     policy.assign()
-    assert policy.server_capacity(0) == 3 and policy.live() == 3
+    assert policy.server_slots(0) == 3 and policy.live() == 3
     assert policy.live(sweep="a") <= 2
 
 
@@ -150,7 +150,7 @@ def test_among_equal_tenants_the_oldest_placeable_request_goes_first():
 
 
 def test_closing_a_sweep_or_losing_a_server_frees_its_slots():
-    policy, _ = two_tenants(capacity=2)
+    policy, _ = two_tenants(n_slots=2)
     for i in range(4):
         policy.request(f"a{i}", "a")
     policy.assign()
@@ -174,7 +174,7 @@ def preempting(policy: FairShare, parked: list[str]) -> list[tuple[str, str, int
 
 def test_a_late_tenant_takes_its_share_at_once_from_members_that_never_leave():
     """Members that hold their slot for good (long training): bob gets his 3/4 by parking alice's."""
-    policy, _ = two_tenants(weights=(1.0, 3.0), capacity=4)
+    policy, _ = two_tenants(weights=(1.0, 3.0), n_slots=4)
     for i in range(10):
         policy.request(f"a/{i}", "a")
     policy.assign()
@@ -192,7 +192,7 @@ def test_a_late_tenant_takes_its_share_at_once_from_members_that_never_leave():
 
 
 def test_preemption_keeps_equal_shares_stable_and_respects_max_slots_and_keep():
-    policy, _ = two_tenants(weights=(1.0, 1.0), capacity=2, b={"max_slots": 1})
+    policy, _ = two_tenants(weights=(1.0, 1.0), n_slots=2, b={"max_slots": 1})
     for i in range(4):
         policy.request(f"a/{i}", "a")
     policy.assign()
@@ -206,7 +206,7 @@ def test_preemption_keeps_equal_shares_stable_and_respects_max_slots_and_keep():
 
 
 def test_a_higher_priority_tenant_parks_lower_priority_members():
-    policy, _ = two_tenants(weights=(5.0, 1.0), capacity=2, b={"priority": 1})
+    policy, _ = two_tenants(weights=(5.0, 1.0), n_slots=2, b={"priority": 1})
     for i in range(4):
         policy.request(f"a/{i}", "a")
     policy.assign()
@@ -219,7 +219,7 @@ def test_a_higher_priority_tenant_parks_lower_priority_members():
 
 
 def test_with_long_members_a_late_tenant_gets_its_share_at_once_and_keeps_it():
-    policy, clock = two_tenants(capacity=4)
+    policy, clock = two_tenants(n_slots=4)
     sim = Contention(policy, clock, hold=50.0, preempt=True)  # members hold slots far longer than the test
     sim.queue("a", 20)
     sim.run(5)
@@ -234,7 +234,7 @@ def test_with_long_members_a_late_tenant_gets_its_share_at_once_and_keeps_it():
 def memory_bound(alice: tuple[int, int], bob: tuple[int, int]) -> FairShare:
     """One 16-slot server with 100 bytes for packs; alice's and bob's sweeps with (member, data) bytes."""
     policy = FairShare(clock=Clock())
-    policy.add_server(0, capacity=16)
+    policy.add_server(0, n_slots=16)
     policy.set_memory(0, 100)
     for sweep, tenant, (member_bytes, data_bytes) in (("a", "alice", alice), ("b", "bob", bob)):
         policy.add_sweep(sweep, tenant, caps={0: 16})
@@ -276,7 +276,7 @@ def test_a_member_that_needs_the_memory_of_two_parks_two_while_that_keeps_the_sh
 
 def test_without_measured_memory_members_are_admitted_by_slots_alone():
     policy = FairShare(clock=Clock())
-    policy.add_server(0, capacity=4)
+    policy.add_server(0, n_slots=4)
     policy.set_memory(0, 1)
     policy.add_sweep("a", "alice", caps={0: 4})
     for i in range(4):
@@ -310,10 +310,10 @@ class Reference:
             and (tenant is None or self.p.sweeps[r.sweep].tenant == tenant)
         )
 
-    def capacity(self, server: int) -> int:
-        capacity = self.p.capacity.get(server)
-        if capacity is not None:
-            return capacity
+    def slots(self, server: int) -> int:
+        own = self.p.n_slots.get(server)
+        if own is not None:
+            return own
         return max((sw.caps.get(server, 0) for sw in self.p.sweeps.values()), default=0)
 
     def assign(self) -> list[tuple[str, int]]:
@@ -330,8 +330,8 @@ class Reference:
                 caps = self.p.sweeps[request.sweep].caps
                 room = [
                     s
-                    for s in self.p.capacity
-                    if self.live(server=s, placed=placed) < self.capacity(s)
+                    for s in self.p.n_slots
+                    if self.live(server=s, placed=placed) < self.slots(s)
                     and self.live(sweep=request.sweep, server=s, placed=placed) < caps.get(s, 0)
                 ]
                 rank = (-tenant.priority, held / tenant.weight, request.order)
@@ -347,7 +347,7 @@ class Reference:
                     for m, (_, srv) in placed.items()
                     if srv == s and request.key is not None and keys[m] == request.key
                 )
-                return (same, self.capacity(s) - self.live(server=s, placed=placed), -s)
+                return (same, self.slots(s) - self.live(server=s, placed=placed), -s)
 
             server = max(room, key=prefer)
             del queue[request.member]
@@ -409,13 +409,13 @@ class Reference:
                 m for m in sorted(p.granted, key=p.granted.get) if p.sweeps[p.placed[m][0]].tenant == tenant
             ]
             assert list(p._members_of.get(tenant, {})) == mine, tenant
-        tenants, sweeps, servers = [*p.tenants, "nobody"], [*p.sweeps, "none"], [*p.capacity, 99, None]
+        tenants, sweeps, servers = [*p.tenants, "nobody"], [*p.sweeps, "none"], [*p.n_slots, 99, None]
         for tenant, sweep, server in itertools.product([*tenants, None], [*sweeps, None], servers):
             assert p.live(tenant, sweep, server) == self.live(tenant, sweep, server), (tenant, sweep, server)
         for tenant, sweep in itertools.product([*tenants, None], [*sweeps, None]):
             assert p.queued(tenant, sweep) == self.queued(tenant, sweep), (tenant, sweep)
-        for server in p.capacity:
-            assert p.server_capacity(server) == self.capacity(server), server
+        for server in p.n_slots:
+            assert p.server_slots(server) == self.slots(server), server
 
 
 SHAPES = [(seed, 3, 5, 5) for seed in range(4)] + [(seed, 8, 12, 8) for seed in range(2)]
@@ -478,8 +478,8 @@ def test_counts_and_grants_agree_with_a_recount_under_random_operations(seed, te
             expected = ref.preempt(keep)
             assert policy.preempt(keep) == expected, step
             moved += len(expected)
-        elif op == "lose" and policy.capacity:
-            server = rng.choice(list(policy.capacity))
+        elif op == "lose" and policy.n_slots:
+            server = rng.choice(list(policy.n_slots))
             held = [m for m, (_, s) in policy.placed.items() if s == server]
             assert policy.remove_server(server) == held
         elif op == "close" and policy.sweeps:

@@ -102,7 +102,7 @@ def test_a_node_that_joins_mid_sweep_gets_a_server_and_trains_members_there():
         for m, config in configs.items():
             assert_matches_fit(rec, config, pd.DataFrame(results[m]))
         while searcher.n_slots < 2:  # as Tune calls suggest: the renewals' answer has the new slots
-            assert time.monotonic() < deadline + 60, "the searcher's capacity did not follow"
+            assert time.monotonic() < deadline + 60, "the searcher's n_slots did not follow"
             searcher._renew()
             time.sleep(0.5)
         assert searcher.n_slots == 2 and searcher.searcher.max_concurrent == 2

@@ -75,7 +75,7 @@ def format_status(status: dict[str, Any]) -> str:
         tenants = ", ".join(f"{t}: {n}" for t, n in s.get("tenants", {}).items() if n) or "-"
         lines.append(
             f"  {s.get('server', '?')}  node {str(s.get('server_node', '?'))[:8]}  {s.get('device', '?')}"
-            f"  {'up' if s.get('alive') else 'dead'}  slots {s.get('capacity', 0)}  live {s.get('live', 0)}"
+            f"  {'up' if s.get('alive') else 'dead'}  slots {s.get('n_slots', 0)}  live {s.get('live', 0)}"
             f"  packs {s.get('packs', 0)}  members per tenant: {tenants}"
             f"  memory used {_gib(memory.get('used'))} free {_gib(memory.get('free'))}"
             f"  parked {s.get('parked', 0)}  evictions {s.get('evictions', 0)}"

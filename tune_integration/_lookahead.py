@@ -113,7 +113,7 @@ class GroupingLookahead(Searcher):
         return {name: getattr(self, name) for name in names}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        ahead = self.ahead  # today's setting, like the slot capacity
+        ahead = self.ahead  # today's setting, like the servers' n_slots
         self.__dict__.update(state)
         self.ahead = ahead
 

@@ -5,13 +5,13 @@ and server change, and a cluster simulator can drive the same code with its own 
 
 Terms:
 
-* a **server** has ``capacity`` slots (members training at once over all its packs); capacity
+* a **server** has ``n_slots`` slots (members training at once over all its packs); ``n_slots``
   ``None`` sizes it for its sweeps: the most slots any open sweep has on it;
 * a **sweep** (one ``ModelBatchSearcher`` run) belongs to a **tenant** and may hold at most
   ``caps[server]`` slots on each server (its ``slots_per_gpu`` there);
 * a **tenant** has a ``weight``, an optional ``max_slots`` over all its sweeps, and a ``priority``.
 
-A queued member gets a slot when a server has room for it (under the server's capacity and
+A queued member gets a slot when a server has room for it (under the server's ``n_slots`` and
 its sweep's cap there, and within the server's memory budget by the measured memory of its
 sweep's members and data, where measured) and its tenant is under ``max_slots``. Among the tenants with such
 members, slots go first to the highest ``priority``, then to the tenant holding the fewest
@@ -86,7 +86,7 @@ class FairShare:
 
     Example:
         >>> policy = FairShare(clock=lambda: 0.0)
-        >>> policy.add_server(0, capacity=4)
+        >>> policy.add_server(0, n_slots=4)
         >>> policy.add_sweep("a", tenant="alice", weight=1.0, caps={0: 4})
         >>> policy.add_sweep("b", tenant="bob", weight=3.0, caps={0: 4})
         >>> for i in range(4):
@@ -98,7 +98,7 @@ class FairShare:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self.capacity: dict[int, int | None] = {}
+        self.n_slots: dict[int, int | None] = {}  # server -> its own slots (None: sized by sweeps)
         self.memory: dict[int, int | None] = {}  # server -> bytes its packs may fill
         self.tenants: dict[str, Tenant] = {}
         self.sweeps: dict[str, _Sweep] = {}
@@ -117,19 +117,19 @@ class FairShare:
         self._sweep_on_server: dict[tuple[str, int], int] = {}
         self._packs: dict[str, dict[int, int]] = {}  # key -> server -> members
         self._waiting: dict[str, OrderedDict[str, _Request]] = {}  # sweep -> its requests, oldest first
-        self._slots: dict[int, int] = {}  # server -> server_capacity(server)
+        self._slots: dict[int, int] = {}  # server -> server_slots(server)
         self._free: set[int] = set()  # servers holding fewer members than their slots
         self._heap: list[tuple[int, int]] = []  # (-free slots, server) of every free server, and stale ones
 
     # ------------------------------------------------------------------ servers and sweeps
-    def add_server(self, server: int, capacity: int | None) -> None:
-        self.capacity[server] = capacity
+    def add_server(self, server: int, n_slots: int | None) -> None:
+        self.n_slots[server] = n_slots
         self._resize(server)
 
     def remove_server(self, server: int) -> list[str]:
         """Forget a server (it died for good); returns the members it held (their slots are freed)."""
         self._advance()
-        self.capacity.pop(server, None)
+        self.n_slots.pop(server, None)
         for sweep in self.sweeps.values():
             sweep.caps.pop(server, None)
         lost = [m for m, (_, s) in self.placed.items() if s == server]
@@ -183,7 +183,7 @@ class FairShare:
         if member_bytes is not None:
             self.sweeps[sweep].member_bytes[server] = member_bytes
             self.sweeps[sweep].data_bytes[server] = data_bytes
-        if server in self.capacity:
+        if server in self.n_slots:
             self._resize(server)
 
     def set_memory(self, server: int, budget: int | None) -> None:
@@ -309,11 +309,11 @@ class FairShare:
             return sum(len(self._waiting[name]) for name, sw in self.sweeps.items() if sw.tenant == tenant)
         return len(self.queue)
 
-    def server_capacity(self, server: int) -> int:
-        """The server's slots: its own capacity, or the most slots an open sweep has on it."""
-        capacity = self.capacity.get(server)
-        if capacity is not None:
-            return capacity
+    def server_slots(self, server: int) -> int:
+        """The server's slots: its own ``n_slots``, or the most slots an open sweep has on it."""
+        own = self.n_slots.get(server)
+        if own is not None:
+            return own
         return max((sw.caps.get(server, 0) for sw in self.sweeps.values()), default=0)
 
     def shares(self, window_s: float = SHARE_WINDOW_S) -> dict[str, float]:
@@ -357,13 +357,13 @@ class FairShare:
             self._waiting[request.sweep].pop(member, None)
 
     def _resize(self, server: int) -> None:
-        """Recompute the server's slots (:meth:`server_capacity`) and whether one is free."""
-        self._slots[server] = self.server_capacity(server)
+        """Recompute the server's slots (:meth:`server_slots`) and whether one is free."""
+        self._slots[server] = self.server_slots(server)
         self._refree(server)
 
     def _resize_sized_by_sweeps(self) -> None:
-        for server, capacity in self.capacity.items():
-            if capacity is None:
+        for server, own in self.n_slots.items():
+            if own is None:
                 self._resize(server)
 
     def _refree(self, server: int) -> None:
@@ -503,7 +503,7 @@ class FairShare:
                 continue
             caps = self.sweeps[request.sweep].caps
             servers = {
-                s for s in self.capacity if self._sweep_on_server.get((request.sweep, s), 0) < caps.get(s, 0)
+                s for s in self.n_slots if self._sweep_on_server.get((request.sweep, s), 0) < caps.get(s, 0)
             }
             # The newest member of each donor that makes room alone (it ranks first among the
             # donor's members: a lower priority first, then the donor most over its share, then

@@ -433,7 +433,7 @@ class Service:
         """Everything ``modelbatch service status`` prints: servers, tenants, sweeps, settings."""
         servers = []
         for index, server in enumerate(self.servers):
-            row = {**server.info, "alive": server.alive, "capacity": self.policy.server_capacity(index)}
+            row = {**server.info, "alive": server.alive, "n_slots": self.policy.server_slots(index)}
             if server.alive:
                 with contextlib.suppress(*SERVER_LOST):
                     row |= await self._call(index, "stats", None)
@@ -588,9 +588,7 @@ class Service:
                 f"(mb.estimate_memory, data included) but slot server {index} ({device}) has "
                 f"{budget / 2**30:.2f} GiB for packs; use a smaller model or batch_size, or a larger device."
             )
-        sweep.slots[index] = hosted[
-            "slots"
-        ]  # its members in flight there; the server's capacity bounds those
+        sweep.slots[index] = hosted["slots"]  # its members in flight there; the server's n_slots bound those
         self.policy.set_memory(index, budget)
         if sweep_id in self.policy.sweeps:
             self.policy.set_cap(sweep_id, index, hosted["slots"], member_bytes=member, data_bytes=data)
