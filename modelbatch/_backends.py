@@ -67,6 +67,7 @@ from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
 from ._dropout import at_position, member_own_rates, rate_slots, snapshot
+from ._grad_spares import unbind_parameter
 from ._hparams import check_positive_int
 from ._tied import tied_names
 
@@ -308,10 +309,11 @@ class Executor:
     def _loop(
         self, n: int, params: dict, buffers: dict, args: tuple, dims: tuple, kwargs: dict, names: tuple
     ) -> Any:
-        # One unbind per tensor: its backward writes every member's gradient into one [N, ...] tensor.
-        # A single member is a squeeze, whose backward is a view (no copy).
+        # One unbind per tensor: its backward writes every member's gradient into one [N, ...] tensor
+        # (on CPU into the parameter's spare gradient memory: _grad_spares). A single member is a
+        # squeeze, whose backward is a view (no copy).
         split = _unbind if n > 1 else _squeeze
-        members = {k: split(v) for k, v in params.items()}
+        members = {k: (unbind_parameter(v) if n > 1 else _squeeze(v)) for k, v in params.items()}
         members |= {k: [v[i] for i in range(n)] for k, v in buffers.items()}  # views: updated in place
         a_members = [split(a) if d == 0 else None for a, d in zip(args, dims)]
 

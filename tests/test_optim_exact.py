@@ -82,8 +82,15 @@ def _set_random_grads(batch: mb.ModelBatch, alone: list, gen: torch.Generator) -
             m.get_parameter(name).grad = grad[i].clone()
 
 
+# CPU_PIECE_BYTES as set: whole tensors; one member per piece; pieces of whole and cut tensors mixed
+PIECES = {"whole": None, "one-member-pieces": 64, "mixed-pieces": 3000}
+
+
+@pytest.mark.parametrize("pieces", sorted(PIECES))
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_optimizer_step_is_bitwise_equal_to_torch_optim_float32(name: str) -> None:
+def test_optimizer_step_is_bitwise_equal_to_torch_optim_float32(name: str, pieces: str, monkeypatch) -> None:
+    if PIECES[pieces] is not None:
+        monkeypatch.setattr(mb.optim._base, "CPU_PIECE_BYTES", PIECES[pieces])
     batch, opt, alone, torch_opts = _packed_and_alone(name, torch.float32)
     gen = torch.Generator().manual_seed(0)
     for _ in range(4):
@@ -94,6 +101,29 @@ def test_optimizer_step_is_bitwise_equal_to_torch_optim_float32(name: str) -> No
     for pname, stacked in batch.stacked_parameters().items():
         for i, m in enumerate(alone):
             assert torch.equal(stacked[i], m.get_parameter(pname)), f"{name}: {pname} of member {i} differs"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_step_in_pieces_leaves_the_same_state_as_a_whole_step(name: str, monkeypatch) -> None:
+    """Every moment and buffer, not only the parameters: the pieces make the whole step's choices."""
+    runs = []
+    for piece_bytes in (None, 64, 3000):
+        if piece_bytes is not None:
+            monkeypatch.setattr(mb.optim._base, "CPU_PIECE_BYTES", piece_bytes)
+        batch, opt, alone, _ = _packed_and_alone(name, torch.float32)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            _set_random_grads(batch, alone, gen)
+            opt.step()
+        runs.append((batch.stacked_parameters(), opt.state_dict()["state"]))
+    (params, state), rest = runs[0], runs[1:]
+    assert any(state.values()) or name == "sgd", "the optimizer keeps no state to compare"
+    for other_params, other_state in rest:
+        assert all(torch.equal(params[k], other_params[k]) for k in params)
+        assert other_state.keys() == state.keys()
+        for pname, st in state.items():
+            for key, t in st.items():
+                assert torch.equal(t, other_state[pname][key]), f"{name}: {pname}.{key} differs in pieces"
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
