@@ -10,7 +10,8 @@ included) got there (files in DIR); ``--nan`` makes half the members diverge (``
 ``--loss-fails-after N`` gives the recipe a loss that raises at its N+1-th call in a process (a
 recipe that breaks mid-sweep); ``--until PATH`` stops every trial at its first result after PATH
 exists; ``--stop-all-after N`` ends the whole experiment (a ``tune.Stopper``) at its N-th result;
-``--fail-fast`` ends it at the first trial error (``fail_fast=True``).
+``--fail-fast`` ends it at the first trial error (``fail_fast=True``); ``--progress PATH`` appends
+each result's trial, iteration, pack and error to PATH as it reaches Tune (a JSON line each).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--until", type=Path, default=None)
     parser.add_argument("--stop-all-after", type=int, default=None)
     parser.add_argument("--fail-fast", action="store_true")
+    parser.add_argument("--progress", type=Path, default=None)
     args = parser.parse_args()
     ray.init(address=args.address, log_to_driver=False)
     if args.after is not None:
@@ -85,6 +87,7 @@ def main() -> None:
         raise_on_failed_trial=False,
         stop=stopper(args),
         fail_fast=args.fail_fast,
+        callbacks=[ProgressLog(args.progress)] if args.progress is not None else None,
     )
     frames = analysis.trial_dataframes
     rows = {
@@ -99,6 +102,19 @@ def main() -> None:
     args.out.write_text(json.dumps(rows, default=str))
     print("DONE", flush=True)
     time.sleep(args.linger)
+
+
+class ProgressLog(tune.Callback):
+    """Appends each result as it reaches Tune to a file (a JSON line), for the test to wait on."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        keys = ("training_iteration", "pack_id", "tenant", "error")
+        line = {"trial_id": trial.trial_id, **{k: result.get(k) for k in keys}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 class StopAllAfter(tune.Stopper):
