@@ -36,16 +36,6 @@ pytestmark = [
 VOCAB, SEQ, CLASSES = 50, 8, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a loaded 2-core machine their spinning
-    made a GPT-2 step 100x slower (measured: 5 steps 5.9 s with 2 threads, 0.06 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ResNetLike(nn.Module):
     """Two BatchNorm residual blocks (no conv bias before BatchNorm), optionally checkpointed."""
 
