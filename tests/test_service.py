@@ -66,8 +66,22 @@ def wait_for(condition, timeout: float, what: str, every: float = 0.5):
         if value:
             return value, time.monotonic() - start
         if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+            raise AssertionError(f"{what}: not within {timeout:.0f} s; the service then: {status_brief()}")
         time.sleep(every)
+
+
+def status_brief() -> dict | None:
+    """The service's tenants (live, queued, share) and servers (live, parked, evictions), to say why
+    a wait failed."""
+    status = service_status()
+    if status is None:
+        return None
+    keys = ("live", "parked", "evictions", "restarted", "tenants")
+    return {
+        "tenants": {n: {k: t[k] for k in ("live", "queued", "share")} for n, t in status["tenants"].items()},
+        "servers": [{k: s.get(k) for k in keys} for s in status["servers"]],
+        "sweeps": status["sweeps"],
+    }
 
 
 def service_status() -> dict | None:
@@ -163,9 +177,10 @@ def test_a_late_tenant_gets_its_share_at_once_by_parking_members_that_then_conti
         args = ["--samples", "3", "--slots", "4", "--reports", "20", "--weight", "3", "--after", "early:4"]
         late = start_driver(cluster, outs["late"], "late", *args)
         try:
+            # 7 relay trials start first: ~40 s a phase beside two busy loops, over 300 s once in a loaded run
             wait_for(
                 lambda: live_members("late") == 3 and live_members("early") == 1,
-                300,
+                600,
                 "the late tenant's share",
             )
             wait_for(lambda: service_status()["servers"][0]["evictions"] >= 3, 60, "3 early members evicted")
