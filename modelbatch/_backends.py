@@ -312,8 +312,8 @@ class Executor:
         # One unbind per tensor: its backward writes every member's gradient into one [N, ...] tensor
         # (on CPU into the parameter's spare gradient memory: _grad_spares). A single member is a
         # squeeze, whose backward is a view (no copy).
-        split = _unbind if n > 1 else _squeeze
-        members = {k: (unbind_parameter(v) if n > 1 else _squeeze(v)) for k, v in params.items()}
+        split, split_param = (_unbind, unbind_parameter) if n > 1 else (_squeeze, _squeeze)
+        members = {k: split_param(v) for k, v in params.items()}
         members |= {k: [v[i] for i in range(n)] for k, v in buffers.items()}  # views: updated in place
         a_members = [split(a) if d == 0 else None for a, d in zip(args, dims)]
 

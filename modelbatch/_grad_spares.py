@@ -21,10 +21,6 @@ import torch
 _spares: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
 
-def _forget(key: int) -> None:
-    _spares.pop(key, None)
-
-
 def keep(param: torch.Tensor) -> None:
     """Drop ``param.grad`` (``zero_grad(set_to_none=True)``), keeping its memory if nothing else holds it."""
     grad = param.grad
@@ -36,13 +32,13 @@ def keep(param: torch.Tensor) -> None:
     alone = sys.getrefcount(grad) == 2 and grad._use_count() == 1
     if alone and torch._C._storage_Use_Count(grad.untyped_storage()._cdata) == 2:
         key = id(param)
-        _spares[key] = (weakref.ref(param, lambda _: _forget(key)), grad)
+        _spares[key] = (weakref.ref(param, lambda _: _spares.pop(key, None)), grad)
 
 
 def take(param: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
     """The spare of ``param`` if it fits ``shape`` and ``dtype``, given up (no reference kept here)."""
     ref, spare = _spares.pop(id(param), (None, None))
-    if ref is None or ref() is not param or spare is None:
+    if ref is None or ref() is not param:
         return None
     return spare if spare.shape == shape and spare.dtype == dtype and spare.is_contiguous() else None
 
@@ -61,7 +57,7 @@ class _Unbind(torch.autograd.Function):
     @staticmethod
     def backward(ctx: object, *grads: torch.Tensor) -> torch.Tensor:
         stacked = ctx.stacked()  # type: ignore[attr-defined]
-        if stacked is None or torch.is_grad_enabled() or grads[0].device.type != "cpu":
+        if stacked is None or torch.is_grad_enabled():  # (on CPU: unbind_parameter)
             return torch.stack(grads)
         spare = take(stacked, torch.Size((len(grads), *grads[0].shape)), grads[0].dtype)
         if spare is None:

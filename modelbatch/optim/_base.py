@@ -191,21 +191,16 @@ class Optimizer(abc.ABC):
             return
         pieces: dict[tuple[int, int], list[tuple]] = {}  # rows -> (param, grad, state) pieces
         for p, g, st in zip(params, grads, states):
-            n, row_bytes = p.shape[0], max(1, p.nbytes // max(1, p.shape[0]))
-            step = n if p.nbytes <= CPU_PIECE_BYTES else max(1, CPU_PIECE_BYTES // row_bytes)
+            n = p.shape[0]
+            step = n if p.nbytes <= CPU_PIECE_BYTES else max(1, CPU_PIECE_BYTES // max(1, p.nbytes // n))
             for start in range(0, n, step):
                 cut = slice(start, min(start + step, n))
                 piece = (p[cut], g[cut], {k: t[cut] for k, t in st.items()})
                 pieces.setdefault((cut.start, cut.stop), []).append(piece)
         for (start, stop), group in pieces.items():
-            part, size, batch = values.rows(start, stop), 0, []
-            for piece in [*group, None]:
-                if piece is None or (batch and size + piece[0].nbytes > CPU_PIECE_BYTES):
-                    self._update_all(*(list(x) for x in zip(*batch)), part)
-                    size, batch = 0, []
-                if piece is not None:
-                    size += piece[0].nbytes
-                    batch.append(piece)
+            part = values.rows(start, stop)
+            for batch in _runs_of_at_most(group, CPU_PIECE_BYTES):
+                self._update_all(*(list(x) for x in zip(*batch)), part)
 
     def _updating(self, mask: torch.Tensor | None) -> list[bool]:
         """Which members update: ``batch.active`` (read again only when it changes) and ``mask``.
@@ -343,3 +338,17 @@ class Optimizer(abc.ABC):
         self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], values: StepValues
     ) -> None:
         """Update ``param`` (its rows are the updating members) in place from ``grad``."""
+
+
+def _runs_of_at_most(pieces: list[tuple], limit: int) -> list[list[tuple]]:
+    """``pieces`` (``(param, grad, state)``) in consecutive runs of at most ``limit`` parameter bytes
+    (a larger piece is a run alone)."""
+    runs: list[list[tuple]] = []
+    size = 0
+    for piece in pieces:
+        if not runs or size + piece[0].nbytes > limit:
+            runs.append([])
+            size = 0
+        runs[-1].append(piece)
+        size += piece[0].nbytes
+    return runs
