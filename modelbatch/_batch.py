@@ -299,11 +299,13 @@ class ModelBatch(nn.Module):
 
     def stacked_parameters(self) -> dict[str, nn.Parameter]:
         """The stacked ``[N, ...]`` parameters by their name in the original model."""
-        return {name: t for name, table, key in self._slots()[1] if (t := table[key]) is not None}
+        tensors = [(name, table[key]) for name, table, key in self._slots()[1]]  # no walrus: dynamo traces it
+        return {name: t for name, t in tensors if t is not None}
 
     def stacked_buffers(self) -> dict[str, torch.Tensor]:
         """The stacked ``[N, ...]`` buffers by their name in the original model."""
-        return {name: t for name, table, key in self._slots()[2] if (t := table[key]) is not None}
+        tensors = [(name, table[key]) for name, table, key in self._slots()[2]]  # no walrus: dynamo traces it
+        return {name: t for name, t in tensors if t is not None}
 
     def _slots(self) -> tuple[nn.Module, list[tuple[str, dict, str]], list[tuple[str, dict, str]]]:
         """Where each stacked tensor lives: (name, owner's ``_parameters``/``_buffers``, key).

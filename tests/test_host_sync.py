@@ -166,6 +166,23 @@ def test_grad_scaler_reads_its_overflow_mask_once_per_step(name: str, frozen: bo
     assert _syncs_per_step(run) == {"to_host": 1}
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd_momentum", "rmsprop"])
+def test_a_capturable_step_does_not_even_read_the_overflow_mask(name: str) -> None:
+    """``capturable=True``: the step runs from device tensors, so the scaler's mask is not read either."""
+    batch = _batch()
+    opt = OPTIMIZERS[name](batch)
+    opt = type(opt).from_state_dict(batch, {**opt.state_dict(), "flags": {**opt.flags, "capturable": True}})
+    sched = mb.optim.lr_scheduler.ExponentialLR(opt, gamma=[0.9, 0.8, 0.99, 0.5])
+    scaler = mb.amp.GradScaler(batch, init_scale=[2.0**8, 2.0**10, 2.0**4, 1.0], growth_interval=2)
+    batch.freeze(0)
+    x, y = _data(WARMUP + COUNTED)
+
+    def run(t: int) -> None:
+        _step(batch, opt, x[t], y[t], sched=sched, clip=1.0, scaler=scaler)
+
+    assert _syncs_per_step(run) == {}
+
+
 def test_grad_scaler_with_a_host_participation_mask() -> None:
     batch = _batch()
     opt = mb.optim.AdamW(batch, lr=[1e-2, 3e-3, 1e-3, 3e-4])

@@ -47,6 +47,11 @@ class StepValues:
         self.lists[name] = values
         self._uniform.pop(name, None)
 
+    def derive(self, name: str, formula: Callable[..., Any], *names: str) -> None:
+        """Register ``name`` as ``formula`` of the named values, member by member (one Python
+        expression per member, rounding as torch.optim's host scalars do)."""
+        self.set(name, [formula(*xs) for xs in zip(*(self.lists[n] for n in names))])
+
     def any(self, name: str) -> bool:
         """Whether any updating member has a non-zero (or true) ``name``."""
         return any(v != 0 for v in self.lists[name])
@@ -88,6 +93,42 @@ class StepValues:
         return flat[self._rows].view(-1, *([1] * (like.dim() - 1)))
 
 
+class TensorValues(StepValues):
+    """The step's per-member scalars of a capturable step: ``[N]`` float64 tensors on the device.
+
+    Every member's row is computed (the caller keeps the rows of members that do not update),
+    every value is a tensor and no branch depends on a value (:meth:`any` is true), so one
+    traced graph serves every step: no value is read on the host, none is a guard.
+    """
+
+    def __init__(self, hparams: Mapping[str, torch.Tensor], steps: torch.Tensor) -> None:
+        self.lists = dict(hparams)
+        self.lists["step"] = steps
+        self._cache = {}
+
+    def set(self, name: str, values: torch.Tensor) -> None:
+        self.lists[name] = values
+
+    def derive(self, name: str, formula: Callable[..., Any], *names: str) -> None:
+        self.set(name, formula(*(self.lists[n] for n in names)))
+
+    def any(self, name: str) -> bool:
+        return True
+
+    def uniform(self, name: str) -> bool:
+        return False
+
+    def mask(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        return self._tensor(name, like, torch.bool)
+
+    def _tensor(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, dtype)
+        flat = self._cache.get(key)
+        if flat is None:
+            flat = self._cache[key] = self.lists[name].to(dtype)
+        return flat.view(-1, *([1] * (like.dim() - 1)))
+
+
 class Optimizer(abc.ABC):
     """Base class of the vectorized optimizers: every numeric hyperparameter is a ``[N]`` tensor.
 
@@ -95,6 +136,17 @@ class Optimizer(abc.ABC):
     keep per parameter (``state_keys``) and implement :meth:`_update` with the same elementwise
     formulas as torch.optim, written with :mod:`modelbatch.optim._kernels` so that every member
     is updated exactly as its own torch.optim optimizer would update it.
+
+    ``capturable=True`` (each optimizer's keyword) keeps the hyperparameters and step counts on
+    the parameters' device and computes the step from them as tensors, every member's row at
+    once (the rows of members that do not update are kept with ``torch.where``): the step reads
+    nothing on the host and branches on no value, so ``torch.compile(opt.step, fullgraph=True)``
+    traces it once for every later step, whatever the schedule and whichever members are frozen,
+    and a CUDA graph can replay it. It costs a copy of the parameters and states per step. The
+    values equal the default step's (bitwise where its formulas are single roundings: SGD,
+    RMSprop; Adam's bias corrections ``beta**step`` come from the device's ``pow``, which may
+    differ in the last bit of the float64 correction); a member with ``weight_decay=0`` still
+    computes ``grad + 0 * param`` (a non-finite parameter then gives NaN).
     """
 
     hparam_bounds: ClassVar[dict[str, tuple[float | None, float | None, bool]]] = {}
@@ -120,6 +172,23 @@ class Optimizer(abc.ABC):
         self.steps = torch.zeros(self.n, dtype=torch.float64)
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self._hparam_lists: dict[str, tuple[torch.Tensor, int, list[float]]] = {}
+        self._place()
+        if self.capturable:  # every state exists before a step is traced: one graph from the first
+            for name, p in batch.stacked_parameters().items():
+                if p.requires_grad:
+                    self._param_state(name, p)
+
+    @property
+    def capturable(self) -> bool:
+        """Whether the step runs on device tensors only (see the class docstring)."""
+        return bool(self.flags.get("capturable", False))
+
+    def _place(self) -> None:
+        """Hyperparameters and step counts on the parameters' device (capturable) or the host."""
+        params = list(self.batch.stacked_parameters().values())
+        device = params[0].device if self.capturable and params else torch.device("cpu")
+        self.hparams = {k: v.to(device) for k, v in self.hparams.items()}
+        self.steps = self.steps.to(device)
 
     # ---------------------------------------------------------------- public API
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -143,6 +212,9 @@ class Optimizer(abc.ABC):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.capturable:
+            self._capturable_step(mask)
+            return loss
         updating = self._updating(mask)
         if all(updating):  # the common case: no indexing (advanced indexing costs ~20 µs a call on CPU)
             self.steps += 1
@@ -177,6 +249,33 @@ class Optimizer(abc.ABC):
             for k, t in st.items():
                 t.index_copy_(0, i, sub_st[k])
         return loss
+
+    def _capturable_step(self, mask: torch.Tensor | None) -> None:
+        """The step from device tensors only: every row computed, the non-updating rows kept."""
+        named = [(name, p) for name, p in self.batch.stacked_parameters().items() if p.grad is not None]
+        if not named:
+            return
+        params = [p for _, p in named]
+        device = params[0].device
+        updating = self.batch.active.to(device)
+        if mask is not None:
+            if mask.numel() not in (1, self.n):
+                raise ValueError(
+                    f"mb.optim.{type(self).__name__}.step: the mask has {mask.numel()} values but the pack "
+                    f"has {self.n} members; pass one bool per member."
+                )
+            updating = updating & mask.to(device, torch.bool).reshape(-1)
+        self.steps.add_(updating.to(torch.float64))
+        values = TensorValues(self.hparams, self.steps)
+        self._prepare(values)
+        states = [self._param_state(name, p) for name, p in named]
+        kept = [(p.clone(), {k: t.clone() for k, t in st.items()}) for p, st in zip(params, states)]
+        self._update_all(params, [p.grad for p in params], states, values)
+        for p, st, (old_p, old_st) in zip(params, states, kept):
+            rows = updating.view(-1, *([1] * (p.dim() - 1)))
+            p.copy_(torch.where(rows, p, old_p))
+            for k, t in st.items():
+                t.copy_(torch.where(rows, t, old_st[k]))
 
     def _update_pieces(
         self,
@@ -236,9 +335,8 @@ class Optimizer(abc.ABC):
             raise KeyError(f"{api}: unknown hyperparameter {name!r}; known: {sorted(self.hparams)}.")
         low, high, inclusive = self.hparam_bounds[name]
         if member is None:
-            self.hparams[name] = member_values(
-                api, name, value, self.n, low=low, high=high, high_inclusive=inclusive
-            )
+            values = member_values(api, name, value, self.n, low=low, high=high, high_inclusive=inclusive)
+            self.hparams[name].copy_(values)  # in place: a captured step reads this very tensor
             return
         index = check_member_index(api, member, self.n)
         self.hparams[name][index] = member_values(
@@ -280,6 +378,7 @@ class Optimizer(abc.ABC):
         }
         self.flags.update(state_dict.get("flags", {}))
         self.steps = steps.detach().to("cpu", torch.float64).clone()
+        self._place()
         self.state = {
             name: {k: t.detach().to(params[name].device, params[name].dtype).clone() for k, t in st.items()}
             for name, st in state_dict["state"].items()

@@ -17,7 +17,8 @@ class Adam(Optimizer):
     """``torch.optim.Adam`` for every member of a pack, each with its own hyperparameters.
 
     ``lr``, each of ``betas``, ``eps`` and ``weight_decay`` take one number for all members or
-    one per member; ``amsgrad`` and ``maximize`` are shared by the pack.
+    one per member; ``amsgrad``, ``maximize`` and ``capturable`` (a step on device tensors only,
+    see :class:`~modelbatch.optim.Optimizer`) are shared by the pack.
 
     Example:
         >>> import torch, modelbatch as mb
@@ -48,6 +49,7 @@ class Adam(Optimizer):
         *,
         amsgrad: bool = False,
         maximize: bool = False,
+        capturable: bool = False,
     ) -> None:
         if isinstance(betas, torch.Tensor) or len(betas) != 2:
             raise ValueError(
@@ -57,7 +59,7 @@ class Adam(Optimizer):
         super().__init__(
             batch,
             {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps, "weight_decay": weight_decay},
-            {"amsgrad": amsgrad, "maximize": maximize},
+            {"amsgrad": amsgrad, "maximize": maximize, "capturable": capturable},
         )
 
     def _state_keys(self) -> tuple[str, ...]:
@@ -68,14 +70,11 @@ class Adam(Optimizer):
         )
 
     def _prepare(self, values: StepValues) -> None:
-        hp = values.lists
-        bias1 = [1 - b1**s for b1, s in zip(hp["beta1"], hp["step"])]
-        bias2 = [1 - b2**s for b2, s in zip(hp["beta2"], hp["step"])]
-        values.set("neg_step_size", [-(lr / b) for lr, b in zip(hp["lr"], bias1)])
-        values.set("bias2_sqrt", [b**0.5 for b in bias2])
-        values.set("one_minus_beta1", [1 - b for b in hp["beta1"]])
-        values.set("one_minus_beta2", [1 - b for b in hp["beta2"]])
-        values.set("decay_factor", [1 - lr * wd for lr, wd in zip(hp["lr"], hp["weight_decay"])])
+        values.derive("neg_step_size", lambda lr, b1, s: -(lr / (1 - b1**s)), "lr", "beta1", "step")
+        values.derive("bias2_sqrt", lambda b2, s: (1 - b2**s) ** 0.5, "beta2", "step")
+        values.derive("one_minus_beta1", lambda b: 1 - b, "beta1")
+        values.derive("one_minus_beta2", lambda b: 1 - b, "beta2")
+        values.derive("decay_factor", lambda lr, wd: 1 - lr * wd, "lr", "weight_decay")
 
     def _update_all(
         self,
@@ -138,5 +137,8 @@ class AdamW(Adam):
         *,
         amsgrad: bool = False,
         maximize: bool = False,
+        capturable: bool = False,
     ) -> None:
-        super().__init__(batch, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize)
+        super().__init__(
+            batch, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize, capturable=capturable
+        )

@@ -232,17 +232,17 @@ class PerMember:
         """Write the ``rows`` members' group lr (and cycled momentum) into the optimizer's hparams."""
         if not rows:
             return
-        hp = self.optimizer.hparams
-        lr = hp["lr"].clone()
-        lr[rows] = torch.tensor([self._group(i)["lr"] for i in rows], dtype=torch.float64)
-        hp["lr"] = lr
+        hp = self.optimizer.hparams  # written in place: a captured step reads these very tensors
+        lr = hp["lr"]
+        lr[rows] = torch.tensor([self._group(i)["lr"] for i in rows], dtype=torch.float64).to(lr.device)
         key = self._momentum_key()
         cycled = [i for i in rows if self._cycles_momentum(i)]
         if key is None or not cycled:
             return
-        mom = hp[key].clone()
-        mom[cycled] = torch.tensor([_group_momentum(self._group(i)) for i in cycled], dtype=torch.float64)
-        hp[key] = mom
+        mom = hp[key]
+        mom[cycled] = torch.tensor([_group_momentum(self._group(i)) for i in cycled], dtype=torch.float64).to(
+            mom.device
+        )
 
     def _group(self, index: int) -> dict[str, Any]:
         return self.schedulers[index].optimizer.param_groups[0]

@@ -16,7 +16,8 @@ class RMSprop(Optimizer):
     """``torch.optim.RMSprop`` for every member of a pack, each with its own hyperparameters.
 
     ``lr``, ``alpha``, ``eps``, ``weight_decay`` and ``momentum`` take one number for all members
-    or one per member; ``centered`` and ``maximize`` are shared by the pack.
+    or one per member; ``centered``, ``maximize`` and ``capturable`` (a step on device tensors
+    only, see :class:`~modelbatch.optim.Optimizer`) are shared by the pack.
 
     Example:
         >>> import torch, modelbatch as mb
@@ -45,26 +46,26 @@ class RMSprop(Optimizer):
         *,
         centered: bool = False,
         maximize: bool = False,
+        capturable: bool = False,
     ) -> None:
         super().__init__(
             batch,
             {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay, "momentum": momentum},
-            {"centered": centered, "maximize": maximize},
+            {"centered": centered, "maximize": maximize, "capturable": capturable},
         )
 
     def _state_keys(self) -> tuple[str, ...]:
         keys = ["square_avg"]
-        if bool((self.hparams["momentum"] > 0).any()):
+        if self.capturable or bool((self.hparams["momentum"] > 0).any()):
             keys.append("momentum_buffer")
         if self.flags["centered"]:
             keys.append("grad_avg")
         return tuple(keys)
 
     def _prepare(self, values: StepValues) -> None:
-        hp = values.lists
-        values.set("neg_lr", [-lr for lr in hp["lr"]])
-        values.set("one_minus_alpha", [1 - a for a in hp["alpha"]])
-        values.set("uses_momentum", [m > 0 for m in hp["momentum"]])
+        values.derive("neg_lr", lambda lr: -lr, "lr")
+        values.derive("one_minus_alpha", lambda a: 1 - a, "alpha")
+        values.derive("uses_momentum", lambda m: m > 0, "momentum")
 
     def _update(
         self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], values: StepValues

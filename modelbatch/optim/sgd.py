@@ -16,7 +16,8 @@ class SGD(Optimizer):
     """``torch.optim.SGD`` for every member of a pack, each with its own hyperparameters.
 
     ``lr``, ``momentum``, ``dampening`` and ``weight_decay`` take one number for all members or
-    one per member; ``nesterov`` and ``maximize`` are shared by the pack.
+    one per member; ``nesterov``, ``maximize`` and ``capturable`` (a step on device tensors only,
+    see :class:`~modelbatch.optim.Optimizer`) are shared by the pack.
 
     Example:
         >>> import torch, modelbatch as mb
@@ -45,11 +46,12 @@ class SGD(Optimizer):
         *,
         nesterov: bool = False,
         maximize: bool = False,
+        capturable: bool = False,
     ) -> None:
         super().__init__(
             batch,
             {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay},
-            {"nesterov": nesterov, "maximize": maximize},
+            {"nesterov": nesterov, "maximize": maximize, "capturable": capturable},
         )
         if nesterov and bool(((self.hparams["momentum"] <= 0) | (self.hparams["dampening"] != 0)).any()):
             raise ValueError(
@@ -57,14 +59,15 @@ class SGD(Optimizer):
             )
 
     def _state_keys(self) -> tuple[str, ...]:
-        return ("momentum_buffer",) if bool((self.hparams["momentum"] != 0).any()) else ()
+        if self.capturable or bool((self.hparams["momentum"] != 0).any()):
+            return ("momentum_buffer",)
+        return ()
 
     def _prepare(self, values: StepValues) -> None:
-        hp = values.lists
-        values.set("neg_lr", [-lr for lr in hp["lr"]])
-        values.set("one_minus_dampening", [1 - d for d in hp["dampening"]])
-        values.set("first_step", [s == 1 for s in hp["step"]])
-        values.set("uses_momentum", [m != 0 for m in hp["momentum"]])
+        values.derive("neg_lr", lambda lr: -lr, "lr")
+        values.derive("one_minus_dampening", lambda d: 1 - d, "dampening")
+        values.derive("first_step", lambda s: s == 1, "step")
+        values.derive("uses_momentum", lambda m: m != 0, "momentum")
 
     def _update(
         self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], values: StepValues
