@@ -273,7 +273,10 @@ class ModelBatch(nn.Module):
         self.stack.train(models[0].training)
         self.training = models[0].training
         object.__setattr__(self, "_template", template)
-        self.register_buffer("active", torch.ones(len(models), dtype=torch.bool))
+        # on the members' device: a step reads it there (capturable optimizer, GradScaler) with no copy
+        device = next((t.device for t in (*stack.parameters(), *stack.buffers())), torch.device("cpu"))
+        device = torch.device("cpu") if device.type == "meta" else device
+        self.register_buffer("active", torch.ones(len(models), dtype=torch.bool, device=device))
         self._random = MemberRandom(len(models))
         self._backends = Backends(self.stack, len(models), compile=compile, template=template)
         self._backends.set("mb.ModelBatch", backend, chunk_size)

@@ -177,3 +177,41 @@ def test_default_step_compiled_with_graph_breaks_is_exact(kind: str) -> None:
         models, kind, capturable=False, compile_step=lambda step: torch.compile(step, backend="eager")
     )
     _assert_bitwise(got, want, "the uncompiled step")
+
+
+def test_a_capturable_schedule_reads_no_hyperparameter_tensor(monkeypatch) -> None:
+    """On a device the schedule would sync on every read: it works from the optimizer's host copy.
+
+    A CPU-only run cannot see a device read, so the test records every ``tolist``/``item`` of the
+    optimizer's hyperparameter tensors during the steps (set_hparam, as PBT does, included).
+    """
+    batch = mb.ModelBatch(_models())
+    opt = mb.optim.SGD(batch, lr=[0.1, 0.05, 0.02, 0.01], momentum=0.9, capturable=True)
+    sched = mb.optim.lr_scheduler.ExponentialLR(opt, gamma=[0.9, 0.8, 0.7, 0.6])
+    watched = {id(t) for t in opt.hparams.values()}
+    reads: list[str] = []
+    for method in ("tolist", "item"):
+        original = getattr(torch.Tensor, method)
+
+        def spy(self, *args, _original=original, _name=method, **kwargs):
+            if id(self) in watched:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, spy)
+    x, y = _data()
+    lrs = []
+    for t in range(6):
+        if t == 3:
+            opt.set_hparam("lr", 0.5, member=1)
+        opt.zero_grad()
+        batch.compute_loss(batch(x[t], in_dims=0), y[t], F.mse_loss, target_in_dims=0).sum().backward()
+        opt.step()
+        sched.step()
+        lrs.append(opt.hparam_list("lr")[1])
+    monkeypatch.undo()
+    assert reads == []
+    assert {id(t) for t in opt.hparams.values()} == watched  # written in place, never replaced
+    assert opt.hparams["lr"].tolist() == opt.hparam_list("lr")
+    assert lrs[3] == 0.5 * 0.8  # the schedule went on from the lr that set_hparam gave member 1
+    assert opt.hparam_list("lr")[0] == pytest.approx(0.1 * 0.9**6, rel=1e-15)

@@ -187,8 +187,32 @@ class Optimizer(abc.ABC):
         """Hyperparameters and step counts on the parameters' device (capturable) or the host."""
         params = list(self.batch.stacked_parameters().values())
         device = params[0].device if self.capturable and params else torch.device("cpu")
+        self._host_hparams = {k: v.tolist() for k, v in self.hparams.items()} if self.capturable else {}
         self.hparams = {k: v.to(device) for k, v in self.hparams.items()}
         self.steps = self.steps.to(device)
+
+    def hparam_list(self, name: str) -> list[float]:
+        """Hyperparameter ``name`` of every member as host floats, without reading the device.
+
+        A capturable optimizer answers from its host copy, which :meth:`set_hparam`, the
+        schedules and :meth:`load_state_dict` keep; change its hyperparameters through them,
+        not by writing ``opt.hparams`` in place.
+        """
+        if self.capturable:
+            return self._host_hparams[name]
+        return self._hparam_list(name, self.hparams[name])
+
+    def _write_hparam(self, name: str, rows: list[int], values: list[float]) -> None:
+        """Set rows ``rows`` of hyperparameter ``name`` in place (a captured step reads this very
+        tensor): on the host, or as one upload of the host copy that makes the host wait for nothing."""
+        t = self.hparams[name]
+        if not self.capturable:
+            t[rows] = torch.tensor(values, dtype=torch.float64)
+            return
+        host = self._host_hparams[name]
+        for row, value in zip(rows, values):
+            host[row] = float(value)
+        t.copy_(upload(torch.tensor(host, dtype=torch.float64), t.device))
 
     # ---------------------------------------------------------------- public API
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -257,14 +281,14 @@ class Optimizer(abc.ABC):
             return
         params = [p for _, p in named]
         device = params[0].device
-        updating = self.batch.active.to(device)
+        updating = upload(self.batch.active, device)
         if mask is not None:
             if mask.numel() not in (1, self.n):
                 raise ValueError(
                     f"mb.optim.{type(self).__name__}.step: the mask has {mask.numel()} values but the pack "
                     f"has {self.n} members; pass one bool per member."
                 )
-            updating = updating & mask.to(device, torch.bool).reshape(-1)
+            updating = updating & upload(mask, device).to(torch.bool).reshape(-1)
         self.steps.add_(updating.to(torch.float64))
         values = TensorValues(self.hparams, self.steps)
         self._prepare(values)
@@ -336,12 +360,11 @@ class Optimizer(abc.ABC):
         low, high, inclusive = self.hparam_bounds[name]
         if member is None:
             values = member_values(api, name, value, self.n, low=low, high=high, high_inclusive=inclusive)
-            self.hparams[name].copy_(values)  # in place: a captured step reads this very tensor
+            self._write_hparam(name, list(range(self.n)), values.tolist())
             return
         index = check_member_index(api, member, self.n)
-        self.hparams[name][index] = member_values(
-            api, name, value, 1, low=low, high=high, high_inclusive=inclusive
-        )[0]
+        values = member_values(api, name, value, 1, low=low, high=high, high_inclusive=inclusive)
+        self._write_hparam(name, [index], values.tolist())
 
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters, flags, per-member step counts and state, all as tensors."""

@@ -218,10 +218,9 @@ class PerMember:
 
     def _pull(self, rows: list[int]) -> None:
         """Copy the optimizer's current lr (and cycled momentum) into the stepping members' groups."""
-        hp = self.optimizer.hparams
-        lrs = hp["lr"].tolist()
+        lrs = self.optimizer.hparam_list("lr")  # host values: no device read, capturable or not
         key = self._momentum_key()
-        moms = hp[key].tolist() if key is not None else None
+        moms = self.optimizer.hparam_list(key) if key is not None else None
         for i in rows:
             group = self._group(i)
             group["lr"] = lrs[i]
@@ -232,17 +231,11 @@ class PerMember:
         """Write the ``rows`` members' group lr (and cycled momentum) into the optimizer's hparams."""
         if not rows:
             return
-        hp = self.optimizer.hparams  # written in place: a captured step reads these very tensors
-        lr = hp["lr"]
-        lr[rows] = torch.tensor([self._group(i)["lr"] for i in rows], dtype=torch.float64).to(lr.device)
+        self.optimizer._write_hparam("lr", rows, [self._group(i)["lr"] for i in rows])
         key = self._momentum_key()
         cycled = [i for i in rows if self._cycles_momentum(i)]
-        if key is None or not cycled:
-            return
-        mom = hp[key]
-        mom[cycled] = torch.tensor([_group_momentum(self._group(i)) for i in cycled], dtype=torch.float64).to(
-            mom.device
-        )
+        if key is not None and cycled:
+            self.optimizer._write_hparam(key, cycled, [_group_momentum(self._group(i)) for i in cycled])
 
     def _group(self, index: int) -> dict[str, Any]:
         return self.schedulers[index].optimizer.param_groups[0]
