@@ -73,7 +73,8 @@ def member_flags(api: str, mask: torch.Tensor, active: list[bool]) -> list[bool]
 
 def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The host tensor ``t`` on ``device``, copied without the host waiting for the device."""
-    if t.device == device or device.type == "cpu":
+    device = torch.device(device)
+    if t.device.type != "cpu" or device.type == "cpu":
         return t.to(device)
     try:
         return t.pin_memory().to(device, non_blocking=True)

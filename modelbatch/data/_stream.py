@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
+from .._host import upload
 from ._sampler import MemberSampler
 from ._streams import MemberStep
 
@@ -233,7 +234,7 @@ class StreamingGather:
     def _fetch(self, unique: list[int]) -> Any:
         if self._tensors is not None:
             index = torch.tensor(unique, dtype=torch.int64)
-            rows = tuple(t[index.to(t.device)] for t in self._tensors)
+            rows = tuple(t[upload(index, t.device)] for t in self._tensors)
             return rows[0] if isinstance(self.dataset, torch.Tensor) else rows
         getitems = getattr(self.dataset, "__getitems__", None)
         samples = getitems(unique) if getitems is not None else [self.dataset[i] for i in unique]
@@ -243,8 +244,8 @@ class StreamingGather:
         if isinstance(fetched, torch.Tensor):
             device = fetched.device if self.device is None else self.device
             dtype = self.dtype if self.dtype is not None and fetched.is_floating_point() else fetched.dtype
-            moved = fetched.to(device, dtype, non_blocking=fetched.is_pinned())
-            return moved[inverse.to(device)]
+            moved = upload(fetched, device).to(dtype)  # pinned, non-blocking: the host waits for nothing
+            return moved[upload(inverse, device)]
         if isinstance(fetched, Mapping):
             return {key: self._route(value, inverse) for key, value in fetched.items()}
         if isinstance(fetched, (tuple, list)) and not _is_sample_list(fetched, inverse):
