@@ -358,12 +358,19 @@ class PackTrainer:
             if self.recipe.val_subset is not None
             else self._evaluate_all(chunk, live)
         )
+        if not totals:
+            return {}
+        flat = to_host(mark_device_data(torch.stack(list(totals.values()))))  # the evaluation's one read
+        alive = live.tolist()
         return {
-            name: [v if alive else math.nan for v, alive in zip(values, live.tolist())]
-            for name, values in totals.items()
+            name: [
+                v if a else math.nan for v, a in zip(flat[i * self.n_slots : (i + 1) * self.n_slots], alive)
+            ]
+            for i, name in enumerate(totals)
         }
 
-    def _evaluate_all(self, chunk: int, live: torch.Tensor) -> dict[str, list[float]]:
+    def _evaluate_all(self, chunk: int, live: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ``[N]`` float64 means on the device, name by name."""
         self.batch.eval()
         totals: dict[str, torch.Tensor] = {}
         for xb, yb in self.val.chunks(chunk):
@@ -375,10 +382,14 @@ class PackTrainer:
             for name, v in values.items():
                 totals[name] = totals.get(name, 0) + v.detach().to(torch.float64) * weight
         self.batch.train()
-        return {name: t.tolist() for name, t in totals.items()}
+        return totals
 
-    def _evaluate_subsets(self, chunk: int, live: torch.Tensor) -> dict[str, list[float]]:
-        """Each live member on its own validation indices, ``[N, V]`` padded and masked, in column chunks."""
+    def _evaluate_subsets(self, chunk: int, live: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each live member on its own validation indices, ``[N, V]`` padded and masked, in column chunks.
+
+        A member's indices fill the front of its row, so each chunk's valid entries are a prefix whose
+        length the host knows: a metric is computed on ``out[slot, :k]`` (no mask indexing, no read).
+        """
         subsets = [None if s is None else self.recipe.val_subset(s.config) for s in self.slots]
         width = max((len(s) for s in subsets if s is not None), default=1)
         idx = torch.zeros(self.n_slots, width, dtype=torch.long)
@@ -389,28 +400,31 @@ class PackTrainer:
                 mask[slot, : len(subset)] = True
         counts = mask.sum(dim=1).to(torch.float64).clamp_min(1)
         names = ["val_loss", *(f"val_{name}" for name in self.recipe.metrics)]
-        totals = {name: [0.0] * self.n_slots for name in names}
+        totals = {name: torch.zeros(self.n_slots, dtype=torch.float64, device=self.device) for name in names}
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
         columns = ((idx[:, lo : lo + chunk], mask[:, lo : lo + chunk]) for lo in range(0, width, chunk))
         steps = (MemberStep(i, m, m.any(dim=1), -1, -1) for i, m in columns)
         self.batch.eval()
         for step, (xs, ys) in self.val.steps(steps):
-            weights = (step.mask.sum(dim=1) / counts).tolist()
-            m = step.mask.to(self.device)
+            sizes = step.mask.sum(dim=1)  # on the host: the sampler's mask
+            weights = upload(sizes / counts, self.device)
             out = self.batch(xs, in_dims=0, participating=live)
-            losses = self.batch.compute_loss(out, ys, self.recipe.loss, target_in_dims=0, mask=m)
-            values = {"val_loss": losses.detach().to(torch.float64).tolist()}
+            losses = self.batch.compute_loss(
+                out, ys, self.recipe.loss, target_in_dims=0, mask=upload(step.mask, self.device)
+            )
+            totals["val_loss"] += losses.detach().to(torch.float64) * weights
             for name, fn in self.recipe.metrics.items():
-                values[f"val_{name}"] = [
-                    float(fn(out[slot][m[slot]], ys[slot][m[slot]])) if weights[slot] > 0 else 0.0
-                    for slot in range(self.n_slots)
+                per_slot = [
+                    torch.as_tensor(fn(out[slot, :k], ys[slot, :k]), dtype=torch.float64, device=self.device)
+                    if k > 0
+                    else zero
+                    for slot, k in enumerate(sizes.tolist())
                 ]
-            for name, per_slot in values.items():
-                totals[name] = [t + v * w for t, v, w in zip(totals[name], per_slot, weights)]
+                totals[f"val_{name}"] += torch.stack(per_slot) * weights
         self.batch.train()
+        empty = torch.tensor([s is None or len(s) == 0 for s in subsets])
         for name in names[1:]:  # a metric of a member without validation samples is undefined
-            totals[name] = [
-                t if s is not None and len(s) else math.nan for t, s in zip(totals[name], subsets)
-            ]
+            totals[name] = torch.where(upload(empty, self.device), math.nan, totals[name])
         return totals
 
     # ------------------------------------------------------------------ member state

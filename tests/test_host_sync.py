@@ -238,7 +238,7 @@ def test_the_probe_sees_syncs_inside_torch_functions() -> None:
 
 
 # ------------------------------------------------------------------ PackTrainer / mb.fit
-def _trainer(steps_per_report: int) -> mb.PackTrainer:
+def _trainer(steps_per_report: int, **validation) -> mb.PackTrainer:
     def make(config):
         torch.manual_seed(config["seed"])
         return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -253,6 +253,7 @@ def _trainer(steps_per_report: int) -> mb.PackTrainer:
         steps_per_report=steps_per_report,
         grad_clip=1.0,
         lr_schedule=lambda config, o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=config["gamma"]),
+        **validation,
     )
     configs = [{"seed": i, "lr": 1e-2 * (i + 1), "gamma": 0.9 + 0.03 * i} for i in range(3)]
     trainer = mb.PackTrainer(recipe, n_slots=4, example_config=configs[0])
@@ -271,6 +272,29 @@ def test_pack_trainer_syncs_per_report_do_not_grow_with_its_steps() -> None:
             trainer.train_report()
         counts[steps] = dict(probe.counts)
     assert counts[2] == counts[8] == {"to_host": 1}, counts  # the [N] train losses, once per report
+
+
+def _accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out.argmax(-1) == y).to(torch.float64).mean()
+
+
+@pytest.mark.parametrize("subsets", [False, True], ids=["whole_set", "val_subset"])
+def test_pack_trainer_reads_its_validation_once_per_report(subsets: bool) -> None:
+    """Validation loss and metrics, over several chunks and members: one read, however many of either."""
+    g = torch.Generator().manual_seed(2)
+    Xv, yv = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+    validation = {"val_data": (Xv, yv), "metrics": {"acc": _accuracy}}
+    if subsets:  # members' subsets of different sizes (k-fold style)
+        validation["val_subset"] = lambda config: torch.arange(config["seed"], 40, 2 + config["seed"])
+    trainer = _trainer(2, **validation)
+    trainer.train_report()
+    with HostSyncCounter() as probe:
+        reports = trainer.evaluate(chunk=7)  # 40 samples: 6 chunks
+    assert dict(probe.counts) == {"to_host": 1}
+    assert all(0.0 <= reports["val_acc"][slot] <= 1.0 for slot in range(3))
+    with HostSyncCounter() as probe:
+        trainer.train_report()
+    assert dict(probe.counts) == {"to_host": 2}  # the train losses, then the validation
 
 
 def test_pack_trainer_step_syncs_nothing() -> None:
