@@ -6,16 +6,19 @@ the JSON is written again after each section, so a killed run still leaves its d
 * ``bandwidth``: the device's peak memory bandwidth from :data:`PEAK_BANDWIDTH_TB_S` (H100 SXM
   3.35 TB/s, H200 4.8 TB/s) and, always, a measured big device-to-device copy (the peak used
   where the table has no entry).
-* ``engine``: one training step (forward, backward, AdamW) of N members of one model, N = 1, 16,
-  64, 256, 1024, in fp32 and under bf16 autocast, four ways: ``pack`` (``mb.ModelBatch(models,
-  backend="auto")`` with ``mb.optim.AdamW``, one lr per member), ``loop`` (N models, each with its
-  own ``torch.optim.AdamW``), ``func`` (the raw torch.func ensemble: ``stack_module_state`` +
-  ``vmap(functional_call)``, one ``torch.optim.AdamW`` over the stacked leaves, one shared lr) and
-  ``streams`` (the loop with each model on its own CUDA stream). Models: engine.py's MLP, CNN,
-  LSTM, attention (one TransformerEncoderLayer) and ResNet-18 (engine.py's torchvision-free one) on
-  3x32x32. Per cell: median step time from CUDA events after warm-up, members x steps / s, peak
-  memory (``torch.cuda.max_memory_allocated``), achieved bandwidth as a share of the device's peak
-  and the host syncs of one extra (untimed) step (``torch.cuda.set_sync_debug_mode``).
+* ``engine``: one training step (forward, backward, AdamW) of N members of one model, N = 1, 16, 64,
+  256, 1024, in fp32 and under bf16 autocast, five ways: ``pack`` (``mb.ModelBatch(models,
+  backend="auto")`` with ``mb.optim.AdamW``, one lr per member), ``pack_graph`` (the same with
+  ``AdamW(capturable=True)``, the whole step captured once in a ``torch.cuda.CUDAGraph`` after three
+  warm-up steps on a side stream, then replayed; on CPU the capturable step runs eagerly), ``loop``
+  (N models, each with its own ``torch.optim.AdamW``), ``func`` (the raw torch.func ensemble:
+  ``stack_module_state`` + ``vmap(functional_call)``, one ``torch.optim.AdamW`` over the stacked
+  leaves, one shared lr) and ``streams`` (the loop with each model on its own CUDA stream). Models:
+  engine.py's MLP, CNN, LSTM, attention (one TransformerEncoderLayer) and ResNet-18 (engine.py's
+  torchvision-free one) on 3x32x32. Per cell: median step time from CUDA events after warm-up,
+  members x steps / s, peak memory (``torch.cuda.max_memory_allocated``), achieved bandwidth as a
+  share of the device's peak and the host syncs of one extra (untimed) step
+  (``torch.cuda.set_sync_debug_mode``).
 * ``slots``: what ``slots_per_gpu="auto"`` picks for a ResNet-18 recipe against the largest N
   whose pack trains without ``torch.cuda.OutOfMemoryError`` (doubling, then bisection).
 * ``sweep``: benchmarks/sweep.py's sweep (MLPs on digits, ASHA) at 64 and 256 configs:
@@ -61,7 +64,7 @@ import sweep
 import modelbatch as mb
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-METHODS = ("pack", "loop", "func", "streams")
+METHODS = ("pack", "pack_graph", "loop", "func", "streams")
 MODELS = ("mlp", "cnn", "resnet18", "lstm", "transformer")
 ENGINE_MODEL = {"transformer": "attention"}  # our name -> engine.MODELS' name
 DTYPES = ("fp32", "bf16")
@@ -277,10 +280,10 @@ def build_method(
     ys = torch.randint(0, 10, (n, settings["batch"]), device=device)
     lrs, cast = member_lrs(n), (lambda: autocast(device, dtype))
     facts: dict[str, Any] = {}
-    if method == "pack":
+    if method in ("pack", "pack_graph"):
         batch = mb.ModelBatch(models, backend="auto")
         del models
-        opt = mb.optim.AdamW(batch, lr=lrs)
+        opt = mb.optim.AdamW(batch, lr=lrs, capturable=method == "pack_graph")
 
         def pack_step() -> None:
             opt.zero_grad()
@@ -290,7 +293,7 @@ def build_method(
             opt.step()
 
         facts["backend"] = batch.backend_choice["training"]
-        return pack_step, facts
+        return (pack_step if method == "pack" else captured(pack_step, device, facts)), facts
     if method == "func":
         params, buffers = stack_module_state(models)
         skeleton = copy.deepcopy(models[0]).to("meta")
@@ -347,6 +350,28 @@ def build_method(
             main.wait_stream(stream)
 
     return streams_step, facts
+
+
+def captured(step: Callable[[], None], device: torch.device, facts: dict[str, Any]) -> Callable[[], None]:
+    """``step`` captured once in a CUDA graph (after 3 warm-up steps on a side stream), as its replay.
+
+    The warm-up creates the optimizer state and the step's cached device constants; capture then
+    needs a step that reads nothing on the host (a capturable optimizer). On CPU: ``step`` itself.
+    """
+    if device.type != "cuda":
+        facts["graph"] = "not captured on CPU: the capturable step runs eagerly"
+        return step
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    facts["graph"] = "captured"
+    return graph.replay
 
 
 def count_host_syncs(step: Callable[[], None], device: torch.device) -> int | None:

@@ -42,6 +42,8 @@ def test_smoke_run_writes_every_section_and_every_engine_cell(tmp_path):
                         assert cell["bytes_moved_per_step"] > 0 and cell["bandwidth_fraction"] is not None
                     else:  # not measured: then it says why
                         assert cell.get("skipped") or cell.get("error"), (model, n, dtype, method)
+    graph_pack = cells[("mlp", 4, "fp32")]["pack_graph"]
+    assert "ms" in graph_pack and "eagerly" in graph_pack["graph"]  # the capturable step, not captured on CPU
     mlp_pack = cells[("mlp", 4, "fp32")]["pack"]
     assert "ms" not in mlp_pack or mlp_pack["backend"] == "vmap"  # auto's choice for a dense CPU pack
     assert "Batching rule" in cells[("lstm", 1, "fp32")]["func"]["error"]  # raw torch.func has no LSTM
