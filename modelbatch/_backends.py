@@ -218,15 +218,30 @@ def _unsqueeze(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0].unsqueeze(0)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""The ``torch.compile`` modes that ``ModelBatch(compile=...)`` takes besides ``True``/``False``."""
+
+
+def check_compile(api: str, compile: bool | str) -> bool | str:
+    """``compile`` itself when it is a bool or one of :data:`COMPILE_MODES`, else a ``ValueError``."""
+    if isinstance(compile, bool) or compile in COMPILE_MODES:
+        return compile
+    raise ValueError(
+        f"{api}: compile must be True, False or a torch.compile mode {list(COMPILE_MODES)}, got {compile!r}; "
+        'e.g. compile="reduce-overhead" puts the compiled forward and backward in CUDA graphs.'
+    )
+
+
 class Executor:
     """Runs the forward of every member with one concrete backend.
 
     The step functions (vmapped over members, or one member for the loop) are built once per
-    input layout and, with ``compile=True``, wrapped in ``torch.compile(dynamic=False)``.
+    input layout and, with ``compile`` true (or a mode name), wrapped in
+    ``torch.compile(dynamic=False, mode=...)``.
     """
 
     def __init__(
-        self, module: nn.Module, n: int, compile: bool = False, template: nn.Module | None = None
+        self, module: nn.Module, n: int, compile: bool | str = False, template: nn.Module | None = None
     ) -> None:
         self.module, self.n, self.compile = module, n, compile
         self._fns: dict[tuple, Callable] = {}
@@ -256,7 +271,8 @@ class Executor:
         if fn is None:
             fn = _vmapped(self.module, dims, names) if kind == "vmap" else _single(self.module, names)
             if self.compile:
-                fn = torch.compile(fn, dynamic=False)
+                mode = self.compile if isinstance(self.compile, str) else None
+                fn = torch.compile(fn, dynamic=False, mode=mode)
             self._fns[key] = fn
         return fn
 
@@ -442,7 +458,7 @@ class Backends:
     """The backend state of one pack: a fixed :class:`Choice`, or ``"auto"`` (``fixed`` is ``None``)."""
 
     def __init__(
-        self, module: nn.Module, n: int, compile: bool = False, template: nn.Module | None = None
+        self, module: nn.Module, n: int, compile: bool | str = False, template: nn.Module | None = None
     ) -> None:
         self.executor = Executor(module, n, compile, template)
         self.n = n

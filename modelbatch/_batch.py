@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from ._activation_checkpoint import running_pack
 from ._architecture import first_setting_difference
-from ._backends import Backends
+from ._backends import Backends, check_compile
 from ._dropout import (
     MemberRandom,
     install_member_rates,
@@ -227,6 +227,12 @@ class ModelBatch(nn.Module):
     float64, that members 0 and 1 packed compute what they compute alone
     (:func:`modelbatch.layers.preflight_check`) and raises before any training otherwise.
 
+    ``compile=True`` wraps the backend's step in ``torch.compile(dynamic=False)``; a mode name
+    (``"reduce-overhead"``, ``"max-autotune"``, ...) is passed on as its ``mode``: with
+    ``"reduce-overhead"`` on CUDA the compiled forward and backward run as CUDA graphs, and
+    ``torch.compile(opt.step, mode="reduce-overhead")`` of a ``capturable=True`` optimizer
+    (:class:`modelbatch.optim.Optimizer`) adds the update.
+
     Example:
         >>> import torch, modelbatch as mb
         >>> batch = mb.ModelBatch([torch.nn.Linear(3, 2) for _ in range(4)])
@@ -243,9 +249,10 @@ class ModelBatch(nn.Module):
         *,
         backend: str = "auto",
         chunk_size: int | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
+        compile = check_compile("mb.ModelBatch", compile)
         if isinstance(models, nn.Module) or not isinstance(models, Sequence):
             raise TypeError(
                 "mb.ModelBatch: expected a list of nn.Module (one per member), got "

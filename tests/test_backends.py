@@ -232,6 +232,25 @@ def test_compile_matches_eager(backend: str) -> None:
         _assert_close(results[1][name], p, name)
 
 
+def test_compile_takes_a_torch_compile_mode() -> None:
+    """compile="reduce-overhead" passes the mode on (CUDA graphs on a GPU; on CPU the same kernels)."""
+    results = []
+    for compile_ in (True, "reduce-overhead"):
+        batch = _pack("mlp", "vmap", compile=compile_, n=3)
+        opt = mb.optim.Adam(batch, lr=1e-2)
+        for x, y in _batches("mlp", 2, n=3):
+            opt.zero_grad()
+            batch.compute_loss(batch(x, in_dims=0), y, F.cross_entropy).sum().backward()
+            opt.step()
+        results.append(batch.stacked_parameters())
+    for name, p in results[0].items():
+        _assert_close(results[1][name], p, name)
+    with pytest.raises(
+        ValueError, match=r"mb\.ModelBatch: compile must be True, False or a torch\.compile mode"
+    ):
+        mb.ModelBatch([nn.Linear(2, 2) for _ in range(2)], compile="fast")
+
+
 class _Recurrent(nn.Module):
     """Layers the preparation pass replaces for vmap: the loop runs them as their own class."""
 

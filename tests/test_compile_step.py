@@ -215,3 +215,20 @@ def test_a_capturable_schedule_reads_no_hyperparameter_tensor(monkeypatch) -> No
     assert opt.hparams["lr"].tolist() == opt.hparam_list("lr")
     assert lrs[3] == 0.5 * 0.8  # the schedule went on from the lr that set_hparam gave member 1
     assert opt.hparam_list("lr")[0] == pytest.approx(0.1 * 0.9**6, rel=1e-15)
+
+
+def test_a_capturable_step_compiles_with_inductor_in_reduce_overhead_mode() -> None:
+    """What a GPU user runs: the step through inductor (CUDA graphs on a GPU); on CPU its kernels may fuse
+    the update's operations, so the result is compared to the eager step to float32 rounding."""
+    models = _models()
+    want, _ = _train(models, "adamw", capturable=True)
+    torch._dynamo.reset()
+    got, _ = _train(
+        models,
+        "adamw",
+        capturable=True,
+        compile_step=lambda step: torch.compile(step, fullgraph=True, mode="reduce-overhead"),
+    )
+    want_params = want.stacked_parameters()
+    for name, p in got.stacked_parameters().items():
+        torch.testing.assert_close(p, want_params[name], rtol=1e-5, atol=1e-6)
