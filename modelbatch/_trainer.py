@@ -476,16 +476,34 @@ class PackTrainer:
         hyperparameter whose value in ``config`` differs from the saved config's is set as a changed
         ``param_group[name]`` is in torch (an lr schedule goes on from it), and the config's other
         per-member settings (``grad_clip``) apply from the next step. Its model must have the saved
-        one's architecture.
+        one's architecture. A state that fails to load (a part missing or of the wrong shape) raises
+        with the slot free again: nothing of it is left in the pack, and the other members are untouched.
         """
         saved: Slot = state["slot_state"]
         config = dict(saved.config if config is None else config)
         shapes = model_shapes(self.recipe, config, saved.seed)  # its weights come from the state
         slot = self._occupy(saved.member_id, config, saved.seed, shapes, state["model"])
+        try:
+            self._load_member_state(slot, saved, config, state)
+        except BaseException:
+            self.remove(saved.member_id)
+            raise
+        return slot
+
+    def _load_member_state(
+        self, slot: int, saved: Slot, config: dict[str, Any], state: Mapping[str, Any]
+    ) -> None:
+        """The rest of :meth:`restore_member`: optimizer, schedule, data stream, random stream, config."""
         with torch.no_grad():
             for name, st in state["optimizer_state"].items():
                 target = self.optimizer._param_state(name, self.batch.stacked_parameters()[name])
                 for key, t in st.items():
+                    if t.shape != target[key][slot].shape:  # copy_ would broadcast it silently
+                        raise ValueError(
+                            f"mb.PackTrainer.restore_member: the state's optimizer {name}.{key} has shape "
+                            f"{list(t.shape)}, the pack's member has {list(target[key][slot].shape)}; "
+                            "restore a state saved by member_state_dict of a pack of this recipe."
+                        )
                     target[key][slot].copy_(t)
         self.optimizer.steps[slot] = state["optimizer_step"]
         for name, value in state["hparams"].items():
@@ -501,7 +519,6 @@ class PackTrainer:
             for name, value in self.recipe.hparams(config).items():
                 if before.get(name) != value:
                     self.optimizer.set_hparam(name, value, member=slot)
-        return slot
 
     # ------------------------------------------------------------------ helpers
     def _pack_data(self, data: Any) -> PackData:

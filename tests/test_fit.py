@@ -270,6 +270,33 @@ def test_pack_trainer_member_state_dict_moves_a_member_between_packs() -> None:
         )
 
 
+@pytest.mark.parametrize("broken", ["sampler", "optimizer_state"])
+def test_a_state_that_fails_to_restore_leaves_nothing_in_the_pack(broken: str) -> None:
+    r = recipe(optimizer="adam")
+    a = mb.PackTrainer(r, n_slots=2, example_config=CONFIGS[0])
+    a.add("y", CONFIGS[2])
+    a.train_report()
+    state = a.member_state_dict("y")
+    if broken == "sampler":  # fails late, after the weights, the optimizer and the schedule loaded
+        state = {**state, "sampler": {**state["sampler"], "position": 10**9}}
+    else:
+        name, st = next(iter(state["optimizer_state"].items()))
+        state = {**state, "optimizer_state": {name: {k: t[:1] for k, t in st.items()}}}
+    b = mb.PackTrainer(r, n_slots=2, example_config=CONFIGS[0])
+    b.add("z", CONFIGS[0])
+    before = {k: v.clone() for k, v in b.batch.stacked_parameters().items()}
+    with pytest.raises(ValueError, match=r"position|optimizer body\.0\.weight\.exp_avg has shape \[1, 6\]"):
+        b.restore_member(state)
+    assert list(b.live()) == ["z"] and len(b.free_slots()) == 1
+    for name, p in b.batch.stacked_parameters().items():
+        assert torch.equal(p[0], before[name][0]), name  # the other member is untouched
+    b.restore_member(a.member_state_dict("y"))  # the freed slot takes the good state
+    ra, rb = a.train_report(), b.train_report()
+    torch.testing.assert_close(
+        torch.tensor(ra["y"]["val_loss"]), torch.tensor(rb["y"]["val_loss"]), rtol=1e-10, atol=0
+    )
+
+
 DEPRECATED = r"is deprecated, use {} \(same meaning\); it will be removed in the next release\."
 
 
