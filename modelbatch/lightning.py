@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from ._architecture import member_seed
 from ._batch import ModelBatch
 from ._clip import clip_grad_norm_
+from ._host import device_tensor, host_list, mark_device_data, to_host
 from ._recipe import Recipe
 from ._trainer import PackTrainer
 from .amp import GradScaler
@@ -231,7 +232,7 @@ class PackModule(pl.LightningModule):
 
     def active_members(self) -> list[int]:
         """Indices of the members still training."""
-        return self.batch.active.nonzero().flatten().tolist()
+        return [i for i, flag in enumerate(host_list(self.batch.active)) if flag]
 
     def stop_member(self, index: int, reason: str) -> None:
         """Take member ``index`` out of training (its weights and optimizer state stay as they are).
@@ -306,18 +307,22 @@ class PackModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = self._inputs(batch)
         opt = self.optimizer
-        participating = self.batch.active.clone()
+        # Who trains is decided on the host (the cached flags: read again only after a member stopped),
+        # so the forward, the optimizer and the schedule read no device values.
+        participating = torch.tensor(host_list(self.batch.active))
         opt.zero_grad()
         out = self.batch(x, participating=participating)
         losses = self.batch.compute_loss(out, y, self.loss_fn, target_in_dims=None)
         scaled = losses if self.scaler is None else self.scaler.scale(losses)
         self.manual_backward(scaled.sum())
         detached = losses.detach()
-        if self.nan_guard:
-            for i in (participating & ~torch.isfinite(detached).to(participating.device)).nonzero():
-                value = float(detached[int(i)])
-                self.stop_member(int(i), f"errored: non-finite loss ({value}) at step {self.global_step}")
-            participating = participating & self.batch.active
+        if self.nan_guard:  # the guard's one read of the step: which losses are finite
+            finite = to_host(mark_device_data(torch.isfinite(detached)))
+            for i in [i for i, (p, f) in enumerate(zip(participating.tolist(), finite)) if p and not f]:
+                value = float(detached[i])
+                steps = int(self.optimizer.steps[i])  # its own steps: Lightning counts none here
+                self.stop_member(i, f"errored: non-finite loss ({value}) at step {steps}")
+            participating = participating & torch.tensor(host_list(self.batch.active))
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         if self.grad_clip is not None:
@@ -334,7 +339,7 @@ class PackModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = self._inputs(batch)
-        active = self.batch.active.clone()
+        active = torch.tensor(host_list(self.batch.active))
         out = self.batch(x, participating=active)
         values = {"val_loss": self.batch.compute_loss(out, y, self.loss_fn, target_in_dims=None)}
         for name, fn in self.metrics.items():
@@ -381,11 +386,11 @@ class PackModule(pl.LightningModule):
     def _log_members(
         self, name: str, values: torch.Tensor, members: torch.Tensor, *, batch_size: int, on_step: bool
     ) -> None:
-        live = members.nonzero().flatten().tolist()
+        live = [i for i, flag in enumerate(members.tolist()) if flag]  # host flags: no device read
         if not live:
             return
         logged = {f"{name}/m{i}": values[i] for i in live}
-        logged[name] = values[live].mean()
+        logged[name] = values.index_select(0, device_tensor(live, torch.long, values.device)).mean()
         self.log_dict(logged, on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
 
 

@@ -247,6 +247,64 @@ def test_member_early_stopping_leaves_the_others_training(tmp_path: Path) -> Non
     assert set(logged["epoch"]) == {0, 1, 2} and metrics.dropna(subset=["train_loss/m0"])["epoch"].max() == 4
 
 
+def test_nan_guard_stops_a_diverging_member_at_its_first_non_finite_loss_and_the_others_are_exact() -> None:
+    (x, y), _ = split()
+    train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+
+    def pack(seeds: list[int], lrs: list[float]) -> PackModule:
+        return PackModule(
+            mb.ModelBatch([mlp(s) for s in seeds]), lambda b: mb.optim.SGD(b, lr=lrs), loss=F.mse_loss
+        )
+
+    module = pack([0, 1, 2], [0.05, 1e30, 0.1])  # member 1's loss overflows within a few steps
+    trainer(max_epochs=3, limit_val_batches=0).fit(module, train)
+    assert list(module.stopped) == [1]
+    reason = module.stopped[1]
+    assert reason.startswith("errored: non-finite loss (") and reason.endswith(" at step 5"), reason
+    assert module.active_members() == [0, 2] and module.optimizer.steps.tolist() == [12, 5, 12]
+    others = pack([0, 2], [0.05, 0.1])
+    trainer(max_epochs=3, limit_val_batches=0).fit(others, train)
+    assert_close_members(module.member(0), others.member(0), rtol=0.0)
+    assert_close_members(module.member(2), others.member(1), rtol=0.0)
+    alone = pack([1], [1e30])  # alone it stops at the same step, its last finite weights kept
+    trainer(max_epochs=3, limit_val_batches=0).fit(alone, train)
+    assert alone.stopped == {0: reason}
+    assert all(torch.isfinite(p).all() for p in module.member(1).parameters())
+    # a diverging member doubles its round-off every step (as in the early-stopping test)
+    assert_close_members(module.member(1), alone.member(0), rtol=1e-9)
+
+
+@pytest.mark.parametrize(("nan_guard", "per_step"), [(True, {"to_host": 1}), (False, {})])
+def test_a_steady_training_step_reads_the_device_only_for_the_nan_guard(
+    nan_guard: bool, per_step: dict
+) -> None:
+    """Forward, backward, clipping, optimizer, schedule and the per-member logging: no host sync; the NaN
+    guard reads which losses are finite (one read). The first step also reads the members' flags."""
+    from modelbatch.testing import HostSyncCounter
+
+    (x, y), _ = split()
+    train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+    module = PackModule(
+        mb.ModelBatch([mlp(s) for s in range(3)]),
+        lambda b: mb.optim.SGD(b, lr=[0.05, 0.1, 0.2]),
+        loss=F.mse_loss,
+        grad_clip=1.0,
+        lr_schedule=lambda o: mb.optim.lr_scheduler.ExponentialLR(o, gamma=0.9),
+        nan_guard=nan_guard,
+    )
+    counts, step = [], module.training_step
+
+    def counted(batch, batch_idx=0):
+        with HostSyncCounter() as probe:
+            loss = step(batch, batch_idx)
+        counts.append(dict(probe.counts))
+        return loss
+
+    module.training_step = counted
+    trainer(max_epochs=2, limit_val_batches=0).fit(module, train)
+    assert len(counts) == 8 and counts[1:] == [per_step] * 7, counts
+
+
 def test_trainer_stops_when_every_member_has_stopped() -> None:
     x, y = regression()
     loader = DataLoader(TensorDataset(x, y), batch_size=32)
