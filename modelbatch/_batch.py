@@ -423,7 +423,7 @@ class ModelBatch(nn.Module):
         params = self.stacked_parameters()
         buffers = self.stacked_buffers()
         # Which members run is decided on the host (no sync): `active` is read only when it changes.
-        updating = host_list(self.active)
+        updating = self.active_flags()
         if participating is not None:  # a host mask costs nothing; one on the device is read (a sync)
             updating = member_flags("mb.ModelBatch.forward: participating", participating, updating)
             rows = [i for i, u in enumerate(updating) if u]
@@ -830,6 +830,10 @@ class ModelBatch(nn.Module):
         """
         index = check_member_index("mb.ModelBatch.set_rng_state", member, self.n)
         self._random.set_state(index, state if isinstance(state, torch.Tensor) else dict(state))
+
+    def active_flags(self) -> list[bool]:
+        """Which members train (``active``) as host bools, read from the device only after it changed."""
+        return host_list(self.active)
 
     def freeze(self, index: int) -> None:
         """Freeze member ``index``: its parameters, buffers and optimizer state stop changing."""

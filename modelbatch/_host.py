@@ -58,16 +58,20 @@ def host_list(t: torch.Tensor) -> list:
     return hit[2]
 
 
+def check_mask_size(api: str, size: int, n: int) -> None:
+    """Refuse a member mask that has neither one value per member nor a single one."""
+    if size not in (1, n):
+        raise ValueError(
+            f"{api}: the mask has {size} values but the pack has {n} members; pass one bool per member."
+        )
+
+
 def member_flags(api: str, mask: torch.Tensor, active: list[bool]) -> list[bool]:
     """``active`` and the ``[N]`` (or one-element) ``mask``, on the host."""
     flags = to_host(mask)
+    check_mask_size(api, len(flags), len(active))
     if len(flags) == 1:
         flags = flags * len(active)
-    if len(flags) != len(active):
-        raise ValueError(
-            f"{api}: the mask has {len(flags)} values but the pack has {len(active)} members; "
-            "pass one bool per member."
-        )
     return [a and bool(f) for a, f in zip(active, flags)]
 
 

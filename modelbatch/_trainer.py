@@ -23,7 +23,7 @@ from ._architecture import (
 from ._batch import ModelBatch
 from ._clip import clip_grad_norm_
 from ._deprecated import renamed_kwarg, warn_renamed
-from ._host import host_list, mark_device_data, to_host, upload
+from ._host import mark_device_data, to_host, upload
 from ._hparams import check_positive_int
 from ._oom import shrink_on_oom
 from ._recipe import Recipe
@@ -315,7 +315,7 @@ class PackTrainer:
         """One optimizer step of every participating member on its own batch ``xs[i], ys[i]``."""
         # Who trains is decided on the host (the sampler's mask, the pack's cached active flags): the
         # forward, the optimizer and the schedule then read no device values; the device gets a copy.
-        live = step.participating.to(torch.bool) & torch.tensor(host_list(self.batch.active))
+        live = step.participating.to(torch.bool) & torch.tensor(self.batch.active_flags())
         mask = None if step.mask is None else upload(step.mask, self.device)
         losses = shrink_on_oom("mb.PackTrainer", self.batch, self._gradients, xs, ys, live, mask)
         self.optimizer.step(mask=live)

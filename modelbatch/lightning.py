@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from ._architecture import member_seed
 from ._batch import ModelBatch
 from ._clip import clip_grad_norm_
-from ._host import device_tensor, host_list, mark_device_data, to_host
+from ._host import device_tensor, mark_device_data, to_host
 from ._recipe import Recipe
 from ._trainer import PackTrainer
 from .amp import GradScaler
@@ -232,7 +232,7 @@ class PackModule(pl.LightningModule):
 
     def active_members(self) -> list[int]:
         """Indices of the members still training."""
-        return [i for i, flag in enumerate(host_list(self.batch.active)) if flag]
+        return [i for i, flag in enumerate(self.batch.active_flags()) if flag]
 
     def stop_member(self, index: int, reason: str) -> None:
         """Take member ``index`` out of training (its weights and optimizer state stay as they are).
@@ -309,7 +309,7 @@ class PackModule(pl.LightningModule):
         opt = self.optimizer
         # Who trains is decided on the host (the cached flags: read again only after a member stopped),
         # so the forward, the optimizer and the schedule read no device values.
-        participating = torch.tensor(host_list(self.batch.active))
+        participating = torch.tensor(self.batch.active_flags())
         opt.zero_grad()
         out = self.batch(x, participating=participating)
         losses = self.batch.compute_loss(out, y, self.loss_fn, target_in_dims=None)
@@ -322,7 +322,7 @@ class PackModule(pl.LightningModule):
                 value = float(detached[i])
                 steps = int(self.optimizer.steps[i])  # its own steps: Lightning counts none here
                 self.stop_member(i, f"errored: non-finite loss ({value}) at step {steps}")
-            participating = participating & torch.tensor(host_list(self.batch.active))
+            participating = participating & torch.tensor(self.batch.active_flags())
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         if self.grad_clip is not None:
@@ -339,7 +339,7 @@ class PackModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = self._inputs(batch)
-        active = torch.tensor(host_list(self.batch.active))
+        active = torch.tensor(self.batch.active_flags())
         out = self.batch(x, participating=active)
         values = {"val_loss": self.batch.compute_loss(out, y, self.loss_fn, target_in_dims=None)}
         for name, fn in self.metrics.items():

@@ -11,7 +11,7 @@ import torch
 
 from .._batch import ModelBatch
 from .._grad_spares import keep as keep_spare
-from .._host import device_tensor, host_list, member_flags, upload
+from .._host import check_mask_size, device_tensor, member_flags, upload
 from .._hparams import MemberValue, check_member_index, member_values
 
 # On CPU, a step updates its tensors in pieces of at most this many bytes (whole members along dim 0):
@@ -283,11 +283,7 @@ class Optimizer(abc.ABC):
         device = params[0].device
         updating = upload(self.batch.active, device)
         if mask is not None:
-            if mask.numel() not in (1, self.n):
-                raise ValueError(
-                    f"mb.optim.{type(self).__name__}.step: the mask has {mask.numel()} values but the pack "
-                    f"has {self.n} members; pass one bool per member."
-                )
+            check_mask_size(f"mb.optim.{type(self).__name__}.step", mask.numel(), self.n)
             updating = updating & upload(mask, device).to(torch.bool).reshape(-1)
         self.steps.add_(updating.to(torch.float64))
         values = TensorValues(self.hparams, self.steps)
@@ -331,7 +327,7 @@ class Optimizer(abc.ABC):
         Reading ``mask`` is a host sync when it lives on the device (a GradScaler's overflow mask);
         a mask on the host (the trainer's, a user's CPU tensor) costs none.
         """
-        active = host_list(self.batch.active)
+        active = self.batch.active_flags()
         if mask is None:
             return active
         return member_flags(f"mb.optim.{type(self).__name__}.step", mask, active)
