@@ -408,6 +408,7 @@ class PackTrainer:
         for step, (xs, ys) in self.val.steps(steps):
             sizes = step.mask.sum(dim=1)  # on the host: the sampler's mask
             weights = upload(sizes / counts, self.device)
+            prefixes = sizes.tolist()
             out = self.batch(xs, in_dims=0, participating=live)
             losses = self.batch.compute_loss(
                 out, ys, self.recipe.loss, target_in_dims=0, mask=upload(step.mask, self.device)
@@ -418,7 +419,7 @@ class PackTrainer:
                     torch.as_tensor(fn(out[slot, :k], ys[slot, :k]), dtype=torch.float64, device=self.device)
                     if k > 0
                     else zero
-                    for slot, k in enumerate(sizes.tolist())
+                    for slot, k in enumerate(prefixes)
                 ]
                 totals[f"val_{name}"] += torch.stack(per_slot) * weights
         self.batch.train()
